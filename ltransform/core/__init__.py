@@ -1,0 +1,1 @@
+"""The mechanism: state, effects and their handlers, the step driver, composition."""

@@ -1,0 +1,180 @@
+"""Training state: a frozen record, and helpers that find torch objects in any state.
+
+The record is replaced, never edited; the torch objects inside it are mutable. Any attrs
+class, dataclass or dict also works as state: modules and optimizers are found by walking
+its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import attrs
+import torch
+
+
+@attrs.frozen(kw_only=True)
+class State:
+    """What a step reads and returns.
+
+    Args:
+        model: a ``torch.nn.Module`` (or a dict/list of them for several models).
+        optimizer: a ``torch.optim.Optimizer`` (or several), built *after* model transforms.
+        scheduler: an LR scheduler, stepped only when an optimizer update was applied.
+        step: optimizer updates applied so far (the global step loggers see).
+        micro_step: step calls so far; differs from ``step`` under accumulation.
+        epoch: completed passes over the training data.
+        extra: anything else to carry and checkpoint (a grad scaler, user values).
+
+    Example:
+        >>> import torch, ltransform as lt
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> state.step, state.micro_step
+        (0, 0)
+    """
+
+    model: Any
+    optimizer: Any = None
+    scheduler: Any = None
+    step: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    micro_step: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    epoch: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    extra: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+_STATE_FIELDS = tuple(a.name for a in attrs.fields(State))
+
+
+def _copy_state(state: State, **changes: Any) -> State:
+    # attrs.evolve re-runs __init__ and validators (~3 us); this runs every step, and
+    # counters set here are non-negative by construction.
+    new = object.__new__(State)
+    for name in _STATE_FIELDS:
+        object.__setattr__(new, name, changes[name] if name in changes else getattr(state, name))
+    return new
+
+
+def _children(node: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(node, Mapping):
+        yield from ((str(k), v) for k, v in node.items())
+    elif attrs.has(type(node)):
+        yield from ((a.name, getattr(node, a.name)) for a in attrs.fields(type(node)))
+    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        yield from ((f.name, getattr(node, f.name)) for f in dataclasses.fields(node))
+    elif isinstance(node, (list, tuple)):
+        yield from ((str(i), v) for i, v in enumerate(node))
+
+
+def walk(state: Any, kind: type | tuple[type, ...], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield ``(path, obj)`` for every object of ``kind`` inside ``state``, depth first."""
+    for name, value in _children(state):
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(value, kind):
+            yield path, value
+        elif not isinstance(value, (torch.Tensor, torch.nn.Module, str, bytes)):
+            yield from walk(value, kind, path)
+
+
+def find_modules(state: Any) -> list[torch.nn.Module]:
+    """Every ``nn.Module`` held by ``state`` (not nested submodules)."""
+    if isinstance(state, torch.nn.Module):
+        return [state]
+    return [m for _, m in walk(state, torch.nn.Module)]
+
+
+def find_optimizers(state: Any) -> list[torch.optim.Optimizer]:
+    """Every ``torch.optim.Optimizer`` held by ``state``."""
+    return [o for _, o in walk(state, torch.optim.Optimizer)]
+
+
+_KINDS = {
+    "model": torch.nn.Module,
+    "optimizer": torch.optim.Optimizer,
+    "scheduler": torch.optim.lr_scheduler.LRScheduler,
+}
+
+
+def the_one(state: Any, kind: str) -> Any:
+    """The single model / optimizer / scheduler in ``state``; scheduler may be None."""
+    cls = _KINDS[kind]
+    if isinstance(state, State):  # the per-step fast path
+        value = getattr(state, kind)
+        if isinstance(value, cls) or (value is None and kind == "scheduler"):
+            return value
+    found = [state] if isinstance(state, cls) else [obj for _, obj in walk(state, cls)]
+    if len(found) == 1:
+        return found[0]
+    if not found and kind == "scheduler":
+        return None
+    raise TypeError(
+        f"train_step: expected exactly one {kind} in the state, found {len(found)}; "
+        f"with several models or optimizers write the step by hand, calling "
+        f"lt.backward(loss) and lt.optimizer_step(optimizer) for each"
+    )
+
+
+# --- extras (a grad scaler, ...) -------------------------------------------------------
+
+
+def get_extra(state: Any, key: str) -> Any:
+    """``state.extra[key]`` (or ``state[key]`` for a dict state), None if absent."""
+    if isinstance(state, Mapping):
+        return state.get(key)
+    extra = getattr(state, "extra", None)
+    return extra.get(key) if isinstance(extra, Mapping) else None
+
+
+def with_extra(state: Any, key: str, value: Any) -> Any:
+    """A new state carrying ``value`` under ``key`` in its extras."""
+    if isinstance(state, Mapping):
+        return {**state, key: value}
+    extra = getattr(state, "extra", None)
+    if not isinstance(extra, Mapping):
+        raise TypeError(
+            f"cannot store {key!r} in a state of type {type(state).__name__}: it has no "
+            f"'extra' dict field; use lt.State, a dict, or add `extra: dict` to your class"
+        )
+    return _replace(state, extra={**extra, key: value})
+
+
+# --- counters --------------------------------------------------------------------------
+
+
+def _replace(state: Any, **changes: Any) -> Any:
+    if isinstance(state, State):
+        return _copy_state(state, **changes)
+    if isinstance(state, Mapping):
+        return {**state, **changes}
+    if attrs.has(type(state)):
+        return attrs.evolve(state, **changes)
+    return dataclasses.replace(state, **changes)
+
+
+def read_counters(state: Any) -> tuple[int, int]:
+    """``(step, micro_step)`` of ``state``."""
+    if isinstance(state, State):
+        return state.step, state.micro_step
+    if isinstance(state, Mapping):
+        return state.get("step", 0), state.get("micro_step", 0)
+    try:
+        return state.step, state.micro_step
+    except AttributeError:
+        raise TypeError(
+            f"a state of type {type(state).__name__} has no 'step'/'micro_step' counters; "
+            f"use lt.State, a dict, or add `step: int = 0` and `micro_step: int = 0` fields"
+        ) from None
+
+
+def write_counters(state: Any, step: int, micro_step: int) -> Any:
+    """A new state with its counters set."""
+    return _replace(state, step=step, micro_step=micro_step)
+
+
+def set_field(state: Any, name: str, value: Any) -> Any:
+    """A new state with field (or dict key) ``name`` set; unknown fields are left alone."""
+    if isinstance(state, (State, Mapping)) or hasattr(state, name):
+        return _replace(state, **{name: value})
+    return state

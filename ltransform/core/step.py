@@ -1,0 +1,219 @@
+"""Steps: ``train_step``, ``eval_step`` and the driver every step transform merges into.
+
+A step is any ``step(state, batch) -> (state, metrics)``. Applying a step transform does
+not nest a wrapper per transform: it adds a :class:`StepTransform` record to one
+:class:`TransformedStep` around the user's step. When prepared, that driver binds every
+record's handlers and sorts each effect's pipeline by stage, which is what makes the
+composition order irrelevant.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from ltransform.core import effects
+from ltransform.core.compose import MISSING, Partial
+from ltransform.core.effects import Frame, Handler, build_pipelines, run_in_frame
+from ltransform.core.state import read_counters, the_one, write_counters
+
+Prepare = Callable[[Any], tuple[Any, Any]]
+
+
+@attrs.frozen(kw_only=True)
+class StepTransform:
+    """What one step transform contributes to a step.
+
+    Args:
+        name: how it shows in ``explain`` and errors, e.g. ``"accumulate(n=4)"``.
+        kind: at most one transform of a kind per step (``"precision"``, ``"accumulate"``).
+        handlers: its effect handlers, each at a fixed stage.
+        prepare: ``state -> (state, ctx)``, run once before the first step; ``ctx`` is
+            passed to each of its handlers.
+        every: an optimizer boundary every ``every`` micro-steps (accumulation).
+    """
+
+    name: str
+    kind: str
+    handlers: tuple[Handler, ...] = ()
+    prepare: Prepare | None = None
+    every: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+
+
+def _check_step(step: Any, transform: str) -> None:
+    if not callable(step):
+        raise TypeError(
+            f"{transform}: expected a step function step(state, batch) -> (state, metrics), "
+            f"got {type(step).__name__} {step!r}"
+        )
+
+
+def _check_result(result: Any, base: Callable[..., Any]) -> tuple[Any, Mapping[str, Any]]:
+    if type(result) is tuple and len(result) == 2 and isinstance(result[1], Mapping):
+        return result
+    name = getattr(base, "__qualname__", repr(base))
+    got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
+    hint = " Did you return the loss? Return (state, {'loss': loss})." if isinstance(
+        result, torch.Tensor) else ""
+    raise TypeError(
+        f"step {name!r} must return (state, metrics) with metrics a dict, got {got}.{hint}"
+    )
+
+
+class TransformedStep:
+    """A user's step plus the step transforms applied to it; callable as the step itself."""
+
+    def __init__(
+        self, base: Callable[..., Any], transforms: tuple[StepTransform, ...], *, counts: bool = True
+    ) -> None:
+        self.base = base
+        self.transforms = transforms
+        self.counts = counts  # train steps advance state.step / micro_step; eval steps do not
+        self.every = max((t.every for t in transforms), default=1)
+        self._pipelines: effects.Pipelines | None = None
+        functools.update_wrapper(self, base)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(t.name for t in self.transforms)
+        return f"<step {getattr(self.base, '__qualname__', self.base)!r} [{inner}]>"
+
+    def with_transform(self, transform: StepTransform) -> TransformedStep:
+        """A new step with ``transform`` added; raises if one of its kind is already there."""
+        for existing in self.transforms:
+            if existing.kind == transform.kind:
+                raise ValueError(
+                    f"{transform.name} cannot be combined with {existing.name}: a step takes "
+                    f"one {transform.kind} transform; remove one of them"
+                )
+        return TransformedStep(self.base, (*self.transforms, transform), counts=self.counts)
+
+    def prepare(self, state: Any) -> Any:
+        """Run every transform's ``prepare`` and bind the pipelines; returns the new state."""
+        bound: list[tuple[Handler, Any]] = []
+        for transform in sorted(self.transforms, key=lambda t: t.kind):
+            ctx = None
+            if transform.prepare is not None:
+                state, ctx = transform.prepare(state)
+            bound.extend((h, ctx) for h in transform.handlers)
+        base = self.base
+        self._pipelines = build_pipelines(bound, lambda frame, value: base(*value))
+        return state
+
+    def __call__(self, state: Any, batch: Any) -> tuple[Any, Mapping[str, Any]]:
+        if self._pipelines is None:
+            state = self.prepare(state)
+        step, micro = read_counters(state) if self.counts else (0, 0)
+        frame = Frame(self._pipelines, (micro + 1) % self.every == 0, micro)
+        new_state, metrics = _check_result(run_in_frame(frame, (state, batch)), self.base)
+        if frame.metrics:
+            metrics = {**metrics, **frame.metrics}
+        if self.counts:
+            step, micro = read_counters(new_state)
+            new_state = write_counters(new_state, step + (frame.applied > 0), micro + 1)
+        return new_state, metrics
+
+
+def as_step(step: Any, transform: str = "lt.run") -> TransformedStep:
+    """``step`` as a :class:`TransformedStep` (with no transforms if it was a plain function)."""
+    if isinstance(step, TransformedStep):
+        return step
+    _check_step(step, transform)
+    return TransformedStep(step, ())
+
+
+def apply_step_transform(step: Any, transform: StepTransform, call: str) -> Any:
+    """``step`` with ``transform`` added, or the partial transform if ``step`` is missing."""
+    if step is MISSING:
+        return Partial(lambda s: apply_step_transform(s, transform, call), transform.name)
+    return as_step(step, call).with_transform(transform)
+
+
+def prepare(step: Any, state: Any) -> Any:
+    """Prepare ``step``'s transforms for ``state`` (cast weights, create a grad scaler, ...).
+
+    ``lt.run`` calls it before the first step; a step called directly prepares itself on its
+    first call. Call it again after swapping in a new model or state.
+
+    Returns:
+        The prepared state; use it (not the old one) from here on.
+
+    Example:
+        >>> import torch, ltransform as lt
+        >>> step = lt.with_precision(lt.train_step(lambda m, b: m(b).sum()), "64-true")
+        >>> state = lt.prepare(step, lt.State(model=torch.nn.Linear(2, 2)))
+        >>> state.model.weight.dtype
+        torch.float64
+    """
+    return step.prepare(state) if isinstance(step, TransformedStep) else state
+
+
+def _split_loss(out: Any, fn: Callable[..., Any]) -> tuple[torch.Tensor, Mapping[str, Any]]:
+    if isinstance(out, torch.Tensor):
+        return out, {}
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+        return out
+    raise TypeError(
+        f"loss function {getattr(fn, '__qualname__', fn)!r} must return a loss tensor or "
+        f"(loss, metrics dict), got {type(out).__name__}"
+    )
+
+
+def train_step(loss_fn: Callable[..., Any], /) -> TransformedStep:
+    """The usual training step built from ``loss_fn(model, batch) -> loss | (loss, metrics)``.
+
+    It runs ``lt.backward(loss)``, then ``lt.optimizer_step(optimizer)``, and steps the
+    scheduler only if an update was applied. Metrics stay tensors (no host sync).
+
+    Example:
+        >>> import torch, ltransform as lt
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> step = lt.train_step(lambda m, b: m(b).pow(2).mean())
+        >>> state, metrics = step(state, torch.ones(4, 2))
+        >>> state.step, sorted(metrics)
+        (1, ['loss'])
+    """
+    _check_step(loss_fn, "train_step")
+
+    @functools.wraps(loss_fn)
+    def step(state: Any, batch: Any) -> tuple[Any, Mapping[str, Any]]:
+        loss, metrics = _split_loss(loss_fn(the_one(state, "model"), batch), loss_fn)
+        effects.backward(loss)
+        if effects.optimizer_step(the_one(state, "optimizer")):
+            scheduler = the_one(state, "scheduler")
+            if scheduler is not None:
+                scheduler.step()
+        return state, {"loss": loss.detach(), **metrics}
+
+    return TransformedStep(step, ())
+
+
+def eval_step(fn: Callable[..., Any], /) -> TransformedStep:
+    """An evaluation step from ``fn(model, batch) -> loss | metrics dict | (loss, metrics)``.
+
+    Runs under ``torch.no_grad()``, does not advance the state's counters, and composes
+    with ``with_precision`` (the forward runs under the same autocast).
+
+    Example:
+        >>> import torch, ltransform as lt
+        >>> step = lt.eval_step(lambda m, b: {"mse": m(b).pow(2).mean()})
+        >>> _, metrics = step(lt.State(model=torch.nn.Linear(2, 1)), torch.ones(4, 2))
+        >>> sorted(metrics)
+        ['mse']
+    """
+    _check_step(fn, "eval_step")
+
+    @functools.wraps(fn)
+    def step(state: Any, batch: Any) -> tuple[Any, Mapping[str, Any]]:
+        with torch.no_grad():
+            out = fn(the_one(state, "model"), batch)
+        if isinstance(out, Mapping):
+            return state, out
+        loss, metrics = _split_loss(out, fn)
+        return state, {"loss": loss, **metrics}
+
+    return TransformedStep(step, (), counts=False)

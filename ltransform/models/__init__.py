@@ -1,0 +1,1 @@
+"""Model transforms: functions that take a model and return one, before the optimizer is built."""

@@ -1,0 +1,1 @@
+"""The runner: ``lt.run`` and its hooks and loggers."""

@@ -1,0 +1,266 @@
+"""``lt.run``: iterate a step over data, with progress, logging, evaluation and hooks."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ltransform.core.state import find_modules, find_optimizers, read_counters, set_field
+from ltransform.core.step import TransformedStep, as_step
+from ltransform.runner.hooks import apply_hook, bind_hook
+
+Logger = Callable[[Mapping[str, float], int], Any]
+
+
+def run(
+    step: Any,
+    state: Any,
+    data: Iterable[Any],
+    *,
+    max_steps: int | None = None,
+    max_epochs: int | None = None,
+    log_every: int | None = 50,
+    loggers: Iterable[Logger] = (),
+    eval_step: Any = None,
+    eval_data: Iterable[Any] | None = None,
+    eval_every: int | None = None,
+    hooks: Iterable[Callable[..., Any]] = (),
+    progress: bool = True,
+) -> Any:
+    """Train: call ``step(state, batch)`` over ``data`` until ``max_steps`` or ``max_epochs``.
+
+    Steps are counted in optimizer updates (``state.step``); under accumulation several
+    batches make one step. Metrics stay tensors except at log points, where they are
+    converted once and handed to each logger. Interrupting (Ctrl-C) returns the state so far.
+
+    Args:
+        step: a step function or transformed step.
+        state: the initial state (``lt.State``, a dict, or an attrs/dataclass with counters).
+        data: a re-iterable of batches (a list or ``DataLoader``), one pass per epoch.
+        max_steps: stop after this many optimizer steps.
+        max_epochs: stop after this many passes over ``data`` (default 1 if no ``max_steps``).
+        log_every: log every this many optimizer steps (and at the end); None disables.
+        loggers: callables ``(metrics: dict[str, float], step: int)``, e.g. ``lt.CSVLogger``.
+        eval_step: a step (e.g. ``lt.eval_step(fn)``) run over ``eval_data``, models in eval mode.
+        eval_data: batches for evaluation; metrics are averaged and logged with a ``val_`` prefix.
+        eval_every: evaluate every this many optimizer steps; None: at the end of each epoch.
+        hooks: functions ``(state) or (state, metrics) -> state | None | lt.stop(...)`` run
+            after each optimizer step, e.g. ``lt.every(100, fn)``.
+        progress: show a tqdm progress bar (terminal or Jupyter).
+
+    Returns:
+        The final state.
+
+    Example:
+        >>> import torch, ltransform as lt
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> data = [torch.randn(8, 2) for _ in range(5)]
+        >>> state = lt.run(lt.train_step(lambda m, b: m(b).pow(2).mean()), state, data, progress=False)
+        >>> state.step, state.epoch
+        (5, 1)
+    """
+    step = as_step(step, "lt.run")
+    _check_options(max_steps=max_steps, max_epochs=max_epochs, log_every=log_every, eval_every=eval_every)
+    if max_steps is None and max_epochs is None:
+        max_epochs = 1
+    loggers = _check_loggers(loggers)
+    bound_hooks = [bind_hook(h) for h in hooks]
+    state = step.prepare(state)
+    evaluate = None
+    if eval_step is not None:
+        if eval_data is None:
+            raise ValueError("lt.run: eval_step given without eval_data; pass eval_data=...")
+        eval_step = as_step(eval_step, "lt.run(eval_step=...)")
+        state = eval_step.prepare(state)
+        evaluate = lambda s: _evaluate(eval_step, s, eval_data)  # noqa: E731
+    for module in find_modules(state):
+        module.train()
+    loop = _Loop(step, data, max_steps, max_epochs, log_every, loggers, evaluate, eval_every, bound_hooks)
+    bar = _progress_bar(progress, _total(step, data, max_steps, max_epochs), read_counters(state)[0])
+    loop.bar = bar
+    try:
+        state = loop.train(state)
+    except KeyboardInterrupt:
+        print(f"\nlt.run: interrupted at step {read_counters(loop.state)[0]}; returning the state so far")
+        state = loop.state
+    finally:
+        if bar is not None:
+            bar.close()
+        for logger in loggers:
+            if callable(getattr(logger, "flush", None)):
+                logger.flush()
+    return state
+
+
+class _Loop:
+    """The loop's settings and its position; one per ``run`` call."""
+
+    def __init__(self, step, data, max_steps, max_epochs, log_every, loggers, evaluate, eval_every, hooks):
+        self.step, self.data = step, data
+        self.max_steps, self.max_epochs = max_steps, max_epochs
+        self.log_every, self.loggers = log_every, loggers
+        self.evaluate, self.eval_every = evaluate, eval_every
+        self.hooks = hooks
+        self.bar = None
+        self.state: Any = None
+        self.logged_at = -1
+        self.last_eval: dict[str, float] = {}
+
+    def train(self, state: Any) -> Any:
+        self.state = state
+        epoch = _epoch_of(state)
+        metrics: Mapping[str, Any] = {}
+        while (self.max_epochs is None or epoch < self.max_epochs) and not self._done(state):
+            empty, stopped = True, False
+            for batch in self.data:
+                empty = False
+                before = read_counters(state)[0]
+                state, metrics = self.step(state, batch)
+                self.state = state
+                now = read_counters(state)[0]
+                if now != before:
+                    state, stopped = self._after_update(state, metrics, now - before)
+                    self.state = state
+                    if stopped or self._done(state):
+                        break
+            if empty:
+                _warn_empty(epoch)
+                break
+            if stopped or self._done(state):
+                break
+            epoch += 1
+            state = self.state = set_field(state, "epoch", epoch)
+            if self.evaluate is not None and self.eval_every is None:
+                self._run_eval(state)
+        if self.log_every and metrics and self.logged_at != read_counters(state)[0]:
+            self._log(state, metrics)
+        return state
+
+    def _done(self, state: Any) -> bool:
+        return self.max_steps is not None and read_counters(state)[0] >= self.max_steps
+
+    def _after_update(self, state: Any, metrics: Mapping[str, Any], advanced: int) -> tuple[Any, bool]:
+        now = read_counters(state)[0]
+        if self.bar is not None:
+            self.bar.update(advanced)
+        if self.log_every and now % self.log_every == 0:
+            self._log(state, metrics)
+        if self.evaluate is not None and self.eval_every and now % self.eval_every == 0:
+            self._run_eval(state)
+        stopped = False
+        if self.hooks:
+            merged = {**metrics, **self.last_eval}
+            for hook in self.hooks:
+                state, stop = apply_hook(hook, state, merged)
+                stopped = stopped or stop
+        return state, stopped
+
+    def _log(self, state: Any, metrics: Mapping[str, Any]) -> None:
+        now = read_counters(state)[0]
+        self.logged_at = now
+        if not self.loggers and self.bar is None:
+            return  # nobody reads them: no host sync at all
+        values = to_floats(metrics)
+        optimizers = find_optimizers(state)
+        if optimizers:
+            values["lr"] = float(optimizers[0].param_groups[0]["lr"])
+        values["epoch"] = _epoch_of(state)
+        for logger in self.loggers:
+            logger(values, now)
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k != "epoch"}, refresh=False)
+
+    def _run_eval(self, state: Any) -> None:
+        self.last_eval = values = self.evaluate(state)
+        for logger in self.loggers:
+            logger(values, read_counters(state)[0])
+        if self.bar is not None:
+            self.bar.write("  ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+
+def _evaluate(eval_step: TransformedStep, state: Any, data: Iterable[Any]) -> dict[str, float]:
+    """Average ``eval_step``'s metrics over ``data`` with every model in eval mode."""
+    modules = find_modules(state)
+    modes = [m.training for m in modules]
+    for module in modules:
+        module.eval()
+    sums: dict[str, Any] = {}
+    batches = 0
+    try:
+        for batch in data:
+            state, metrics = eval_step(state, batch)
+            for name, value in metrics.items():
+                value = value.detach().float() if isinstance(value, torch.Tensor) else value
+                sums[name] = sums[name] + value if name in sums else value
+            batches += 1
+    finally:
+        for module, mode in zip(modules, modes):
+            module.train(mode)
+    if not batches:
+        raise ValueError("lt.run: eval_data yielded no batches")
+    return {f"val_{k}": v / batches for k, v in to_floats(sums).items()}
+
+
+def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Metrics as Python floats, with one host sync for all tensor metrics on a device."""
+    names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    values = {k: float(v) for k, v in metrics.items() if k not in names}
+    if names:
+        tensors = [metrics[k].detach().float().mean() for k in names]
+        if len({t.device for t in tensors}) == 1:
+            values.update(zip(names, torch.stack(tensors).tolist()))
+        else:
+            values.update((k, t.item()) for k, t in zip(names, tensors))
+    return {k: values[k] for k in metrics}
+
+
+def _epoch_of(state: Any) -> int:
+    if isinstance(state, Mapping):
+        return state.get("epoch", 0)
+    return getattr(state, "epoch", 0)
+
+
+def _warn_empty(epoch: int) -> None:
+    warnings.warn(
+        f"lt.run: data yielded no batches in epoch {epoch}; pass a re-iterable (a list or "
+        f"DataLoader), not an iterator that is used up after one pass",
+        stacklevel=3,
+    )
+
+
+def _total(step: TransformedStep, data: Any, max_steps: int | None, max_epochs: int | None) -> int | None:
+    if max_steps is not None:
+        return max_steps
+    try:
+        return math.ceil(len(data) * max_epochs / step.every)
+    except TypeError:
+        return None
+
+
+def _progress_bar(progress: bool, total: int | None, initial: int) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def _check_options(**options: int | None) -> None:
+    for name, value in options.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"lt.run: {name} must be a positive int or None, got {value!r}")
+
+
+def _check_loggers(loggers: Iterable[Any]) -> list[Logger]:
+    loggers = list(loggers)
+    for logger in loggers:
+        if not callable(logger):
+            raise TypeError(
+                f"lt.run: a logger must be callable (metrics, step), got {type(logger).__name__}"
+            )
+    return loggers

@@ -1,0 +1,1 @@
+"""Step transforms: functions that take a step and return one (precision, accumulate, clip)."""
