@@ -45,6 +45,11 @@ class StepTransform:
 
 
 def _check_step(step: Any, transform: str) -> None:
+    if isinstance(step, Partial):
+        raise TypeError(
+            f"{transform}: got the transform {step!r} where a step was expected; apply "
+            f"transforms to a step: lt.pipe(lt.train_step(loss_fn), {step!r}, ...)"
+        )
     if not callable(step):
         raise TypeError(
             f"{transform}: expected a step function step(state, batch) -> (state, metrics), "

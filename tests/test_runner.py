@@ -1,0 +1,247 @@
+"""lt.run against a plain loop, and its logging, evaluation, hooks and counters."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import ltransform as lt
+from helpers import assert_same_params, make_data, make_model, mse, sgd
+
+
+def plain_loop(model, optimizer, data, epochs):
+    for _ in range(epochs):
+        for batch in data:
+            loss = mse(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("explicit_precision", [False, True])
+def test_run_sgd_is_bitwise_equal_to_a_plain_loop(explicit_precision):
+    data = make_data()
+    ref = make_model()
+    plain_loop(ref, sgd(ref), data, epochs=2)
+
+    model = make_model()
+    step = lt.train_step(mse)
+    if explicit_precision:
+        step = lt.with_precision(step, "32-true")
+    state = lt.run(step, lt.State(model=model, optimizer=sgd(model)), data, max_epochs=2, progress=False)
+
+    assert_same_params(model, ref, exact=True)
+    assert (state.step, state.micro_step, state.epoch) == (16, 16, 2)
+
+
+def test_scheduler_steps_only_when_an_update_was_applied():
+    model = make_model()
+    optimizer = sgd(model)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    step = lt.accumulate(lt.train_step(mse), 4)
+    state = lt.run(step, lt.State(model=model, optimizer=optimizer, scheduler=scheduler), make_data(8),
+                   progress=False)
+    assert (state.step, state.micro_step) == (2, 8)
+    assert scheduler.last_epoch == 2
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+
+def test_max_steps_counts_optimizer_steps_under_accumulation():
+    model = make_model()
+    state = lt.run(lt.accumulate(lt.train_step(mse), 2), lt.State(model=model, optimizer=sgd(model)),
+                   make_data(4), max_steps=5, progress=False)
+    assert (state.step, state.micro_step, state.epoch) == (5, 10, 2)
+
+
+def test_a_resumed_state_past_max_steps_runs_nothing():
+    model = make_model()
+    state = lt.State(model=model, optimizer=sgd(model), step=5, micro_step=5)
+    before = [p.clone() for p in model.parameters()]
+    assert lt.run(lt.train_step(mse), state, make_data(), max_steps=5, progress=False) is state
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class _SyncCounter:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        for name in ("item", "tolist", "__float__", "cpu", "numpy"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def wrapper(tensor, *args, **kwargs):
+            self.calls += 1
+            return original(tensor, *args, **kwargs)
+        return wrapper
+
+
+def test_no_host_sync_except_at_log_points(monkeypatch):
+    model = make_model()
+    state = lt.State(model=model, optimizer=sgd(model))
+    step = lt.pipe(lt.train_step(mse), lt.clip_gradients(max_norm=1.0))
+    logged = []
+    counter = _SyncCounter(monkeypatch)
+    lt.run(step, state, make_data(20), log_every=5, loggers=[lambda m, s: logged.append(s)], progress=False)
+    assert logged == [5, 10, 15, 20]
+    assert counter.calls == 4  # one batched sync per log point, for loss and grad_norm together
+
+
+def test_nothing_syncs_when_nobody_reads_the_metrics(monkeypatch):
+    model = make_model()
+    counter = _SyncCounter(monkeypatch)
+    lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(10), log_every=2,
+           progress=False)
+    assert counter.calls == 0
+
+
+def test_csv_logger_writes_rows_at_log_points_and_adds_late_columns(tmp_path):
+    model = make_model()
+    log = lt.CSVLogger(tmp_path)
+    lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(6), log_every=3,
+           loggers=[log], eval_step=lt.eval_step(mse), eval_data=make_data(2), progress=False)
+    lines = log.path.read_text().splitlines()
+    assert lines[0] == "step,loss,lr,epoch,val_loss"
+    assert [line.split(",")[0] for line in lines[1:]] == ["3", "6", "6"]
+    assert lines[3].startswith("6,,,,")  # the epoch-end evaluation row
+
+
+def test_tensorboard_logger_writes_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = make_model()
+    log = lt.TensorBoardLogger(tmp_path)
+    lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(4), log_every=2,
+           loggers=[log], progress=False)
+    log.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [2, 4]
+
+
+def test_evaluation_runs_in_eval_mode_and_averages_over_batches():
+    model = make_model()
+    eval_data = make_data(3, seed=5)
+    modes = []
+
+    def evaluate(m, batch):
+        modes.append(m.training)
+        return {"mse": mse(m, batch)}
+
+    seen = []
+    lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(4), eval_every=2,
+           eval_step=lt.eval_step(evaluate), eval_data=eval_data, loggers=[lambda m, s: seen.append((s, m))],
+           log_every=None, progress=False)
+    assert modes == [False] * 6 and model.training
+    assert [s for s, _ in seen] == [2, 4]
+    with torch.no_grad():
+        expected = sum(mse(model, b) for b in eval_data).item() / 3
+    assert seen[-1][1]["val_mse"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_hooks_every_n_steps_and_early_stop():
+    model = make_model()
+    calls = []
+    stopper = lambda state, metrics: lt.stop() if state.step == 6 else None  # noqa: E731
+    state = lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(10),
+                   hooks=[lt.every(2, lambda s: calls.append(s.step)), stopper], progress=False)
+    assert calls == [2, 4, 6]
+    assert state.step == 6
+
+
+def test_a_hook_can_replace_the_state_and_sees_metrics():
+    model = make_model()
+    seen = []
+
+    def hook(state, metrics):
+        seen.append(sorted(metrics))
+        return lt.State(model=state.model, optimizer=state.optimizer, step=state.step,
+                        micro_step=state.micro_step, extra={"marked": True})
+
+    state = lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(2),
+                   hooks=[hook], progress=False)
+    assert state.extra == {"marked": True}
+    assert seen == [["loss"], ["loss"]]
+
+
+def test_a_hook_returning_the_wrong_type_is_named():
+    model = make_model()
+    with pytest.raises(TypeError, match=r"hook '<lambda>' returned int; a hook returns the state"):
+        lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(2),
+               hooks=[lambda s: 3], progress=False)
+
+
+def test_dict_and_dataclass_states_carry_counters():
+    model = make_model()
+    out = lt.run(lt.train_step(mse), {"model": model, "optimizer": sgd(model)}, make_data(3), progress=False)
+    assert (out["step"], out["micro_step"], out["epoch"]) == (3, 3, 1)
+
+    @dataclasses.dataclass(frozen=True)
+    class Mine:
+        net: torch.nn.Module
+        opt: torch.optim.Optimizer
+        step: int = 0
+        micro_step: int = 0
+
+    mine = lt.run(lt.train_step(mse), Mine(model, sgd(model)), make_data(3), progress=False)
+    assert (mine.step, mine.micro_step) == (3, 3)
+
+
+def test_a_state_without_counters_gets_a_clear_error():
+    @dataclasses.dataclass
+    class NoCounters:
+        model: torch.nn.Module
+        optimizer: torch.optim.Optimizer
+
+    model = make_model()
+    with pytest.raises(TypeError, match="has no 'step'/'micro_step' counters; use lt.State"):
+        lt.run(lt.train_step(mse), NoCounters(model, sgd(model)), make_data(1), progress=False)
+
+
+def test_progress_bar_in_a_terminal(capfd):
+    model = make_model()
+    lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(4), log_every=2)
+    err = capfd.readouterr().err
+    assert "4/4" in err and "loss=" in err
+    lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(4), progress=False)
+    assert capfd.readouterr().err == ""
+
+
+def test_keyboard_interrupt_returns_the_state_so_far(capsys):
+    model = make_model()
+
+    def interrupt_at_3(state):
+        if state.step == 3:
+            raise KeyboardInterrupt
+    state = lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(10),
+                   hooks=[interrupt_at_3], progress=False)
+    assert state.step == 3
+    assert "interrupted at step 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("max_steps", 0, "max_steps must be a positive int or None, got 0"),
+    ("log_every", -1, "log_every must be a positive int or None, got -1"),
+    ("loggers", [3], "a logger must be callable"),
+    ("hooks", ["x"], "a hook must be callable"),
+    ("eval_step", lt.eval_step(mse), "eval_step given without eval_data"),
+])
+def test_bad_run_options_are_rejected_up_front(option, value, message):
+    model = make_model()
+    with pytest.raises((ValueError, TypeError), match=message):
+        lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(1),
+               progress=False, **{option: value})
+
+
+def test_an_iterator_used_up_after_one_epoch_warns():
+    model = make_model()
+    with pytest.warns(UserWarning, match="no batches in epoch 1; pass a re-iterable"):
+        state = lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), iter(make_data(2)),
+                       max_epochs=3, progress=False)
+    assert state.step == 2
+
+
+def test_to_floats_syncs_once_and_keeps_order():
+    values = lt.runner.run.to_floats({"a": torch.tensor(1.5), "n": 2, "b": torch.tensor([1.0, 3.0])})
+    assert values == {"a": 1.5, "n": 2.0, "b": 2.0}
+    assert all(isinstance(v, float) for v in values.values()) and not math.isnan(values["b"])

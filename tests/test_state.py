@@ -1,0 +1,47 @@
+"""State: the frozen record and finding torch objects in any state."""
+
+import dataclasses
+
+import attrs
+import pytest
+import torch
+
+import ltransform as lt
+from helpers import make_model, sgd
+from ltransform.core.state import find_modules, find_optimizers, read_counters, write_counters
+
+
+def test_state_is_frozen_and_validated():
+    state = lt.State(model=make_model())
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        state.step = 3
+    with pytest.raises(ValueError, match="'step' must be >= 0"):
+        lt.State(model=None, step=-1)
+
+
+def test_modules_and_optimizers_are_found_in_attrs_dataclass_and_dict_states():
+    a, b = make_model(), make_model()
+    opt = sgd(a)
+
+    @attrs.frozen
+    class A:
+        nets: dict
+        opt: torch.optim.Optimizer
+
+    @dataclasses.dataclass
+    class D:
+        pair: tuple
+        opt: torch.optim.Optimizer
+
+    for state in (A({"g": a, "d": b}, opt), D((a, b), opt), {"x": [a, {"y": b}], "o": opt}):
+        assert find_modules(state) == [a, b]
+        assert find_optimizers(state) == [opt]
+
+
+def test_counters_are_replaced_not_edited():
+    state = lt.State(model=make_model(), optimizer=None, extra={"k": 1})
+    new = write_counters(state, 5, 9)
+    assert read_counters(new) == (5, 9) and read_counters(state) == (0, 0)
+    assert new.extra == {"k": 1} and new.model is state.model
+    d = {"model": 1}
+    assert write_counters(d, 1, 2) == {"model": 1, "step": 1, "micro_step": 2} and d == {"model": 1}
