@@ -99,14 +99,18 @@ class Frame:
 
 @attrs.frozen
 class Pipelines:
-    """Each effect's handlers, composed once into one callable per effect."""
+    """Each effect's handlers, composed once into one callable per effect.
 
-    step: Callable[[Frame, Any], Any]
-    backward: Callable[[Frame, torch.Tensor], None]
-    optimizer_step: Callable[[Frame, torch.optim.Optimizer], bool]
+    An effect with no handler has None: its plain action then runs inline, with no call
+    through a pipeline (every call saved counts on a step that takes ~100 us).
+    """
+
+    step: Callable[[Frame, Any], Any] | None
+    backward: Callable[[Frame, torch.Tensor], None] | None
+    optimizer_step: Callable[[Frame, torch.optim.Optimizer], bool] | None
 
 
-_ACTIVE: contextvars.ContextVar[Frame | None] = contextvars.ContextVar(
+ACTIVE: contextvars.ContextVar[Frame | None] = contextvars.ContextVar(
     "ltransform_active_frame", default=None
 )
 
@@ -153,26 +157,20 @@ def build_pipelines(
     bound: list[tuple[Handler, Any]], step_terminal: Callable[[Frame, Any], Any]
 ) -> Pipelines:
     """Compose the three effect pipelines from every transform's (handler, ctx) pairs."""
-    bound = [*bound, (ZERO_GRAD, None)]
+    handled = {h.effect for h, _ in bound}
     return Pipelines(
-        step=compose_pipeline(bound, Effect.STEP, step_terminal),
-        backward=compose_pipeline(bound, Effect.BACKWARD, _backward_terminal),
-        optimizer_step=compose_pipeline(bound, Effect.OPTIMIZER_STEP, _optimizer_terminal),
+        step=compose_pipeline(bound, Effect.STEP, step_terminal) if Effect.STEP in handled else None,
+        backward=(compose_pipeline(bound, Effect.BACKWARD, _backward_terminal)
+                  if Effect.BACKWARD in handled else None),
+        optimizer_step=(compose_pipeline([*bound, (ZERO_GRAD, None)], Effect.OPTIMIZER_STEP,
+                                         _optimizer_terminal)
+                        if Effect.OPTIMIZER_STEP in handled else None),
     )
-
-
-def run_in_frame(frame: Frame, value: Any) -> Any:
-    """Run the step-call pipeline with ``frame`` active for the effects inside it."""
-    token = _ACTIVE.set(frame)
-    try:
-        return frame._pipelines.step(frame, value)
-    finally:
-        _ACTIVE.reset(token)
 
 
 def active_frame() -> Frame | None:
     """The frame of the step call in progress, or None outside any transformed step."""
-    return _ACTIVE.get()
+    return ACTIVE.get()
 
 
 def backward(loss: torch.Tensor) -> None:
@@ -187,8 +185,8 @@ def backward(loss: torch.Tensor) -> None:
         >>> lt.backward((w * 3).sum()); w.grad
         tensor([3., 3.])
     """
-    frame = _ACTIVE.get()
-    if frame is None:
+    frame = ACTIVE.get()
+    if frame is None or frame._pipelines.backward is None:
         loss.backward()
     else:
         frame._pipelines.backward(frame, loss)
@@ -213,9 +211,18 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> bool:
         >>> lt.backward(w.sum()); lt.optimizer_step(opt), w.data, w.grad
         (True, tensor([0.5000]), None)
     """
-    frame = _ACTIVE.get()
+    frame = ACTIVE.get()
     if frame is None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return True
-    return frame._pipelines.optimizer_step(frame, optimizer)
+    pipeline = frame._pipelines.optimizer_step
+    if pipeline is not None:
+        return pipeline(frame, optimizer)
+    frame.attempted += 1  # what ZERO_GRAD around optimizer.step() does, inline
+    try:
+        optimizer.step()
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+    frame.applied += 1
+    return True

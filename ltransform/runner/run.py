@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ltransform.core.state import find_modules, find_optimizers, read_counters, set_field
+from ltransform.core.state import State, find_modules, find_optimizers, read_counters, set_field
 from ltransform.core.step import TransformedStep, as_step
 from ltransform.runner.hooks import apply_hook, bind_hook
 
@@ -34,7 +34,8 @@ def run(
     """Train: call ``step(state, batch)`` over ``data`` until ``max_steps`` or ``max_epochs``.
 
     Steps are counted in optimizer updates (``state.step``); under accumulation several
-    batches make one step. Metrics stay tensors except at log points, where they are
+    batches make one step. ``max_steps`` and ``max_epochs`` are totals, read against the
+    state's counters, so a resumed state continues towards the same end. Metrics stay tensors except at log points, where they are
     converted once and handed to each logger. Interrupting (Ctrl-C) returns the state so far.
 
     Args:
@@ -110,44 +111,59 @@ class _Loop:
         self.state: Any = None
         self.logged_at = -1
         self.last_eval: dict[str, float] = {}
+        self._train_shown: dict[str, str] = {}
 
     def train(self, state: Any) -> Any:
         self.state = state
         epoch = _epoch_of(state)
+        now = read_counters(state)[0]
         metrics: Mapping[str, Any] = {}
-        while (self.max_epochs is None or epoch < self.max_epochs) and not self._done(state):
-            empty, stopped = True, False
-            for batch in self.data:
-                empty = False
-                before = read_counters(state)[0]
-                state, metrics = self.step(state, batch)
-                self.state = state
-                now = read_counters(state)[0]
-                if now != before:
-                    state, stopped = self._after_update(state, metrics, now - before)
-                    self.state = state
-                    if stopped or self._done(state):
-                        break
-            if empty:
+        while (self.max_epochs is None or epoch < self.max_epochs) and not self._done(now):
+            state, now, metrics, outcome = self._epoch(state, now)
+            if outcome == "empty":
                 _warn_empty(epoch)
                 break
-            if stopped or self._done(state):
+            if outcome == "stop" or self._done(now):
                 break
             epoch += 1
             state = self.state = set_field(state, "epoch", epoch)
             if self.evaluate is not None and self.eval_every is None:
                 self._run_eval(state)
-        if self.log_every and metrics and self.logged_at != read_counters(state)[0]:
+        if self.log_every and metrics and self.logged_at != now:
             self._log(state, metrics)
         return state
 
-    def _done(self, state: Any) -> bool:
-        return self.max_steps is not None and read_counters(state)[0] >= self.max_steps
+    def _epoch(self, state: Any, now: int) -> tuple[Any, int, Mapping[str, Any], str]:
+        """One pass over the data; the hot loop, so names it uses every step are locals."""
+        step, max_steps, log_every, eval_every = self.step, self.max_steps, self.log_every, self.eval_every
+        every_update = self.bar is not None or bool(self.hooks)
+        metrics: Mapping[str, Any] = {}
+        outcome = "empty"
+        for batch in self.data:
+            outcome = "end"
+            state, metrics = step(state, batch)
+            self.state = state
+            after = state.step if type(state) is State else read_counters(state)[0]
+            if after == now:
+                continue  # a non-boundary micro-step: no update happened
+            if (every_update or (log_every and after % log_every == 0)
+                    or (eval_every and after % eval_every == 0)):
+                state, stopped = self._after_update(state, metrics, now, after)
+                self.state = state
+                after = read_counters(state)[0]
+                if stopped:
+                    return state, after, metrics, "stop"
+            now = after
+            if max_steps is not None and now >= max_steps:
+                break
+        return state, now, metrics, outcome
 
-    def _after_update(self, state: Any, metrics: Mapping[str, Any], advanced: int) -> tuple[Any, bool]:
-        now = read_counters(state)[0]
+    def _done(self, step: int) -> bool:
+        return self.max_steps is not None and step >= self.max_steps
+
+    def _after_update(self, state: Any, metrics: Mapping[str, Any], before: int, now: int) -> tuple[Any, bool]:
         if self.bar is not None:
-            self.bar.update(advanced)
+            self.bar.update(now - before)
         if self.log_every and now % self.log_every == 0:
             self._log(state, metrics)
         if self.evaluate is not None and self.eval_every and now % self.eval_every == 0:
@@ -173,14 +189,19 @@ class _Loop:
         for logger in self.loggers:
             logger(values, now)
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k != "epoch"}, refresh=False)
+            self._train_shown = {k: f"{v:.4g}" for k, v in values.items() if k != "epoch"}
+            self.bar.set_postfix(self._postfix, refresh=False)
+
+    @property
+    def _postfix(self) -> dict[str, str]:
+        return {**self._train_shown, **{k: f"{v:.4g}" for k, v in self.last_eval.items()}}
 
     def _run_eval(self, state: Any) -> None:
         self.last_eval = values = self.evaluate(state)
         for logger in self.loggers:
             logger(values, read_counters(state)[0])
         if self.bar is not None:
-            self.bar.write("  ".join(f"{k} {v:.4g}" for k, v in values.items()))
+            self.bar.set_postfix(self._postfix, refresh=False)
 
 
 def _evaluate(eval_step: TransformedStep, state: Any, data: Iterable[Any]) -> dict[str, float]:

@@ -1,0 +1,211 @@
+"""Train a small character-level GPT on the Python standard library's own sources.
+
+    python -m ltransform.examples.gpt [--precision bf16-mixed] [--accumulate 2] [--clip 1.0]
+
+Every machine with Python has the corpus: the ``.py`` files of the standard library. The
+run shows a progress bar, prints the falling loss, writes CSV (and TensorBoard, if
+installed) logs to a run directory, and ends with a generated sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sysconfig
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+import ltransform as lt
+
+
+@attrs.frozen(kw_only=True)
+class GPTConfig:
+    vocab: int = 256  # bytes
+    block: int = 64
+    n_layer: int = 3
+    n_head: int = 4
+    n_embd: int = 128
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.heads = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab, cfg.n_embd)
+        self.pos = nn.Embedding(cfg.block, cfg.n_embd)
+        self.blocks = nn.Sequential(*(Block(cfg) for _ in range(cfg.n_layer)))
+        self.ln = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        return self.head(self.ln(self.blocks(self.tok(idx) + self.pos(positions))))
+
+
+def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(rearrange(logits, "b t v -> (b t) v").float(), rearrange(y, "b t -> (b t)"))
+
+
+def load_corpus(max_bytes: int) -> torch.Tensor:
+    """The standard library's ``.py`` files, in sorted order, as a tensor of bytes."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, size = [], 0
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        size += len(data)
+        if size >= max_bytes:
+            break
+    corpus = b"".join(chunks)[:max_bytes]
+    return torch.frombuffer(bytearray(corpus), dtype=torch.uint8).long()
+
+
+class Windows:
+    """``batches`` random (input, target) windows per pass; a new draw each pass, seeded."""
+
+    def __init__(self, data: torch.Tensor, block: int, batch: int, batches: int, seed: int) -> None:
+        self.data, self.block, self.batch, self.batches, self.seed = data, block, batch, batches, seed
+        self._passes = 0
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed + self._passes)
+        self._passes += 1
+        for _ in range(self.batches):
+            starts = torch.randint(len(self.data) - self.block - 1, (self.batch,), generator=gen)
+            window = torch.stack([self.data[s:s + self.block + 1] for s in starts.tolist()])
+            yield window[:, :-1], window[:, 1:]
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt: str, chars: int, temperature: float = 0.8, seed: int = 0) -> str:
+    """Sample ``chars`` bytes after ``prompt``."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.tensor([list(prompt.encode())], dtype=torch.long)
+    for _ in range(chars):
+        logits = model(idx[:, -model.cfg.block:])[:, -1].float() / temperature
+        idx = torch.cat([idx, torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)], dim=1)
+    model.train(was_training)
+    return bytes(idx[0].tolist()).decode("utf-8", errors="replace")
+
+
+def cosine_with_warmup(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return factor
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    default = GPTConfig()
+    p = argparse.ArgumentParser(description="Train a character-level GPT on Python's own sources.")
+    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--precision", default="32-true", help="e.g. 32-true, bf16-mixed, 16-mixed, bf16-true")
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0 disables)")
+    p.add_argument("--batch", type=int, default=32, help="micro-batch size")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--n-layer", type=int, default=default.n_layer)
+    p.add_argument("--n-embd", type=int, default=default.n_embd)
+    p.add_argument("--block", type=int, default=default.block)
+    p.add_argument("--corpus-mb", type=float, default=4.0, help="MB of standard-library source to read")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--sample-chars", type=int, default=300)
+    p.add_argument("--run-dir", default=None, help="default: runs/gpt-<time>")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> lt.State:
+    args = parse_args(argv)
+    lt.seed_everything(args.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    run_dir = Path(args.run_dir or f"runs/gpt-{time.strftime('%Y%m%d-%H%M%S')}")
+    corpus = load_corpus(int(args.corpus_mb * 1e6))
+    split = int(0.95 * len(corpus))
+    cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, block=args.block)
+
+    model = lt.init_module(GPT, cfg, precision=args.precision)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(30, args.max_steps))
+    state = lt.State(model=model, optimizer=optimizer, scheduler=scheduler)
+
+    transforms = [lt.with_precision(args.precision), lt.accumulate(args.accumulate)]
+    if args.clip > 0:
+        transforms.append(lt.clip_gradients(max_norm=args.clip))
+    step = lt.pipe(lt.train_step(loss_fn), *transforms)
+    eval_step = lt.pipe(lt.eval_step(loss_fn), lt.with_precision(args.precision))
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"ltransform GPT: {n_params / 1e6:.2f}M parameters, {len(corpus) / 1e6:.1f} MB of Python "
+          f"standard library source, precision {args.precision}, accumulate {args.accumulate}, "
+          f"clip {args.clip or 'off'}; logs in {run_dir}/")
+    loggers = [lt.CSVLogger(run_dir), _print_loss]
+    try:
+        loggers.append(lt.TensorBoardLogger(run_dir))
+    except ImportError:
+        pass
+    train = Windows(corpus[:split], cfg.block, args.batch, batches=args.max_steps * args.accumulate, seed=args.seed)
+    val = list(Windows(corpus[split:], cfg.block, args.batch, batches=4, seed=args.seed + 1))
+    started = time.perf_counter()
+    state = lt.run(step, state, train, max_steps=args.max_steps, log_every=args.log_every, loggers=loggers,
+                   eval_step=eval_step, eval_data=val, eval_every=args.eval_every, progress=not args.no_progress)
+    for logger in loggers:
+        if callable(getattr(logger, "close", None)):
+            logger.close()
+    print(f"trained {state.step} steps in {time.perf_counter() - started:.0f} s")
+    print("sample:\n" + "-" * 60 + "\n" + generate(model, "def ", args.sample_chars, seed=args.seed) + "\n" + "-" * 60)
+    return state
+
+
+def _print_loss(metrics: dict[str, float], step: int) -> None:
+    from tqdm.auto import tqdm
+
+    shown = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k in ("loss", "val_loss"))
+    if shown:
+        tqdm.write(f"step {step:5d}  {shown}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""The quickstart notebook executes top to bottom (nbclient), so it cannot rot."""
+
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def test_quickstart_notebook_runs_and_the_loss_falls():
+    nb = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "loss fell from" in text
+    assert "[APPLY]" not in text and "[CLIP] clip_gradients" in text  # lt.explain printed the pipeline
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss plot was drawn
