@@ -94,3 +94,36 @@ def test_eval_step_takes_metrics_dicts_or_losses_and_does_not_count():
     assert new is state and set(metrics) == {"loss"} and not metrics["loss"].requires_grad
     _, metrics = lt.eval_step(lambda m, b: (mse(m, b), {"n": 3}))(state, batch)
     assert set(metrics) == {"loss", "n"}
+
+
+def _counted(inner, calls, wraps=True):
+    import functools
+
+    def counted(state, batch):
+        calls.append(1)
+        return inner(state, batch)
+    return functools.wraps(inner)(counted) if wraps else counted
+
+
+def test_a_user_wrapper_outermost_works_and_counts_once():
+    calls = []
+    step = _counted(lt.pipe(lt.train_step(mse), lt.accumulate(2), lt.clip_gradients(max_norm=1.0)), calls)
+    model = make_model()
+    state = lt.run(step, lt.State(model=model, optimizer=sgd(model)), make_data(4), progress=False)
+    assert len(calls) == 4 and (state.step, state.micro_step) == (2, 4)
+
+
+def test_our_transform_over_a_user_wrapper_of_our_step_is_rejected_when_composed():
+    wrapped = _counted(lt.accumulate(lt.train_step(mse), 2), [])
+    with pytest.raises(ValueError, match=r"clip_gradients\(max_norm=1.0\) cannot reach inside '.*mse': it is a "
+                                        r"plain function wrapping the transformed step .*; apply clip_gradients"
+                                        r"\(max_norm=1.0\) to that step before your wrapper"):
+        lt.clip_gradients(wrapped, max_norm=1.0)
+
+
+def test_the_same_without_functools_wraps_is_caught_at_the_first_call():
+    step = lt.clip_gradients(_counted(lt.accumulate(lt.train_step(mse), 2), [], wraps=False), max_norm=1.0)
+    model = make_model()
+    with pytest.raises(RuntimeError, match=r"was called inside '.*counted', whose transforms "
+                                           r"\(clip_gradients\(max_norm=1.0\)\) cannot reach it"):
+        step(lt.State(model=model, optimizer=sgd(model)), make_data(1)[0])

@@ -80,10 +80,13 @@ class Frame:
     It lives for one call only; handlers keep no state of their own.
     """
 
-    __slots__ = ("boundary", "micro_step", "attempted", "applied", "metrics", "_pipelines")
+    __slots__ = ("boundary", "micro_step", "attempted", "applied", "metrics", "owner", "counted_inside",
+                 "_pipelines")
 
-    def __init__(self, pipelines: Pipelines, boundary: bool, micro_step: int) -> None:
+    def __init__(self, pipelines: Pipelines, boundary: bool, micro_step: int, owner: Any = None) -> None:
         self._pipelines = pipelines
+        self.owner = owner  # the transformed step whose call this is
+        self.counted_inside = False  # a step called inside this one advanced the counters
         self.boundary = boundary
         self.micro_step = micro_step
         self.attempted = 0  # optimizer_step calls that passed the gate

@@ -21,9 +21,25 @@ def explain(step: Any, *, file: TextIO | None = None) -> None:
     Example:
         >>> import ltransform as lt
         >>> step = lt.pipe(lt.train_step(lambda m, b: m(b).sum()), lt.accumulate(2))
-        >>> lt.explain(step)  # doctest: +ELLIPSIS
-        step 'train_step.<locals>...' with accumulate(n=2)
-        ...
+        >>> lt.explain(step)
+        step '<lambda>' with accumulate(n=2)
+        boundary micro-step (micro_step % 2 == 1):
+          step call:
+            1. call the step: <lambda>(state, batch)
+          backward:
+            1. [LOSS_NORMALIZE] accumulate: divide loss by 2
+            2. loss.backward()
+          optimizer_step:
+            1. optimizer.step()
+            2. [ZERO_GRAD] zero gradients (set_to_none), whether the update was applied or skipped
+        non-boundary micro-step (gradients accumulate):
+          step call:
+            1. call the step: <lambda>(state, batch)
+          backward:
+            1. [LOSS_NORMALIZE] accumulate: divide loss by 2
+            2. loss.backward()
+          optimizer_step:
+            1. [GATE] accumulate: return False, keep gradients
     """
     print(explanation(as_step(step, "explain")), file=file or sys.stdout)
 

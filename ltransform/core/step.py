@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from contextvars import Token
 from typing import Any
 
 import attrs
@@ -88,7 +89,9 @@ class TransformedStep:
         self.trusted = trusted  # built by train_step/eval_step: its result needs no check
         self.every = max((t.every for t in transforms), default=1)
         self._pipelines: effects.Pipelines | None = None
-        functools.update_wrapper(self, base)
+        # Name, doc and __wrapped__ (so inspect.signature follows it), but not base's
+        # __dict__: a user wrapper made with functools.wraps(our_step) carries our fields.
+        functools.update_wrapper(self, base, updated=())
 
     def __repr__(self) -> str:
         inner = ", ".join(t.name for t in self.transforms)
@@ -130,9 +133,11 @@ class TransformedStep:
             micro = state.micro_step
         else:
             micro = read_counters(state)[1]
-        frame = Frame(pipelines, (micro + 1) % self.every == 0, micro)
+        frame = Frame(pipelines, (micro + 1) % self.every == 0, micro, self)
         token = ACTIVE.set(frame)
         try:
+            if token.old_value is not Token.MISSING and token.old_value is not None and self.counts:
+                _enter_nested(token.old_value, self)
             if pipelines.step is None:
                 result = self.base(state, batch)
             else:
@@ -142,9 +147,27 @@ class TransformedStep:
         new_state, metrics = result if self.trusted else _check_result(result, self.base)
         if frame.metrics:
             metrics = {**metrics, **frame.metrics}
-        if self.counts:
+        if self.counts and not frame.counted_inside:
             new_state = advance(new_state, frame.applied > 0)
         return new_state, metrics
+
+
+def _enter_nested(outer: Frame, inner: TransformedStep) -> None:
+    """A counting step called inside another's call (through a plain wrapper function)."""
+    if outer.owner is None or not outer.owner.counts:
+        return
+    if outer.owner.transforms:
+        raise RuntimeError(
+            f"step {_name(inner)!r} was called inside {_name(outer.owner)!r}, whose transforms "
+            f"({', '.join(t.name for t in outer.owner.transforms)}) cannot reach it through the "
+            f"plain function between them; apply ltransform's transforms before your own "
+            f"wrapper (your wrapper outermost), or write your transform as an lt.StepTransform"
+        )
+    outer.counted_inside = True  # the outer step has no transforms: the inner one counts
+
+
+def _name(step: Any) -> str:
+    return getattr(getattr(step, "base", step), "__qualname__", repr(step))
 
 
 def as_step(step: Any, transform: str = "lt.run") -> TransformedStep:
@@ -159,7 +182,21 @@ def apply_step_transform(step: Any, transform: StepTransform, call: str) -> Any:
     """``step`` with ``transform`` added, or the partial transform if ``step`` is missing."""
     if step is MISSING:
         return Partial(lambda s: apply_step_transform(s, transform, call), transform.name)
+    if not isinstance(step, TransformedStep):
+        _check_not_wrapping_ours(step, transform)
     return as_step(step, call).with_transform(transform)
+
+
+def _check_not_wrapping_ours(step: Any, transform: StepTransform) -> None:
+    inner = getattr(step, "__wrapped__", None)
+    while inner is not None and not isinstance(inner, TransformedStep):
+        inner = getattr(inner, "__wrapped__", None)
+    if inner is not None:
+        raise ValueError(
+            f"{transform.name} cannot reach inside {_name(step)!r}: it is a plain function wrapping "
+            f"the transformed step {inner!r}; apply {transform.name} to that step before your "
+            f"wrapper (your wrapper outermost), or write your transform as an lt.StepTransform"
+        )
 
 
 def prepare(step: Any, state: Any) -> Any:
