@@ -84,3 +84,27 @@ def test_a_step_called_directly_prepares_itself_once():
     for batch in make_data(3):
         state, _ = step(state, batch)
     assert prepared == [1] and state.step == 3
+
+
+def test_same_stage_handlers_nest_by_kind_whatever_the_order_and_explain_agrees(capsys):
+    order = []
+
+    def recorder(name):
+        def fn(ctx, frame, loss, *, proceed):
+            order.append(name)
+            return proceed(frame, loss)
+        return lt.StepTransform(name=f"{name}()", kind=name, handlers=(
+            lt.Handler(effect=lt.Effect.BACKWARD, stage=lt.Stage.LOSS_NORMALIZE, fn=fn, label=f"{name} ran"),))
+
+    def apply(t):
+        return lambda step: lt.apply_step_transform(step, t, t.name)
+
+    model = make_model()
+    batch = make_data(1)[0]
+    for names in (["b_second", "a_first"], ["a_first", "b_second"]):
+        step = lt.pipe(lt.train_step(mse), *(apply(recorder(n)) for n in names))
+        step(lt.State(model=model, optimizer=sgd(model)), batch)
+        lt.explain(step)
+        out = capsys.readouterr().out
+        assert out.index("a_first ran") < out.index("b_second ran")
+    assert order == ["a_first", "b_second"] * 2

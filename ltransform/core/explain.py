@@ -48,7 +48,7 @@ def explanation(step: TransformedStep) -> str:
     """The text :func:`explain` prints."""
     name = getattr(step.base, "__qualname__", repr(step.base))
     transforms = ", ".join(t.name for t in step.transforms) or "no transforms"
-    handlers = [h for t in step.transforms for h in t.handlers] + [ZERO_GRAD]
+    handlers = [h for t in step.ordered() for h in t.handlers] + [ZERO_GRAD]
     lines = [f"step {name!r} with {transforms}"]
     cases = [(True, "boundary micro-step (the optimizer updates)")]
     if step.every > 1:

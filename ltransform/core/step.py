@@ -109,10 +109,15 @@ class TransformedStep:
             self.base, (*self.transforms, transform), counts=self.counts, trusted=self.trusted
         )
 
+    def ordered(self) -> list[StepTransform]:
+        """The transforms in the order their prepares run and same-stage handlers nest: by
+        kind, so that this too is independent of the composition order."""
+        return sorted(self.transforms, key=lambda t: t.kind)
+
     def prepare(self, state: Any) -> Any:
         """Run every transform's ``prepare`` and bind the pipelines; returns the new state."""
         bound: list[tuple[Handler, Any]] = []
-        for transform in sorted(self.transforms, key=lambda t: t.kind):
+        for transform in self.ordered():
             ctx = None
             if transform.prepare is not None:
                 state, ctx = transform.prepare(state)
