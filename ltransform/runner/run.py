@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -84,6 +85,7 @@ def run(
     loop = _Loop(step, data, max_steps, max_epochs, log_every, loggers, evaluate, eval_every, bound_hooks)
     bar = _progress_bar(progress, _total(step, data, max_steps, max_epochs), read_counters(state)[0])
     loop.bar = bar
+    loop.bar_at = read_counters(state)[0]
     try:
         state = loop.train(state)
     except KeyboardInterrupt:
@@ -91,6 +93,7 @@ def run(
         state = loop.state
     finally:
         if bar is not None:
+            bar.update(read_counters(loop.state)[0] - loop.bar_at)
             bar.close()
         for logger in loggers:
             if callable(getattr(logger, "flush", None)):
@@ -112,6 +115,11 @@ class _Loop:
         self.logged_at = -1
         self.last_eval: dict[str, float] = {}
         self._train_shown: dict[str, str] = {}
+        # The bar advances every `bar_stride` steps, the stride adapting to ~10 redraws a
+        # second, so that a step usually costs one integer comparison, not a tqdm call.
+        self.bar_at = 0
+        self.bar_stride = 1
+        self._bar_time = time.monotonic()
 
     def train(self, state: Any) -> Any:
         self.state = state
@@ -136,7 +144,7 @@ class _Loop:
     def _epoch(self, state: Any, now: int) -> tuple[Any, int, Mapping[str, Any], str]:
         """One pass over the data; the hot loop, so names it uses every step are locals."""
         step, max_steps, log_every, eval_every = self.step, self.max_steps, self.log_every, self.eval_every
-        every_update = self.bar is not None or bool(self.hooks)
+        hooks, bar = bool(self.hooks), self.bar is not None
         metrics: Mapping[str, Any] = {}
         outcome = "empty"
         for batch in self.data:
@@ -146,9 +154,9 @@ class _Loop:
             after = state.step if type(state) is State else read_counters(state)[0]
             if after == now:
                 continue  # a non-boundary micro-step: no update happened
-            if (every_update or (log_every and after % log_every == 0)
-                    or (eval_every and after % eval_every == 0)):
-                state, stopped = self._after_update(state, metrics, now, after)
+            if (hooks or (bar and after - self.bar_at >= self.bar_stride)
+                    or (log_every and after % log_every == 0) or (eval_every and after % eval_every == 0)):
+                state, stopped = self._after_update(state, metrics, after)
                 self.state = state
                 after = read_counters(state)[0]
                 if stopped:
@@ -161,9 +169,9 @@ class _Loop:
     def _done(self, step: int) -> bool:
         return self.max_steps is not None and step >= self.max_steps
 
-    def _after_update(self, state: Any, metrics: Mapping[str, Any], before: int, now: int) -> tuple[Any, bool]:
-        if self.bar is not None:
-            self.bar.update(now - before)
+    def _after_update(self, state: Any, metrics: Mapping[str, Any], now: int) -> tuple[Any, bool]:
+        if self.bar is not None and now - self.bar_at >= self.bar_stride:
+            self._advance_bar(now)
         if self.log_every and now % self.log_every == 0:
             self._log(state, metrics)
         if self.evaluate is not None and self.eval_every and now % self.eval_every == 0:
@@ -189,8 +197,19 @@ class _Loop:
         for logger in self.loggers:
             logger(values, now)
         if self.bar is not None:
+            self._advance_bar(now)
             self._train_shown = {k: f"{v:.4g}" for k, v in values.items() if k != "epoch"}
             self.bar.set_postfix(self._postfix, refresh=False)
+
+    def _advance_bar(self, now: int) -> None:
+        self.bar.update(now - self.bar_at)
+        self.bar_at = now
+        t = time.monotonic()
+        if t - self._bar_time < 0.1:
+            self.bar_stride = min(2 * self.bar_stride, 1024)
+        elif t - self._bar_time > 0.5 and self.bar_stride > 1:
+            self.bar_stride //= 2
+        self._bar_time = t
 
     @property
     def _postfix(self) -> dict[str, str]:
