@@ -186,6 +186,14 @@ def test_16_mixed_on_fp16_weights_is_rejected_with_the_fix():
         lt.run(step, lt.State(model=model, optimizer=sgd(model)), make_data(1), progress=False)
 
 
+def test_bf16_mixed_on_bf16_weights_is_rejected_with_the_fix():
+    model = make_model().to(torch.bfloat16)
+    step = lt.with_precision(lt.train_step(mse), "bf16-mixed")
+    with pytest.raises(ValueError, match=r"keeps float32 weights \(and autocasts only the forward\), but the model "
+                                         r"has bfloat16 parameters .*; use 'bf16-true'"):
+        step(lt.State(model=model, optimizer=sgd(model)), make_data(1)[0])
+
+
 def test_16_mixed_on_a_state_without_room_for_the_scaler():
     class Bare:
         def __init__(self, model):

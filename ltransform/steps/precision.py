@@ -104,9 +104,10 @@ def _prepare(state: Any, p: Precision) -> tuple[Any, _Runtime]:
                if q.requires_grad and q.dtype in (torch.float16, torch.bfloat16)]
         if low:
             true_name = "16-true" if p.autocast_dtype == torch.float16 else "bf16-true"
+            why = "a grad scaler cannot unscale half-precision gradients" if p.scaler else (
+                "and autocasts only the forward")
             raise ValueError(
-                f"with_precision({p.name!r}) keeps float32 weights (a grad scaler cannot "
-                f"unscale half-precision gradients), but the model has {_short(low[0][1])} "
+                f"with_precision({p.name!r}) keeps float32 weights ({why}), but the model has {_short(low[0][1])} "
                 f"parameters (e.g. {low[0][0]!r}); use {true_name!r}, or "
                 f"lt.to_precision(model, {p.name!r}) before building the optimizer"
             )
