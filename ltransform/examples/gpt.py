@@ -52,7 +52,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd))
+        hidden = 4 * cfg.n_embd
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_embd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -186,16 +187,19 @@ def main(argv: list[str] | None = None) -> lt.State:
         loggers.append(lt.TensorBoardLogger(run_dir))
     except ImportError:
         pass
-    train = Windows(corpus[:split], cfg.block, args.batch, batches=args.max_steps * args.accumulate, seed=args.seed)
+    batches = args.max_steps * args.accumulate
+    train = Windows(corpus[:split], cfg.block, args.batch, batches=batches, seed=args.seed)
     val = list(Windows(corpus[split:], cfg.block, args.batch, batches=4, seed=args.seed + 1))
     started = time.perf_counter()
     state = lt.run(step, state, train, max_steps=args.max_steps, log_every=args.log_every, loggers=loggers,
-                   eval_step=eval_step, eval_data=val, eval_every=args.eval_every, progress=not args.no_progress)
+                   eval_step=eval_step, eval_data=val, eval_every=args.eval_every,
+                   progress=not args.no_progress)
     for logger in loggers:
         if callable(getattr(logger, "close", None)):
             logger.close()
     print(f"trained {state.step} steps in {time.perf_counter() - started:.0f} s")
-    print("sample:\n" + "-" * 60 + "\n" + generate(model, "def ", args.sample_chars, seed=args.seed) + "\n" + "-" * 60)
+    rule = "-" * 60
+    print(f"sample:\n{rule}\n{generate(model, 'def ', args.sample_chars, seed=args.seed)}\n{rule}")
     return state
 
 

@@ -36,8 +36,9 @@ def run(
 
     Steps are counted in optimizer updates (``state.step``); under accumulation several
     batches make one step. ``max_steps`` and ``max_epochs`` are totals, read against the
-    state's counters, so a resumed state continues towards the same end. Metrics stay tensors except at log points, where they are
-    converted once and handed to each logger. Interrupting (Ctrl-C) returns the state so far.
+    state's counters, so a resumed state continues towards the same end. Metrics stay
+    tensors except at log points, where they are converted once and handed to each logger.
+    Interrupting (Ctrl-C) returns the state so far.
 
     Args:
         step: a step function or transformed step.

@@ -50,7 +50,8 @@ def clip_gradients(
         >>> import torch, ltransform as lt
         >>> step = lt.pipe(lt.train_step(lambda m, b: m(b).sum() * 100), lt.clip_gradients(max_norm=1.0))
         >>> model = torch.nn.Linear(2, 1)
-        >>> _, metrics = step(lt.State(model=model, optimizer=torch.optim.SGD(model.parameters())), torch.ones(1, 2))
+        >>> state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters()))
+        >>> _, metrics = step(state, torch.ones(1, 2))
         >>> bool(metrics["grad_norm"] > 1)
         True
     """

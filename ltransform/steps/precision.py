@@ -46,7 +46,8 @@ def with_precision(step: Any = MISSING, /, precision: Any = MISSING) -> Any:
         >>> import torch, ltransform as lt
         >>> step = lt.pipe(lt.train_step(lambda m, b: m(b).sum()), lt.with_precision("bf16-mixed"))
         >>> model = torch.nn.Linear(2, 2)
-        >>> state, _ = step(lt.State(model=model, optimizer=torch.optim.SGD(model.parameters())), torch.ones(1, 2))
+        >>> state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters()))
+        >>> state, _ = step(state, torch.ones(1, 2))
         >>> model.weight.dtype
         torch.float32
 
@@ -107,7 +108,8 @@ def _prepare(state: Any, p: Precision) -> tuple[Any, _Runtime]:
             why = "a grad scaler cannot unscale half-precision gradients" if p.scaler else (
                 "and autocasts only the forward")
             raise ValueError(
-                f"with_precision({p.name!r}) keeps float32 weights ({why}), but the model has {_short(low[0][1])} "
+                f"with_precision({p.name!r}) keeps float32 weights ({why}), but the model has "
+                f"{_short(low[0][1])} "
                 f"parameters (e.g. {low[0][0]!r}); use {true_name!r}, or "
                 f"lt.to_precision(model, {p.name!r}) before building the optimizer"
             )
@@ -158,7 +160,9 @@ def _scaler_step(ctx: _Runtime, frame, optimizer, *, proceed):
 def _true_dtype(ctx: _Runtime, frame, value, *, proceed):
     dtype = ctx.precision.param_dtype
     state, batch = value
-    batch = tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, batch)
+    batch = tree_map(
+        lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, batch
+    )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
