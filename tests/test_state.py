@@ -8,7 +8,7 @@ import torch
 
 import ltransform as lt
 from helpers import make_model, sgd
-from ltransform.core.state import find_modules, find_optimizers, read_counters, write_counters
+from ltransform.core.state import advance, find_modules, find_optimizers, read_counters
 
 
 def test_state_is_frozen_and_validated():
@@ -39,9 +39,10 @@ def test_modules_and_optimizers_are_found_in_attrs_dataclass_and_dict_states():
 
 
 def test_counters_are_replaced_not_edited():
-    state = lt.State(model=make_model(), optimizer=None, extra={"k": 1})
-    new = write_counters(state, 5, 9)
-    assert read_counters(new) == (5, 9) and read_counters(state) == (0, 0)
+    state = lt.State(model=make_model(), optimizer=None, step=4, micro_step=8, extra={"k": 1})
+    new = advance(state, True)
+    assert read_counters(new) == (5, 9) and read_counters(state) == (4, 8)
     assert new.extra == {"k": 1} and new.model is state.model
+    assert read_counters(advance(new, False)) == (5, 10)
     d = {"model": 1}
-    assert write_counters(d, 1, 2) == {"model": 1, "step": 1, "micro_step": 2} and d == {"model": 1}
+    assert advance(d, True) == {"model": 1, "step": 1, "micro_step": 1} and d == {"model": 1}

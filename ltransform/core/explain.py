@@ -6,7 +6,7 @@ import sys
 from typing import Any, TextIO
 
 from ltransform.core.effects import ZERO_GRAD, Effect, Handler, When
-from ltransform.core.step import TransformedStep, as_step
+from ltransform.core.step import TransformedStep, as_step, step_name
 
 _TERMINALS = {
     Effect.STEP: "call the step: {name}(state, batch)",
@@ -46,7 +46,7 @@ def explain(step: Any, *, file: TextIO | None = None) -> None:
 
 def explanation(step: TransformedStep) -> str:
     """The text :func:`explain` prints."""
-    name = getattr(step.base, "__qualname__", repr(step.base))
+    name = step_name(step)
     transforms = ", ".join(t.name for t in step.transforms) or "no transforms"
     handlers = [h for t in step.ordered() for h in t.handlers] + [ZERO_GRAD]
     lines = [f"step {name!r} with {transforms}"]

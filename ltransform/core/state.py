@@ -167,11 +167,6 @@ def read_counters(state: Any) -> tuple[int, int]:
         ) from None
 
 
-def write_counters(state: Any, step: int, micro_step: int) -> Any:
-    """A new state with its counters set."""
-    return _replace(state, step=step, micro_step=micro_step)
-
-
 def advance(state: Any, applied: bool) -> Any:
     """A new state one micro-step on, and one step on if an update was ``applied``."""
     if type(state) is State:  # the per-step fast path: one dict copy (0.5 us)

@@ -63,7 +63,7 @@ def _check_result(result: Any, base: Callable[..., Any]) -> tuple[Any, Mapping[s
         type(result[1]) is dict or isinstance(result[1], Mapping)  # `is dict` first: ABC checks are slow
     ):
         return result
-    name = getattr(base, "__qualname__", repr(base))
+    name = step_name(base)
     got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
     hint = " Did you return the loss? Return (state, {'loss': loss})." if isinstance(
         result, torch.Tensor) else ""
@@ -95,7 +95,7 @@ class TransformedStep:
 
     def __repr__(self) -> str:
         inner = ", ".join(t.name for t in self.transforms)
-        return f"<step {getattr(self.base, '__qualname__', self.base)!r} [{inner}]>"
+        return f"<step {step_name(self)!r} [{inner}]>"
 
     def with_transform(self, transform: StepTransform) -> TransformedStep:
         """A new step with ``transform`` added; raises if one of its kind is already there."""
@@ -163,7 +163,7 @@ def _enter_nested(outer: Frame, inner: TransformedStep) -> None:
         return
     if outer.owner.transforms:
         raise RuntimeError(
-            f"step {_name(inner)!r} was called inside {_name(outer.owner)!r}, whose transforms "
+            f"step {step_name(inner)!r} was called inside {step_name(outer.owner)!r}, whose transforms "
             f"({', '.join(t.name for t in outer.owner.transforms)}) cannot reach it through the "
             f"plain function between them; apply ltransform's transforms before your own "
             f"wrapper (your wrapper outermost), or write your transform as an lt.StepTransform"
@@ -171,8 +171,10 @@ def _enter_nested(outer: Frame, inner: TransformedStep) -> None:
     outer.counted_inside = True  # the outer step has no transforms: the inner one counts
 
 
-def _name(step: Any) -> str:
-    return getattr(getattr(step, "base", step), "__qualname__", repr(step))
+def step_name(step: Any) -> str:
+    """How a step (or the function inside a transformed step) is named in messages."""
+    base = getattr(step, "base", step)
+    return getattr(base, "__qualname__", None) or repr(base)
 
 
 def as_step(step: Any, transform: str = "lt.run") -> TransformedStep:
@@ -198,7 +200,7 @@ def _check_not_wrapping_ours(step: Any, transform: StepTransform) -> None:
         inner = getattr(inner, "__wrapped__", None)
     if inner is not None:
         raise ValueError(
-            f"{transform.name} cannot reach inside {_name(step)!r}: it is a plain function wrapping "
+            f"{transform.name} cannot reach inside {step_name(step)!r}: it is a plain function wrapping "
             f"the transformed step {inner!r}; apply {transform.name} to that step before your "
             f"wrapper (your wrapper outermost), or write your transform as an lt.StepTransform"
         )
@@ -229,7 +231,7 @@ def _split_loss(out: Any, fn: Callable[..., Any]) -> tuple[torch.Tensor, Mapping
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
         return out
     raise TypeError(
-        f"loss function {getattr(fn, '__qualname__', fn)!r} must return a loss tensor or "
+        f"loss function {step_name(fn)!r} must return a loss tensor or "
         f"(loss, metrics dict), got {type(out).__name__}"
     )
 
