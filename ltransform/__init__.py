@@ -26,9 +26,23 @@ from ltransform.core.step import apply_step_transform
 from ltransform.core.step import eval_step
 from ltransform.core.step import prepare
 from ltransform.core.step import train_step
+from ltransform.distributed.env import all_gather
+from ltransform.distributed.env import all_reduce
+from ltransform.distributed.env import barrier
+from ltransform.distributed.env import broadcast
+from ltransform.distributed.env import device
+from ltransform.distributed.env import local_rank
+from ltransform.distributed.env import rank
+from ltransform.distributed.env import world_size
+from ltransform.distributed.launch import LaunchError
+from ltransform.distributed.launch import launch
+from ltransform.distributed.strategies import STRATEGIES
+from ltransform.distributed.strategies import Strategy
 from ltransform.models.init import init_module
 from ltransform.models.init import materialize
 from ltransform.models.precision import to_precision
+from ltransform.models.shard import checkpoint_activations
+from ltransform.models.shard import shard
 from ltransform.runner.hooks import every
 from ltransform.runner.hooks import stop
 from ltransform.runner.loggers import CSVLogger
@@ -37,6 +51,7 @@ from ltransform.runner.run import run
 from ltransform.seed import seed_everything
 from ltransform.steps.accumulate import accumulate
 from ltransform.steps.clip import clip_gradients
+from ltransform.steps.distribute import distribute
 from ltransform.steps.precision import with_precision
 
 __version__ = "0.1.0"

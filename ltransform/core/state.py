@@ -8,7 +8,7 @@ its fields.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -185,3 +185,27 @@ def set_field(state: Any, name: str, value: Any) -> Any:
     if isinstance(state, (State, Mapping)) or hasattr(state, name):
         return _replace(state, **{name: value})
     return state
+
+
+_REPLACED = "_ltransform_replaced_by"
+
+
+def mark_replaced(params: Iterable[torch.Tensor], by: str) -> None:
+    """Mark parameters a model transform has swapped for new ones (e.g. sharded copies)."""
+    for param in params:
+        setattr(param, _REPLACED, by)
+
+
+def check_optimizers(optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    """Raise if an optimizer holds parameters that a model transform has since replaced."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                by = getattr(param, _REPLACED, None)
+                if by is not None:
+                    raise RuntimeError(
+                        f"the optimizer {type(optimizer).__name__} was built before {by}, so it holds "
+                        f"the old parameters, which {by} replaced; build the optimizer after "
+                        f"the model transforms: model = {by}(model, ...); "
+                        f"optimizer = {type(optimizer).__name__}(model.parameters(), ...)"
+                    )

@@ -20,7 +20,7 @@ import torch
 from ltransform.core import effects
 from ltransform.core.compose import MISSING, Partial
 from ltransform.core.effects import ACTIVE, Frame, Handler, build_pipelines
-from ltransform.core.state import State, advance, read_counters, the_one
+from ltransform.core.state import State, advance, check_optimizers, find_optimizers, read_counters, the_one
 
 Prepare = Callable[[Any], tuple[Any, Any]]
 
@@ -116,6 +116,7 @@ class TransformedStep:
 
     def prepare(self, state: Any) -> Any:
         """Run every transform's ``prepare`` and bind the pipelines; returns the new state."""
+        check_optimizers(find_optimizers(state))
         bound: list[tuple[Handler, Any]] = []
         for transform in self.ordered():
             ctx = None

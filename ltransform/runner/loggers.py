@@ -62,14 +62,19 @@ class TensorBoardLogger:
                 "(or pip install tensorboard)"
             ) from error
         self.dir = Path(dir)
-        self._writer = SummaryWriter(log_dir=str(self.dir))
+        self._make = lambda: SummaryWriter(log_dir=str(self.dir))
+        self._writer: Any = None  # created on first use: ranks that never log write no file
 
     def __call__(self, metrics: Mapping[str, float], step: int) -> None:
+        if self._writer is None:
+            self._writer = self._make()
         for name, value in metrics.items():
             self._writer.add_scalar(name, value, global_step=step)
 
     def flush(self) -> None:
-        self._writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()

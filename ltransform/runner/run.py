@@ -12,6 +12,8 @@ import torch
 
 from ltransform.core.state import State, find_modules, find_optimizers, read_counters, set_field
 from ltransform.core.step import TransformedStep, as_step
+from ltransform.distributed import env
+from ltransform.runner.data import average, per_rank, set_epoch
 from ltransform.runner.hooks import apply_hook, bind_hook
 
 Logger = Callable[[Mapping[str, float], int], Any]
@@ -31,6 +33,7 @@ def run(
     eval_every: int | None = None,
     hooks: Iterable[Callable[..., Any]] = (),
     progress: bool = True,
+    distributed_sampler: bool = True,
 ) -> Any:
     """Train: call ``step(state, batch)`` over ``data`` until ``max_steps`` or ``max_epochs``.
 
@@ -38,7 +41,9 @@ def run(
     batches make one step. ``max_steps`` and ``max_epochs`` are totals, read against the
     state's counters, so a resumed state continues towards the same end. Metrics stay
     tensors except at log points, where they are converted once and handed to each logger.
-    Interrupting (Ctrl-C) returns the state so far.
+    Interrupting (Ctrl-C) returns the state so far. On several ranks, metrics are averaged
+    across ranks at log points (one collective each) and only rank 0 shows progress and calls
+    the loggers.
 
     Args:
         step: a step function or transformed step.
@@ -53,7 +58,10 @@ def run(
         eval_every: evaluate every this many optimizer steps; None: at the end of each epoch.
         hooks: functions ``(state) or (state, metrics) -> state | None | lt.stop(...)`` run
             after each optimizer step, e.g. ``lt.every(100, fn)``.
-        progress: show a tqdm progress bar (terminal or Jupyter).
+        progress: show a tqdm progress bar (terminal or Jupyter); on rank 0 only.
+        distributed_sampler: on several ranks, give a ``DataLoader`` (``data`` and
+            ``eval_data``) a ``DistributedSampler`` so each rank sees its own part; False if
+            your data is already per rank. Other iterables are always taken as per rank.
 
     Returns:
         The final state.
@@ -73,6 +81,14 @@ def run(
         max_epochs = 1
     loggers = _check_loggers(loggers)
     bound_hooks = [bind_hook(h) for h in hooks]
+    distributed = env.ensure_process_group()
+    if distributed:
+        if distributed_sampler:
+            data = per_rank(data, world=env.world_size(), rank=env.rank())
+            if eval_data is not None:
+                eval_data = per_rank(eval_data, world=env.world_size(), rank=env.rank())
+        if env.rank() != 0:
+            loggers, progress = [], False
     state = step.prepare(state)
     evaluate = None
     if eval_step is not None:
@@ -84,6 +100,7 @@ def run(
     for module in find_modules(state):
         module.train()
     loop = _Loop(step, data, max_steps, max_epochs, log_every, loggers, evaluate, eval_every, bound_hooks)
+    loop.average = distributed
     bar = _progress_bar(progress, _total(step, data, max_steps, max_epochs), read_counters(state)[0])
     loop.bar = bar
     loop.bar_at = read_counters(state)[0]
@@ -111,6 +128,7 @@ class _Loop:
         self.log_every, self.loggers = log_every, loggers
         self.evaluate, self.eval_every = evaluate, eval_every
         self.hooks = hooks
+        self.average = False  # average metrics across ranks at log points
         self.bar = None
         self.state: Any = None
         self.logged_at = -1
@@ -128,6 +146,7 @@ class _Loop:
         now = read_counters(state)[0]
         metrics: Mapping[str, Any] = {}
         while (self.max_epochs is None or epoch < self.max_epochs) and not self._done(now):
+            set_epoch(self.data, epoch)
             state, now, metrics, outcome = self._epoch(state, now)
             if outcome == "empty":
                 _warn_empty(epoch)
@@ -188,9 +207,13 @@ class _Loop:
     def _log(self, state: Any, metrics: Mapping[str, Any]) -> None:
         now = read_counters(state)[0]
         self.logged_at = now
-        if not self.loggers and self.bar is None:
+        if not self.loggers and self.bar is None and not self.average:
             return  # nobody reads them: no host sync at all
         values = to_floats(metrics)
+        if self.average:  # every rank takes part, whether or not it logs
+            values = average(values, env.device())
+            if not self.loggers and self.bar is None:
+                return
         optimizers = find_optimizers(state)
         if optimizers:
             values["lr"] = float(optimizers[0].param_groups[0]["lr"])
@@ -217,7 +240,10 @@ class _Loop:
         return {**self._train_shown, **{k: f"{v:.4g}" for k, v in self.last_eval.items()}}
 
     def _run_eval(self, state: Any) -> None:
-        self.last_eval = values = self.evaluate(state)
+        values = self.evaluate(state)
+        if self.average:
+            values = average(values, env.device())
+        self.last_eval = values
         for logger in self.loggers:
             logger(values, read_counters(state)[0])
         if self.bar is not None:

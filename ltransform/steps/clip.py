@@ -84,5 +84,7 @@ def _clip(config: _Clip, frame, optimizer, *, proceed):
         norm = torch.nn.utils.clip_grad_norm_(
             params, config.max_norm, norm_type=config.norm_type, foreach=config.foreach
         )
+        if hasattr(norm, "full_tensor"):  # sharded (DTensor) gradients: the global norm, replicated
+            norm = norm.full_tensor()
         frame.report("grad_norm", norm)
     return proceed(frame, optimizer)

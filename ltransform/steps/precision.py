@@ -113,6 +113,7 @@ def _prepare(state: Any, p: Precision) -> tuple[Any, _Runtime]:
                 f"parameters (e.g. {low[0][0]!r}); use {true_name!r}, or "
                 f"lt.to_precision(model, {p.name!r}) before building the optimizer"
             )
+        _shard_policy(modules, p)
     else:
         for module in modules:
             module.to(p.param_dtype)
@@ -123,6 +124,16 @@ def _prepare(state: Any, p: Precision) -> tuple[Any, _Runtime]:
             scaler = torch.amp.GradScaler(device_type)
             state = with_extra(state, SCALER_KEY, scaler)
     return state, _Runtime(device_type, p, scaler)
+
+
+def _shard_policy(modules: list[torch.nn.Module], p: Precision) -> None:
+    """Sharded models all-gather parameters in the autocast dtype and reduce gradients in
+    float32 (FSDP2's ``MixedPrecisionPolicy``); autocast still covers the forward."""
+    from ltransform.distributed import wrappers
+
+    for module in modules:
+        if wrappers.is_sharded(module):
+            wrappers.set_mixed_precision(module, p.autocast_dtype, torch.float32)
 
 
 def _autocast(ctx: _Runtime, frame, value, *, proceed):

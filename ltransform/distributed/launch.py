@@ -1,0 +1,187 @@
+"""``lt.launch``: run a function on N local processes through torch's elastic agent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+_START_METHODS = ("spawn", "fork", "forkserver")
+
+
+class LaunchError(RuntimeError):
+    """One or more ranks of an ``lt.launch`` failed; ``failures`` maps rank to the reason."""
+
+    def __init__(self, message: str, failures: dict[int, str]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+def launch(
+    fn: Callable[..., Any],
+    /,
+    *args: Any,
+    devices: int = 1,
+    num_nodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+    start_method: str | None = None,
+    max_restarts: int = 0,
+    **kwargs: Any,
+) -> Any:
+    """Run ``fn(*args, **kwargs)`` on ``devices`` processes per node; return rank 0's result.
+
+    Processes are started by torch's elastic agent (what ``torchrun`` uses), each with
+    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set, so
+    ``lt.shard``, ``lt.distribute`` and the collectives join the group on first use.
+    Already inside a launched process (``torchrun``) it just calls ``fn``.
+
+    Args:
+        fn: the function each process runs; defined in a module or a script (spawn), or in a
+            notebook cell (fork is then used, because cell functions cannot be pickled).
+        *args, **kwargs: passed to ``fn``; with spawn they must be picklable.
+        devices: processes per node (one per GPU; on CPU, any number).
+        num_nodes: nodes taking part; every node calls ``launch`` with its ``node_rank``.
+        node_rank: this node's index, 0 to ``num_nodes - 1``.
+        master_addr: the address of node 0.
+        master_port: a free port on node 0 (default: any free port, single node only).
+        start_method: ``"spawn"``, ``"fork"`` or ``"forkserver"``; default fork in Jupyter or
+            the interactive interpreter, else spawn.
+        max_restarts: how many times the agent restarts the group after a failure.
+
+    Returns:
+        What ``fn`` returned on rank 0 (None on nodes other than node 0).
+
+    Raises:
+        LaunchError: a rank failed; the message names each failed rank and its error (the
+            other ranks are stopped, so nothing is left hanging).
+        ValueError: bad options, or ``devices * num_nodes`` differs from the world size of the
+            launched process it is called in.
+
+    Example:
+        >>> import ltransform as lt
+        >>> lt.launch(lt.world_size, devices=1)
+        1
+
+    Note:
+        In a script, call it under ``if __name__ == "__main__":`` (spawned processes import it).
+    """
+    _check_options(devices=devices, num_nodes=num_nodes, node_rank=node_rank, max_restarts=max_restarts)
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != devices * num_nodes:
+            raise ValueError(
+                f"lt.launch(devices={devices}, num_nodes={num_nodes}) was called inside a launched "
+                f"process whose WORLD_SIZE is {world}; pass devices/num_nodes matching the launcher "
+                f"(e.g. torchrun --nproc-per-node), or call fn directly"
+            )
+        return fn(*args, **kwargs)
+    method = start_method or ("fork" if _interactive(fn) else "spawn")
+    if method not in _START_METHODS:
+        raise ValueError(f"lt.launch: unknown start_method {method!r}; expected one of: "
+                         f"{', '.join(map(repr, _START_METHODS))}")
+    if master_port is None:
+        if num_nodes > 1:
+            raise ValueError("lt.launch: give master_port=... for num_nodes > 1 (every node needs the same)")
+        master_port = _free_port()
+    return _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, master_port,
+                      method, max_restarts)
+
+
+def _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, master_port, method,
+               max_restarts) -> Any:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=num_nodes,
+        max_nodes=num_nodes,
+        nproc_per_node=devices,
+        run_id=f"ltransform-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="static",
+        rdzv_endpoint=f"{master_addr}:{master_port}",
+        rdzv_configs={"rank": node_rank, "timeout": 900},
+        max_restarts=max_restarts,
+        start_method=method,
+        monitor_interval=0.1,
+    )
+    with tempfile.TemporaryDirectory(prefix="ltransform-launch-") as errors:
+        try:
+            results = elastic_launch(config, _Entry(fn, kwargs, errors))(*args)
+        except ChildFailedError as error:
+            raise _launch_error(error.failures, errors, devices * num_nodes) from None
+    return results.get(0) if isinstance(results, dict) else results
+
+
+class _Entry:
+    """What each rank runs: ``fn``, writing any exception where the parent will read it."""
+
+    def __init__(self, fn: Callable[..., Any], kwargs: dict[str, Any], errors: str) -> None:
+        self.fn, self.kwargs, self.errors = fn, kwargs, errors
+        self.__name__ = self.__qualname__ = getattr(fn, "__name__", "fn")  # the agent logs it
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            return self.fn(*args, **self.kwargs)
+        except BaseException as error:
+            path = os.path.join(self.errors, f"rank-{os.environ.get('RANK', '0')}.txt")
+            with open(path, "w") as file:
+                first_line = f"{type(error).__name__}: {error}".splitlines()[0]
+                file.write(f"{time.time()} {first_line}\n{traceback.format_exc()}")
+            raise
+
+
+def _launch_error(failures: dict[int, Any], errors: str, world: int) -> LaunchError:
+    """Each failed rank and why, the first to fail (the likely cause) first."""
+    found: dict[int, tuple[float, str]] = {}
+    for name in os.listdir(errors):  # ranks that raised wrote their exception here
+        with open(os.path.join(errors, name)) as file:
+            when, why = file.readline().rstrip("\n").split(" ", 1)
+        found[int(name.removeprefix("rank-").removesuffix(".txt"))] = (float(when), why)
+    for rank, failure in failures.items():
+        if rank not in found:
+            found[rank] = (float(getattr(failure, "timestamp", 0)), _exit_reason(failure.exitcode))
+    reasons = {rank: why for rank, (_, why) in sorted(found.items(), key=lambda kv: (kv[1][0], kv[0]))}
+    first, *rest = reasons
+    lines = [f"  rank {rank}: {why}" for rank, why in reasons.items()]
+    return LaunchError(
+        f"lt.launch: rank {first} failed first ({len(reasons)} of {world} ranks failed; the "
+        f"others were stopped):\n" + "\n".join(lines), reasons)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            return f"killed by signal {-code} (exit code {code})"
+    return f"exited with code {code} without a Python exception"
+
+
+def _interactive(fn: Callable[..., Any]) -> bool:
+    main = sys.modules.get("__main__")
+    return getattr(fn, "__module__", None) == "__main__" and not hasattr(main, "__file__")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _check_options(**options: int) -> None:
+    for name, value in options.items():
+        low = 0 if name in ("node_rank", "max_restarts") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"lt.launch: {name} must be an int >= {low}, got {value!r}")
+    if options["node_rank"] >= options["num_nodes"]:
+        raise ValueError(f"lt.launch: node_rank {options['node_rank']} must be below num_nodes "
+                         f"{options['num_nodes']}")

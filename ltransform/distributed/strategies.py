@@ -1,0 +1,50 @@
+"""Strategy names for ``distribute``, each mapped to a frozen record."""
+
+from __future__ import annotations
+
+import attrs
+
+_NAMES = ("auto", "single", "ddp", "fsdp", "hsdp")
+
+
+@attrs.frozen(kw_only=True)
+class Strategy:
+    """How a step's gradients are shared across ranks.
+
+    Args:
+        name: ``"auto"`` (``"single"`` on one process, ``"fsdp"``/``"hsdp"`` for a model
+            sharded with ``lt.shard``, else ``"ddp"``), ``"single"``, ``"ddp"`` (torch's
+            composable ``replicate``), ``"fsdp"`` (FSDP2; the model sharded with ``lt.shard``),
+            ``"hsdp"`` (FSDP2 on a 2-D mesh, ``lt.shard(model, mesh=(replicas, shards))``).
+        sync_micro_steps: also reduce gradients on non-boundary accumulation micro-steps.
+            Off by default (no communication until the boundary); for FSDP, turning it on
+            keeps gradients sharded between micro-steps, saving memory at the cost of
+            communication.
+
+    Example:
+        >>> import ltransform as lt
+        >>> lt.Strategy(name="fsdp", sync_micro_steps=True).sync_micro_steps
+        True
+    """
+
+    name: str = attrs.field(validator=attrs.validators.in_(_NAMES))
+    sync_micro_steps: bool = False
+
+    @property
+    def shards(self) -> bool:
+        return self.name in ("fsdp", "hsdp")
+
+
+STRATEGIES = {name: Strategy(name=name) for name in _NAMES}
+
+
+def resolve_strategy(strategy: object) -> Strategy:
+    """The record for a strategy name (or the record itself)."""
+    if isinstance(strategy, Strategy):
+        return strategy
+    if isinstance(strategy, str) and strategy in STRATEGIES:
+        return STRATEGIES[strategy]
+    raise ValueError(
+        f"distribute: unknown strategy {strategy!r}; expected one of: "
+        f"{', '.join(map(repr, _NAMES))}, or an lt.Strategy(...)"
+    )

@@ -1,0 +1,59 @@
+"""The one real order among model transforms: activation checkpointing → compile → shard.
+
+Checkpointing must wrap the plain forward that compile traces, and FSDP2 must see the
+final module structure; applying them the other way round silently loses memory savings or
+breaks tracing. Each transform calls :func:`check_order` before it acts, so a violation is
+an error naming both transforms, raised here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+ORDER = ("checkpoint_activations", "torch.compile", "shard")
+
+
+def applied(model: torch.nn.Module) -> set[str]:
+    """Which of :data:`ORDER` have been applied to ``model`` or its submodules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found = set()
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):  # torch.compile(model)
+        found.add("torch.compile")
+        model = model._orig_mod
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            found.add("shard")
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            found.add("torch.compile")
+        if _has_checkpoint(module):
+            found.add("checkpoint_activations")
+    return found
+
+
+def _has_checkpoint(module: torch.nn.Module) -> bool:
+    from torch.distributed._composable.contract import _get_registry
+
+    registry = _get_registry(module)
+    return registry is not None and "checkpoint" in registry
+
+
+def check_order(model: Any, applying: str) -> None:
+    """Raise if a transform that must come after ``applying`` was already applied to ``model``."""
+    if not isinstance(model, torch.nn.Module):
+        return
+    position = ORDER.index(applying)
+    later = [name for name in ORDER[position + 1:] if name in applied(model)]
+    if later:
+        raise RuntimeError(
+            f"{applying} must be applied before {later[0]}; reorder: "
+            f"lt.pipe(model, {', '.join(_spelling(n) for n in ORDER)}) (model transforms in this "
+            f"order, then build the optimizer)"
+        )
+
+
+def _spelling(name: str) -> str:
+    return {"checkpoint_activations": "lt.checkpoint_activations(policy=...)",
+            "torch.compile": "torch.compile", "shard": "lt.shard(policy=...)"}[name]

@@ -1,0 +1,207 @@
+"""``shard`` (FSDP2 ``fully_shard``) and ``checkpoint_activations``, chosen by a policy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ltransform.core.compose import MISSING, Partial
+from ltransform.core.state import mark_replaced
+from ltransform.distributed import env
+from ltransform.models.order import applied, check_order
+
+Policy = Any  # a set of module classes, a predicate module -> bool, or a minimum parameter count
+
+
+def shard(
+    model: Any = MISSING,
+    /,
+    policy: Policy = None,
+    *,
+    mesh: Any = None,
+    reshard_after_forward: bool = True,
+    offload: bool = False,
+) -> Any:
+    """Shard ``model``'s parameters across ranks with FSDP2 (``fully_shard``).
+
+    Each submodule the policy matches becomes its own FSDP unit (its parameters are
+    all-gathered just for its forward and backward), then the root takes what remains.
+    Parameters become ``DTensor`` shards, so build the optimizer *after* sharding.
+    In a single process with no process group the model is returned unchanged, so the same
+    script runs on one device.
+
+    Args:
+        model: the module; omit it for the partial form.
+        policy: which submodules to shard separately: a set of module classes (e.g.
+            ``{Block}``), a predicate ``module -> bool``, or an int (modules with at least that
+            many parameters of their own or in children not yet sharded). None: the root only.
+        mesh: a ``DeviceMesh``; or a shape ``(replicas, shards)`` for hybrid sharding (HSDP:
+            shard within a group of ``shards`` ranks, replicate across ``replicas`` groups).
+            Default: one dimension over all ranks.
+        reshard_after_forward: free gathered parameters after forward (less memory, one
+            more all-gather in backward).
+        offload: keep sharded parameters and gradients on the CPU (``CPUOffloadPolicy``).
+
+    Returns:
+        The same module, sharded in place.
+
+    Raises:
+        RuntimeError: applied after it already was, or in the wrong order with
+            ``torch.compile`` / ``checkpoint_activations``.
+        TypeError / ValueError: a policy or mesh of the wrong kind.
+
+    Example:
+        >>> import torch, ltransform as lt
+        >>> model = lt.shard(torch.nn.Sequential(torch.nn.Linear(2, 2)), policy={torch.nn.Linear})
+        >>> type(model.weight)  # one process, no group: unchanged
+        <class 'torch.nn.parameter.Parameter'>
+
+    Note:
+        Apply ``lt.checkpoint_activations`` and ``torch.compile`` before ``shard``.
+        ``with_precision``'s mixed modes set FSDP2's ``MixedPrecisionPolicy`` for the sharded
+        model when the step is prepared (before its first forward).
+    """
+    match = _policy(policy)
+    if model is MISSING:
+        return Partial(lambda m: shard(m, policy, mesh=mesh, reshard_after_forward=reshard_after_forward,
+                                       offload=offload), f"shard(policy={policy!r})")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"shard: expected a torch.nn.Module, got {type(model).__name__}")
+    check_order(model, "shard")
+    if not env.ensure_process_group() and not isinstance(mesh, _device_mesh_type()):
+        return model
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise RuntimeError("shard: the model is already sharded; apply lt.shard once, to the whole model")
+    device_mesh = resolve_mesh(mesh)
+    old = list(model.parameters())
+    options = dict(mesh=device_mesh, reshard_after_forward=reshard_after_forward,
+                   offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+    for module in _matches(model, match):
+        fully_shard(module, **options)
+    fully_shard(model, **options)
+    new = {id(p) for p in model.parameters()}
+    mark_replaced((p for p in old if id(p) not in new), "lt.shard")
+    return model
+
+
+def _device_mesh_type() -> type:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh
+
+
+def resolve_mesh(mesh: Any) -> Any:
+    """A ``DeviceMesh`` from ``shard``'s ``mesh`` argument (None, a shape, or a mesh)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = env.device().type
+    world = env.world_size()
+    if mesh is None:
+        return init_device_mesh(device_type, (world,))
+    if isinstance(mesh, _device_mesh_type()):
+        return mesh
+    if (isinstance(mesh, tuple) and len(mesh) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in mesh)):
+        if mesh[0] * mesh[1] != world:
+            raise ValueError(f"shard: mesh shape {mesh} needs {mesh[0] * mesh[1]} ranks, but the "
+                             f"world size is {world}")
+        return init_device_mesh(device_type, mesh, mesh_dim_names=("replicate", "shard"))
+    raise TypeError(f"shard: mesh must be a DeviceMesh or a shape (replicas, shards), got {mesh!r}")
+
+
+def _policy(policy: Policy) -> Callable[[torch.nn.Module], bool] | None:
+    """The policy as a predicate (None: nothing below the root)."""
+    if policy is None:
+        return None
+    if isinstance(policy, (set, frozenset, list, tuple)):
+        classes = tuple(policy)
+        if not all(isinstance(c, type) and issubclass(c, torch.nn.Module) for c in classes):
+            raise TypeError(f"policy: a set of module classes must hold only nn.Module subclasses, got {policy!r}")
+        return lambda module: isinstance(module, classes)
+    if isinstance(policy, type) and issubclass(policy, torch.nn.Module):
+        return lambda module: isinstance(module, policy)
+    if isinstance(policy, int) and not isinstance(policy, bool):
+        if policy < 1:
+            raise ValueError(f"policy: a minimum parameter count must be positive, got {policy}")
+        return _min_params(policy)
+    if callable(policy):
+        return policy
+    raise TypeError(
+        f"policy must be a set of module classes, a predicate module -> bool, or a minimum "
+        f"parameter count, got {type(policy).__name__} {policy!r}"
+    )
+
+
+def _min_params(minimum: int) -> Callable[[torch.nn.Module], bool]:
+    return lambda module: sum(p.numel() for p in module.parameters()) >= minimum
+
+
+def _matches(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool] | None) -> list[torch.nn.Module]:
+    """Submodules (not the root) the policy matches, innermost first, so that a unit's
+    parameters are those not already taken by a unit inside it."""
+    if match is None:
+        return []
+    found: list[torch.nn.Module] = []
+
+    def visit(module: torch.nn.Module) -> None:
+        for child in module.children():
+            visit(child)
+        if module is not model and match(module):
+            found.append(module)
+
+    visit(model)
+    return found
+
+
+def checkpoint_activations(model: Any = MISSING, /, policy: Policy = MISSING) -> Any:
+    """Recompute the activations of the submodules ``policy`` matches in backward, instead of
+    keeping them (``torch.distributed._composable.checkpoint``, in place; parameter names do
+    not change).
+
+    Args:
+        model: the module; omit it for the partial form.
+        policy: a set of module classes, a predicate ``module -> bool`` or a minimum
+            parameter count, as for :func:`shard`.
+
+    Raises:
+        RuntimeError: applied after ``torch.compile`` or ``shard`` (it must come first).
+
+    Example:
+        >>> import torch, ltransform as lt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh(), torch.nn.Linear(2, 1))
+        >>> model = lt.checkpoint_activations(model, policy={torch.nn.Linear})
+        >>> model(torch.ones(1, 2)).shape
+        torch.Size([1, 1])
+    """
+    if policy is MISSING and not isinstance(model, torch.nn.Module):
+        model, policy = MISSING, model
+    if policy is MISSING or policy is None:
+        raise ValueError("checkpoint_activations: give a policy, e.g. policy={Block}")
+    match = _policy(policy)
+    if model is MISSING:
+        return Partial(lambda m: checkpoint_activations(m, policy), f"checkpoint_activations(policy={policy!r})")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"checkpoint_activations: expected a torch.nn.Module, got {type(model).__name__}")
+    check_order(model, "checkpoint_activations")
+    if "checkpoint_activations" in applied(model):
+        raise RuntimeError("checkpoint_activations: already applied to this model; apply it once, "
+                           "with one policy covering every submodule to recompute")
+    from torch.distributed._composable import checkpoint
+
+    targets = _matches(model, match) or ([model] if match(model) else [])
+    if not targets:
+        raise ValueError(f"checkpoint_activations: policy {policy!r} matches no submodule of "
+                         f"{type(model).__name__}")
+    for module in _outermost(targets):
+        checkpoint(module)
+    return model
+
+
+def _outermost(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """Drop modules nested in another selected one (checkpointing twice recomputes twice)."""
+    inner = {id(m) for outer in modules for m in outer.modules() if m is not outer}
+    return [m for m in modules if id(m) not in inner]

@@ -1,0 +1,63 @@
+"""Per-rank data: a ``DataLoader`` handed to ``lt.run`` on several ranks gets a ``DistributedSampler``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
+
+
+def per_rank(data: Iterable[Any], *, world: int, rank: int, shuffle_seed: int = 0) -> Iterable[Any]:
+    """``data`` as this rank's part: a ``DataLoader`` rebuilt with a ``DistributedSampler``.
+
+    Anything else (a list, a generator, a loader over an ``IterableDataset`` or with its own
+    ``DistributedSampler``) is taken as already per-rank. Every rank gets the same number of
+    batches (the sampler pads by repeating a few samples), so collectives never wait on a rank
+    that ran out of data.
+    """
+    if world <= 1 or not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
+        return data
+    if isinstance(data.sampler, DistributedSampler):
+        return data
+    if data.batch_sampler is None or type(data.batch_sampler).__name__ != "BatchSampler":
+        raise ValueError(
+            "lt.run: the DataLoader has a custom batch_sampler, which cannot be split across "
+            f"{world} ranks automatically; split it per rank yourself and pass "
+            "distributed_sampler=False"
+        )
+    if not isinstance(data.sampler, (RandomSampler, SequentialSampler)):
+        raise ValueError(
+            f"lt.run: the DataLoader has a custom sampler ({type(data.sampler).__name__}), which "
+            f"cannot be split across {world} ranks automatically; use a DistributedSampler "
+            f"yourself, or pass distributed_sampler=False"
+        )
+    sampler = DistributedSampler(data.dataset, num_replicas=world, rank=rank,
+                                 shuffle=isinstance(data.sampler, RandomSampler), seed=shuffle_seed,
+                                 drop_last=data.drop_last)
+    options = dict(batch_size=data.batch_size, sampler=sampler, num_workers=data.num_workers,
+                   collate_fn=data.collate_fn, pin_memory=data.pin_memory, drop_last=data.drop_last,
+                   timeout=data.timeout, worker_init_fn=data.worker_init_fn,
+                   multiprocessing_context=data.multiprocessing_context, generator=data.generator,
+                   persistent_workers=data.persistent_workers)
+    if data.num_workers > 0:
+        options["prefetch_factor"] = data.prefetch_factor
+    return DataLoader(data.dataset, **options)
+
+
+def set_epoch(data: Iterable[Any], epoch: int) -> None:
+    """Tell a distributed sampler which epoch starts, so each epoch shuffles differently."""
+    sampler = getattr(data, "sampler", None)
+    if callable(getattr(sampler, "set_epoch", None)):
+        sampler.set_epoch(epoch)
+
+
+def average(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Values averaged over every rank (one collective for all of them)."""
+    from ltransform.distributed import env
+
+    if not values:
+        return values
+    stacked = env.all_reduce(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
+    return dict(zip(values, stacked.tolist()))

@@ -1,0 +1,151 @@
+"""``distribute``: data-parallel training across ranks (DDP, FSDP2, HSDP)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+from ltransform.core.compose import MISSING
+from ltransform.core.effects import Effect, Handler, Stage, When
+from ltransform.core.state import find_modules
+from ltransform.core.step import StepTransform, apply_step_transform
+from ltransform.distributed import env, wrappers
+from ltransform.distributed.strategies import Strategy, resolve_strategy
+
+
+@attrs.frozen
+class _Sync:
+    """What the handler needs: the modules whose gradient sync it switches off."""
+
+    strategy: Strategy
+    modules: tuple[torch.nn.Module, ...]
+
+
+def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
+    """Train ``step`` data-parallel across ranks: N ranks with batch B update the parameters
+    as one rank with batch N·B would.
+
+    ``"ddp"`` applies torch's composable ``replicate`` (DDP) to each model when the step is
+    prepared; ``"fsdp"`` and ``"hsdp"`` expect the model sharded with ``lt.shard`` before the
+    optimizer was built. Gradients are averaged by torch's own collectives in backward. With
+    ``accumulate``, non-boundary micro-steps do not synchronise gradients (forward and
+    backward run with ``set_requires_gradient_sync(False)``, restored afterwards) unless the
+    strategy has ``sync_micro_steps=True``. In a single process every strategy trains as one.
+
+    Args:
+        step: the step to transform; omit it for the partial form.
+        strategy: ``"auto"``, ``"single"``, ``"ddp"``, ``"fsdp"``, ``"hsdp"``, or an
+            ``lt.Strategy(...)`` record.
+
+    Raises:
+        ValueError: unknown strategy (lists the valid ones); a second ``distribute``.
+        RuntimeError (when prepared): ``"fsdp"`` on a model that was not sharded, ``"ddp"``
+            on one that was, an optimizer built before ``lt.shard``.
+
+    Example:
+        >>> import torch, ltransform as lt
+        >>> step = lt.pipe(lt.train_step(lambda m, b: m(b).sum()), lt.distribute("ddp"))
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> state, _ = step(state, torch.ones(4, 2))  # one process: plain training
+        >>> state.step
+        1
+
+    Note:
+        Give every rank its own part of the data: ``lt.run`` does so for a ``DataLoader``
+        (``DistributedSampler``); launch with ``lt.launch`` or ``torchrun``.
+    """
+    if step is not MISSING and not callable(step):
+        step, strategy = MISSING, step
+    record = resolve_strategy(strategy)
+    transform = StepTransform(
+        name=f"distribute({record.name!r})",
+        kind="distribute",
+        handlers=(Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_no_sync,
+                          label="distribute: set_requires_gradient_sync(False) for forward and backward",
+                          after="distribute: restore gradient sync", when=When.NON_BOUNDARY),),
+        prepare=lambda state: _prepare(state, record),
+    )
+    return apply_step_transform(step, transform, "distribute")
+
+
+def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
+    distributed = env.ensure_process_group()
+    modules = [m for m in find_modules(state) if any(p.requires_grad for p in m.parameters())]
+    name = _resolve_auto(strategy.name, distributed, modules)
+    if name == "single" and distributed:
+        raise RuntimeError(
+            f"distribute('single') in a world of {env.world_size()} ranks would train each rank "
+            f"alone; use 'auto', 'ddp' or 'fsdp'"
+        )
+    if not distributed or name == "single":
+        return state, _Sync(strategy, ())
+    if name == "ddp":
+        for module in modules:
+            _replicate(module)
+    else:
+        for module in modules:
+            _check_sharded(module, name)
+    return state, _Sync(strategy, tuple(modules))
+
+
+def _resolve_auto(name: str, distributed: bool, modules: list[torch.nn.Module]) -> str:
+    if name != "auto":
+        return name
+    if not distributed:
+        return "single"
+    sharded = [m for m in modules if wrappers.is_sharded(m)]
+    if not sharded:
+        return "ddp"
+    mesh = wrappers.mesh_of(sharded[0])
+    return "hsdp" if mesh is not None and mesh.ndim == 2 else "fsdp"
+
+
+def _replicate(module: torch.nn.Module) -> None:
+    if wrappers.is_sharded(module):
+        raise RuntimeError(
+            "distribute('ddp'): the model is sharded with lt.shard; use distribute('fsdp') "
+            "(or 'auto'), or do not shard it"
+        )
+    if wrappers.is_replicated(module):
+        return
+    from torch.distributed._composable import replicate
+
+    device = env.device()
+    if device.type == "cuda":
+        module.to(device)  # keeps the Parameter objects, so the optimizer stays valid
+        replicate(module, device_ids=[device.index])
+    else:
+        replicate(module)
+
+
+def _check_sharded(module: torch.nn.Module, name: str) -> None:
+    if not wrappers.is_sharded(module):
+        raise RuntimeError(
+            f"distribute({name!r}): the model {type(module).__name__} is not sharded; apply "
+            f"lt.shard(model, policy=...) before building the optimizer, or use distribute('ddp')"
+        )
+    mesh = wrappers.mesh_of(module)
+    dims = 2 if name == "hsdp" else 1
+    if mesh is not None and mesh.ndim != dims:
+        fix = ("lt.shard(model, mesh=(replicas, shards))" if name == "hsdp"
+               else "distribute('hsdp') for a 2-D mesh")
+        raise RuntimeError(
+            f"distribute({name!r}) needs a {dims}-D device mesh, but the model is sharded on a "
+            f"{mesh.ndim}-D one; use {fix}"
+        )
+
+
+def _no_sync(ctx: _Sync, frame, value, *, proceed):
+    if frame.boundary or ctx.strategy.sync_micro_steps or not ctx.modules:
+        return proceed(frame, value)
+    previous = [wrappers.gradient_sync(m) for m in ctx.modules]
+    for module in ctx.modules:
+        module.set_requires_gradient_sync(False)
+    try:
+        return proceed(frame, value)
+    finally:
+        for module, sync in zip(ctx.modules, previous):
+            module.set_requires_gradient_sync(sync)

@@ -1,0 +1,138 @@
+"""2 real gloo processes (started by lt.launch on a free port) against single-process references."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+import ltransform as lt
+import workers
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """Every scenario of workers.py, run once on 2 ranks; a list of each rank's results."""
+    return lt.launch(workers.all_scenarios, devices=2)
+
+
+@pytest.mark.parametrize("config", ["ddp", "ddp-accumulate-clip", "fsdp", "fsdp-accumulate-clip", "fsdp-root-only",
+                                    "fsdp-min-params", "hsdp-2x1", "hsdp-2x1-accumulate"])
+def test_two_ranks_equal_one_process_with_the_double_batch(ranks, config):
+    for results in ranks:  # both ranks end with the reference's parameters
+        assert results["equivalence"][config] < 1e-6
+
+
+def test_clipping_under_fsdp_uses_the_global_norm(ranks):
+    for results in ranks:
+        norm = results["clip_norm"]
+        assert not norm["is_dtensor"]  # reported as a plain tensor, ready to log
+        assert norm["fsdp"] == pytest.approx(norm["expected"], rel=1e-6)
+
+
+def test_non_boundary_micro_steps_do_not_sync_and_the_setting_is_restored(ranks):
+    results = ranks[0]["no_sync_on_micro_steps"]
+    assert results["ddp-ranks-differ-after-micro-step"]  # each rank kept its own gradient
+    assert not results["fsdp-reduced-after-micro-step"]  # no reduce-scatter into .grad yet
+    assert results["fsdp-sync-reduced-after-micro-step"]  # the sync_micro_steps policy
+    for strategy in ("ddp", "fsdp", "fsdp-sync"):
+        assert results[f"{strategy}-sync-restored"]
+        assert results[f"{strategy}-stepped"]
+
+
+def test_fsdp_holds_half_the_parameter_bytes_per_rank_and_meta_init_allocates_nothing(ranks):
+    for results in ranks:
+        memory = results["sharded_memory"]
+        assert memory["local"] == memory["full"] / 2
+        assert memory["meta_before"]
+        assert memory["materialized_local"] == memory["full"] / 2
+        assert memory["devices"] == ["cpu"]
+
+
+def test_mixed_precision_on_a_sharded_model_is_fsdps_policy(ranks):
+    for results in ranks:
+        precision = results["precision_fsdp"]
+        assert precision["param_dtype"] == "torch.bfloat16"
+        assert precision["vs_hand_written"] == 0.0  # fully_shard(mp_policy=...) + autocast, bitwise
+        assert precision["vs_single_process_bf16"] < 2e-3  # bf16 all-gathered weights vs autocast
+
+
+def test_errors_name_the_fix(ranks):
+    errors = ranks[1]["errors"]
+    assert "built before lt.shard" in errors["stale"] and "build the optimizer after" in errors["stale"]
+    assert "use distribute('fsdp')" in errors["ddp_on_sharded"]
+    assert "apply lt.shard(model" in errors["fsdp_unsharded"]
+    assert "would train each rank alone" in errors["single"]
+    assert "needs 4 ranks, but the world size is 2" in errors["mesh"]
+
+
+def test_collectives(ranks):
+    for r, results in enumerate(ranks):
+        c = results["collectives"]
+        assert (c["rank"], c["world"], c["local_rank"], c["device"]) == (r, 2, r, "cpu")
+        assert c["mean"] == [1.5, 5.0] and c["sum"] == [3.0, 10.0]
+        assert c["max"] == [2.0, 10.0] and c["min"] == [1.0, 0.0]
+        assert c["input_unchanged"] == [1.0 + r, 10.0 * r]
+        assert c["gather"] == [[1.0, 0.0], [2.0, 10.0]]
+        assert c["broadcast"] == {"from": 0} and c["broadcast_tensor"] == [1.0, 0.0]
+
+
+def test_run_splits_a_dataloader_averages_metrics_and_logs_on_rank_0_only(ranks):
+    zero, one = ranks[0]["run_loader"], ranks[1]["run_loader"]
+    assert zero["params"] < 1e-6 and one["params"] < 1e-6
+    assert one["logged"] == []
+    (s2, m2), (s4, m4), (s_val, val) = zero["logged"]
+    assert (s2, s4, s_val) == (2, 4, 4)
+    assert m2["loss"] == pytest.approx(zero["ref_losses"][1], rel=1e-6)  # the mean over both ranks
+    assert m4["loss"] == pytest.approx(zero["ref_losses"][3], rel=1e-6)
+    assert val["val_loss"] == pytest.approx(zero["ref_val"], rel=1e-6)
+    assert zero["averages"] == one["averages"] == 3  # one collective per log point, no more
+    for epoch in (0, 1):  # shuffled: the ranks split each epoch, and epochs differ
+        mine = [sorted(sum(r["run_loader"]["seen"][4 * epoch:4 * epoch + 4], [])) for r in ranks]
+        assert sorted(mine[0] + mine[1]) == list(range(16))
+    assert zero["seen"][:4] != zero["seen"][4:]
+
+
+def _raises(pid_dir: str) -> None:
+    with open(os.path.join(pid_dir, f"{lt.rank()}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    lt.barrier()
+    if lt.rank() == 1:
+        raise ValueError("bad batch on rank 1")
+    lt.barrier()  # rank 0 would wait here forever
+    time.sleep(60)
+
+
+def _killed(pid_dir: str) -> None:
+    with open(os.path.join(pid_dir, f"{lt.rank()}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    lt.barrier()
+    if lt.rank() == 1:
+        os.kill(os.getpid(), 9)
+    time.sleep(60)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("fn, why", [(_raises, "ValueError: bad batch on rank 1"),
+                                     (_killed, "killed by signal SIGKILL")])
+def test_a_failing_rank_is_named_and_nothing_is_left_running(tmp_path, fn, why):
+    start = time.monotonic()
+    with pytest.raises(lt.LaunchError, match="rank 1 failed first") as info:
+        lt.launch(fn, str(tmp_path), devices=2)
+    assert time.monotonic() - start < 30  # not the 60 s sleep: the others were stopped
+    assert why in info.value.failures[1]
+    assert why in str(info.value)
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == 2
+    assert not any(_alive(pid) for pid in pids)

@@ -1,0 +1,311 @@
+"""What each of the 2 ranks runs in the distributed tests; results go back to the test.
+
+Every scenario trains with ltransform on 2 ranks (batch B each) and, in the same process,
+a plain single-process PyTorch reference on the concatenated batch 2·B; the test compares.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import resource
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import ltransform as lt
+
+B = 4
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
+                               torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def batches(n: int, size: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 4, generator=gen), torch.randn(size, 1, generator=gen)) for _ in range(n)]
+
+
+def mse(model, batch):
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+def my_part(batch):
+    r = lt.rank()
+    return tuple(t[r * B:(r + 1) * B] for t in batch)
+
+
+def full_params(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in model.parameters()]
+
+
+def reference(steps: int, accumulate: int = 1, clip: float | None = None, precision: str | None = None):
+    """One process, full batch 2·B, plain PyTorch: the result N ranks must reproduce."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    data = batches(steps * accumulate, 2 * B)
+    for i, batch in enumerate(data):
+        if precision == "bf16-mixed":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = mse(model, batch)
+        else:
+            loss = mse(model, batch)
+        (loss / accumulate).backward()
+        if (i + 1) % accumulate == 0:
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return [p.detach() for p in model.parameters()]
+
+
+def max_diff(a, b) -> float:
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
+
+
+def train(strategy: str, *, steps=3, accumulate=1, clip=None, precision=None, mesh=None, policy=None):
+    model = make_model()
+    if strategy in ("fsdp", "hsdp"):
+        model = lt.shard(model, policy=policy or {torch.nn.Linear}, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = lt.pipe(lt.train_step(mse), lt.distribute(strategy))
+    if accumulate > 1:
+        step = lt.accumulate(step, accumulate)
+    if clip is not None:
+        step = lt.clip_gradients(step, max_norm=clip)
+    if precision is not None:
+        step = lt.with_precision(step, precision)
+    state = lt.State(model=model, optimizer=opt)
+    norms = []
+    for batch in batches(steps * accumulate, 2 * B):
+        state, metrics = step(state, my_part(batch))
+        if "grad_norm" in metrics:
+            norms.append(metrics["grad_norm"])
+    return model, full_params(model), norms
+
+
+def equivalence() -> dict[str, float]:
+    """Max parameter difference to the single-process reference, per configuration."""
+    out = {}
+    for name, options in {
+        "ddp": {},
+        "ddp-accumulate-clip": dict(accumulate=2, clip=0.05),
+        "fsdp": {},
+        "fsdp-accumulate-clip": dict(accumulate=2, clip=0.05),
+        "fsdp-root-only": dict(policy=lambda m: False),
+        "fsdp-min-params": dict(policy=100),
+        "hsdp-2x1": dict(mesh=(2, 1)),
+        "hsdp-2x1-accumulate": dict(mesh=(2, 1), accumulate=2, clip=0.05),
+    }.items():
+        strategy = name.split("-")[0]
+        ref_options = {k: v for k, v in options.items() if k in ("accumulate", "clip")}
+        _, params, _ = train(strategy, **options)
+        out[name] = max_diff(params, reference(3, **ref_options))
+    return out
+
+
+def clip_norm() -> dict[str, float]:
+    """grad_norm reported under FSDP is the global norm, the reference's total norm."""
+    _, _, norms = train("fsdp", steps=1, clip=1e-3)
+    model = make_model()
+    loss = mse(model, batches(1, 2 * B)[0])
+    loss.backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    return {"fsdp": norms[0].item(), "expected": expected.item(), "is_dtensor": hasattr(norms[0], "to_local")}
+
+
+def no_sync_on_micro_steps() -> dict[str, bool]:
+    """A non-boundary micro-step does not communicate: under DDP each rank keeps its own
+    gradient; under FSDP2 nothing is reduce-scattered into the sharded .grad yet."""
+    out = {}
+    for strategy in ("ddp", "fsdp", "fsdp-sync"):
+        model = make_model()
+        if strategy != "ddp":
+            model = lt.shard(model, policy={torch.nn.Linear})
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        record = lt.Strategy(name=strategy.split("-")[0], sync_micro_steps=strategy == "fsdp-sync")
+        step = lt.pipe(lt.train_step(mse), lt.distribute(record), lt.accumulate(2))
+        state = lt.State(model=model, optimizer=opt)
+        batch = batches(1, 2 * B)[0]
+        state, _ = step(state, my_part(batch))
+        if strategy == "ddp":
+            grads = [lt.all_gather(p.grad) for p in model.parameters()]
+            out["ddp-ranks-differ-after-micro-step"] = all(not torch.equal(g[0], g[1]) for g in grads)
+        else:
+            out[f"{strategy}-reduced-after-micro-step"] = all(p.grad is not None for p in model.parameters())
+        out[f"{strategy}-sync-restored"] = lt_sync(model)
+        state, _ = step(state, my_part(batch))
+        out[f"{strategy}-stepped"] = state.step == 1
+    return out
+
+
+def lt_sync(model) -> bool:
+    from ltransform.distributed import wrappers
+
+    return wrappers.gradient_sync(model)
+
+
+def sharded_memory() -> dict[str, float]:
+    """Each rank holds about half of the parameter bytes; meta init allocates nothing."""
+    big = lambda: torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])  # noqa: E731
+    full = sum(p.numel() * p.element_size() for p in big().parameters())
+    model = lt.shard(big(), policy={torch.nn.Linear})
+    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    empty = lt.init_module(big, empty=True)
+    empty = lt.shard(empty, policy={torch.nn.Linear})
+    on_meta = all(p.is_meta for p in empty.parameters())
+    lt.materialize(empty)
+    materialized_local = sum(p.to_local().numel() * p.element_size() for p in empty.parameters())
+    devices = {p.to_local().device.type for p in empty.parameters()}
+    return {"full": full, "local": local, "meta_before": on_meta, "materialized_local": materialized_local,
+            "devices": sorted(devices)}
+
+
+def precision_fsdp() -> dict[str, float]:
+    """bf16-mixed on a sharded model sets FSDP2's MixedPrecisionPolicy; equals a hand-written
+    fully_shard(mp_policy=...) + autocast loop bitwise."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    _, ours, _ = train("fsdp", precision="bf16-mixed")
+    model = make_model()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for m in model:
+        if isinstance(m, torch.nn.Linear):
+            fully_shard(m, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for batch in batches(3, 2 * B):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = mse(model, my_part(batch))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    group = model[0]._get_fsdp_state()._fsdp_param_group
+    return {"vs_hand_written": max_diff(ours, full_params(model)),
+            "vs_single_process_bf16": max_diff(ours, reference(3, precision="bf16-mixed")),
+            "param_dtype": str(group.mp_policy.param_dtype)}
+
+
+def errors() -> dict[str, str]:
+    out = {}
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lt.shard(model, policy={torch.nn.Linear})
+    step = lt.pipe(lt.train_step(mse), lt.distribute("fsdp"))
+    out["stale"] = _error(lambda: step(lt.State(model=model, optimizer=opt), my_part(batches(1, 2 * B)[0])))
+    model = make_model()
+    lt.shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = lt.pipe(lt.train_step(mse), lt.distribute("ddp"))
+    out["ddp_on_sharded"] = _error(lambda: lt.prepare(step, lt.State(model=model, optimizer=opt)))
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = lt.pipe(lt.train_step(mse), lt.distribute("fsdp"))
+    out["fsdp_unsharded"] = _error(lambda: lt.prepare(step, lt.State(model=model, optimizer=opt)))
+    step = lt.pipe(lt.train_step(mse), lt.distribute("single"))
+    out["single"] = _error(lambda: lt.prepare(step, lt.State(model=model, optimizer=opt)))
+    out["mesh"] = _error(lambda: lt.shard(make_model(), mesh=(2, 2)))
+    return out
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - the test reads the message
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def collectives() -> dict[str, object]:
+    r = lt.rank()
+    t = torch.tensor([1.0 + r, 10.0 * r])
+    lt.barrier()
+    return {
+        "rank": r, "world": lt.world_size(), "local_rank": lt.local_rank(), "device": str(lt.device()),
+        "mean": lt.all_reduce(t, "mean").tolist(), "sum": lt.all_reduce(t, "sum").tolist(),
+        "max": lt.all_reduce(t, "max").tolist(), "min": lt.all_reduce(t, "min").tolist(),
+        "input_unchanged": t.tolist(),
+        "gather": [g.tolist() for g in lt.all_gather(t)],
+        "broadcast": lt.broadcast({"from": r}), "broadcast_tensor": lt.broadcast(t).tolist(),
+    }
+
+
+def run_loader() -> dict[str, object]:
+    """lt.run on 2 ranks with a DataLoader: DistributedSampler, averaged metrics, rank-0 logs."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gen = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(32, 4, generator=gen), torch.randn(32, 1, generator=gen))
+    evals = TensorDataset(torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen))
+    model = make_model()
+    logged: list[tuple[int, dict]] = []
+    seen: list[list[int]] = []
+    calls = {"average": 0}
+    from ltransform.runner import run as run_module
+
+    original = run_module.average
+
+    def counting(values, device):
+        calls["average"] += 1
+        return original(values, device)
+
+    run_module.average = counting
+    state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    step = lt.pipe(lt.train_step(mse), lt.distribute("ddp"))
+    state = lt.run(step, state, DataLoader(data, batch_size=B), max_epochs=1, log_every=2,
+                   loggers=[lambda m, s: logged.append((s, dict(m)))], progress=False,
+                   eval_step=lt.eval_step(mse), eval_data=DataLoader(evals, batch_size=B))
+    run_module.average = original
+    ref = make_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    ref_losses = []
+    for batch in DataLoader(data, batch_size=2 * B):
+        # DistributedSampler gives rank r samples r, r+2, ...; their union per step is one
+        # contiguous batch of 2*B, the same samples in another order
+        loss = mse(ref, batch)
+        ref_losses.append(loss.item())
+        loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        ref_val = mse(ref, evals.tensors).item()
+    # shuffled, 2 epochs: what each rank sees
+    shuffled = DataLoader(TensorDataset(torch.arange(16.0).unsqueeze(1)), batch_size=2, shuffle=True)
+    model2 = torch.nn.Linear(1, 1)
+
+    def record(m, batch):
+        seen.append(batch[0].squeeze(1).long().tolist())
+        return m(batch[0]).pow(2).mean()
+
+    lt.run(lt.pipe(lt.train_step(record), lt.distribute("ddp")),
+           lt.State(model=model2, optimizer=torch.optim.SGD(model2.parameters(), lr=0.0)),
+           shuffled, max_epochs=2, progress=False, log_every=None)
+    return {"params": max_diff(full_params(model), [p.detach() for p in ref.parameters()]),
+            "logged": logged, "ref_losses": ref_losses, "ref_val": ref_val, "averages": calls["average"],
+            "seen": seen}
+
+
+def all_scenarios() -> dict[str, object]:
+    results = {}
+    for fn in (equivalence, clip_norm, no_sync_on_micro_steps, sharded_memory, precision_fsdp, errors, collectives,
+               run_loader):
+        results[fn.__name__] = fn()
+    gathered = [None] * lt.world_size()
+    dist.all_gather_object(gathered, results)  # every rank's results, so the test sees rank 1's too
+    return gathered
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+_ = copy  # kept for scenario helpers that need model copies
