@@ -19,18 +19,21 @@ _OPS = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "max": dist.ReduceO
 
 
 def ensure_process_group() -> bool:
-    """Join the process group described by torchrun's environment, once; True if distributed.
+    """Join the process group torchrun's environment describes, once; True if a group is in use.
 
-    A process with no ``WORLD_SIZE`` (or ``WORLD_SIZE=1``) and no group stays single-process.
+    A process with no ``WORLD_SIZE`` (or ``WORLD_SIZE=1``) and no group stays a plain single
+    process (False). A group the user created (any size, e.g. one GPU) is used as it is.
     """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size() > 1
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+    if not dist.is_available():
         return False
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend, device_id=device() if torch.cuda.is_available() else None)
+    if dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(device())
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=device() if cuda else None)
     return True
 
 
@@ -73,7 +76,7 @@ def device() -> torch.device:
 
 
 def _group_size() -> int:
-    return world_size() if ensure_process_group() else 1
+    return dist.get_world_size() if ensure_process_group() else 1
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:

@@ -130,13 +130,28 @@ class _Entry:
 
     def __call__(self, *args: Any) -> Any:
         try:
-            return self.fn(*args, **self.kwargs)
+            result = self.fn(*args, **self.kwargs)
+            _check_sendable(result)
+            return result
         except BaseException as error:
             path = os.path.join(self.errors, f"rank-{os.environ.get('RANK', '0')}.txt")
             with open(path, "w") as file:
                 first_line = f"{type(error).__name__}: {error}".splitlines()[0]
                 file.write(f"{time.time()} {first_line}\n{traceback.format_exc()}")
             raise
+
+
+def _check_sendable(result: Any) -> None:
+    """Fail in the rank, with a reason, if its result cannot travel back to the parent."""
+    from multiprocessing.reduction import ForkingPickler
+
+    try:
+        ForkingPickler.dumps(result)
+    except Exception as error:
+        raise TypeError(
+            f"lt.launch: the function's return value (a {type(result).__name__}) cannot be sent back to the launching process ({error}); "
+            f"return plain data, e.g. tensors with .detach().cpu()"
+        ) from error
 
 
 def _launch_error(failures: dict[int, Any], errors: str, world: int) -> LaunchError:

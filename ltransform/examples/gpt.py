@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sysconfig
 import time
 from collections.abc import Iterator
@@ -155,52 +156,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", default=None, help="default: runs/gpt-<time>")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--devices", type=int, default=1, help="processes to train on (lt.launch)")
+    p.add_argument("--strategy", default="auto", help="auto, ddp, fsdp or hsdp (with --devices > 1)")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> lt.State:
+def main(argv: list[str] | None = None) -> lt.State | None:
+    """Train on one process, or on ``--devices`` processes started by ``lt.launch``."""
     args = parse_args(argv)
-    lt.seed_everything(args.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.devices > 1:
+        lt.launch(train, args, devices=args.devices)  # under torchrun it just calls train
+        return None
+    return train(args)
+
+
+def train(args: argparse.Namespace) -> lt.State | None:
+    """The training script itself: the same on one process or many."""
+    lt.seed_everything(args.seed)  # the same initial weights on every rank
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
+    say = print if lt.rank() == 0 else (lambda *a, **k: None)
     run_dir = Path(args.run_dir or f"runs/gpt-{time.strftime('%Y%m%d-%H%M%S')}")
     corpus = load_corpus(int(args.corpus_mb * 1e6))
     split = int(0.95 * len(corpus))
     cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, block=args.block)
 
     model = lt.init_module(GPT, cfg, precision=args.precision)
+    if args.strategy in ("fsdp", "hsdp"):
+        model = lt.shard(model, policy={Block}, mesh=(lt.world_size(), 1) if args.strategy == "hsdp" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(30, args.max_steps))
     state = lt.State(model=model, optimizer=optimizer, scheduler=scheduler)
 
-    transforms = [lt.with_precision(args.precision), lt.accumulate(args.accumulate)]
+    transforms = [lt.with_precision(args.precision), lt.accumulate(args.accumulate), lt.distribute(args.strategy)]
     if args.clip > 0:
         transforms.append(lt.clip_gradients(max_norm=args.clip))
     step = lt.pipe(lt.train_step(loss_fn), *transforms)
     eval_step = lt.pipe(lt.eval_step(loss_fn), lt.with_precision(args.precision))
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"ltransform GPT: {n_params / 1e6:.2f}M parameters, {len(corpus) / 1e6:.1f} MB of Python "
+    say(f"ltransform GPT: {n_params / 1e6:.2f}M parameters, {len(corpus) / 1e6:.1f} MB of Python "
           f"standard library source, precision {args.precision}, accumulate {args.accumulate}, "
-          f"clip {args.clip or 'off'}; logs in {run_dir}/")
+          f"clip {args.clip or 'off'}, {lt.world_size()} process(es), strategy {args.strategy}; "
+          f"logs in {run_dir}/")
     loggers = [lt.CSVLogger(run_dir), _print_loss]
     try:
         loggers.append(lt.TensorBoardLogger(run_dir))
     except ImportError:
         pass
     batches = args.max_steps * args.accumulate
-    train = Windows(corpus[:split], cfg.block, args.batch, batches=batches, seed=args.seed)
-    val = list(Windows(corpus[split:], cfg.block, args.batch, batches=4, seed=args.seed + 1))
+    # each rank draws its own windows (a different seed), so together they see world × batch
+    seed = args.seed + 1000 * lt.rank()
+    data = Windows(corpus[:split], cfg.block, args.batch, batches=batches, seed=seed)
+    val = list(Windows(corpus[split:], cfg.block, args.batch, batches=4, seed=seed + 1))
     started = time.perf_counter()
-    state = lt.run(step, state, train, max_steps=args.max_steps, log_every=args.log_every, loggers=loggers,
+    state = lt.run(step, state, data, max_steps=args.max_steps, log_every=args.log_every, loggers=loggers,
                    eval_step=eval_step, eval_data=val, eval_every=args.eval_every,
                    progress=not args.no_progress)
     for logger in loggers:
         if callable(getattr(logger, "close", None)):
             logger.close()
-    print(f"trained {state.step} steps in {time.perf_counter() - started:.0f} s")
+    say(f"trained {state.step} steps in {time.perf_counter() - started:.0f} s")
     rule = "-" * 60
-    print(f"sample:\n{rule}\n{generate(model, 'def ', args.sample_chars, seed=args.seed)}\n{rule}")
-    return state
+    sample = generate(model, "def ", args.sample_chars, seed=args.seed)  # every rank: FSDP gathers
+    say(f"sample:\n{rule}\n{sample}\n{rule}")
+    return state if lt.world_size() == 1 else None
 
 
 def _print_loss(metrics: dict[str, float], step: int) -> None:

@@ -57,3 +57,14 @@ def check_order(model: Any, applying: str) -> None:
 def _spelling(name: str) -> str:
     return {"checkpoint_activations": "lt.checkpoint_activations(policy=...)",
             "torch.compile": "torch.compile", "shard": "lt.shard(policy=...)"}[name]
+
+
+def check_compiled_before_shard(model: Any) -> None:
+    """``torch.compile`` applied to an already sharded model: caught where the model is used
+    (``distribute`` prepares it), since torch.compile itself cannot be intercepted."""
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and inner is not None and "shard" in applied(inner):
+        raise RuntimeError(
+            f"torch.compile must be applied before shard; reorder: "
+            f"lt.pipe(model, {', '.join(_spelling(n) for n in ORDER)})"
+        )

@@ -55,7 +55,7 @@ def shard(
     Example:
         >>> import torch, ltransform as lt
         >>> model = lt.shard(torch.nn.Sequential(torch.nn.Linear(2, 2)), policy={torch.nn.Linear})
-        >>> type(model.weight)  # one process, no group: unchanged
+        >>> type(model[0].weight)  # one process, no group: unchanged
         <class 'torch.nn.parameter.Parameter'>
 
     Note:
@@ -70,8 +70,9 @@ def shard(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"shard: expected a torch.nn.Module, got {type(model).__name__}")
     check_order(model, "shard")
+    _check_mesh(mesh)
     if not env.ensure_process_group() and not isinstance(mesh, _device_mesh_type()):
-        return model
+        return model  # one plain process: nothing to shard across
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
     if any(isinstance(m, FSDPModule) for m in model.modules()):
@@ -94,6 +95,15 @@ def _device_mesh_type() -> type:
     return DeviceMesh
 
 
+def _check_mesh(mesh: Any) -> None:
+    if mesh is None or isinstance(mesh, _device_mesh_type()):
+        return
+    if not (isinstance(mesh, tuple) and len(mesh) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in mesh)):
+        raise TypeError(f"shard: mesh must be a DeviceMesh or a shape (replicas, shards) of two "
+                        f"positive ints, got {mesh!r}")
+
+
 def resolve_mesh(mesh: Any) -> Any:
     """A ``DeviceMesh`` from ``shard``'s ``mesh`` argument (None, a shape, or a mesh)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -104,13 +114,10 @@ def resolve_mesh(mesh: Any) -> Any:
         return init_device_mesh(device_type, (world,))
     if isinstance(mesh, _device_mesh_type()):
         return mesh
-    if (isinstance(mesh, tuple) and len(mesh) == 2
-            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in mesh)):
-        if mesh[0] * mesh[1] != world:
-            raise ValueError(f"shard: mesh shape {mesh} needs {mesh[0] * mesh[1]} ranks, but the "
-                             f"world size is {world}")
-        return init_device_mesh(device_type, mesh, mesh_dim_names=("replicate", "shard"))
-    raise TypeError(f"shard: mesh must be a DeviceMesh or a shape (replicas, shards), got {mesh!r}")
+    if mesh[0] * mesh[1] != world:
+        raise ValueError(f"shard: mesh shape {mesh} needs {mesh[0] * mesh[1]} ranks, but the "
+                         f"world size is {world}")
+    return init_device_mesh(device_type, mesh, mesh_dim_names=("replicate", "shard"))
 
 
 def _policy(policy: Policy) -> Callable[[torch.nn.Module], bool] | None:

@@ -81,7 +81,7 @@ def run(
         max_epochs = 1
     loggers = _check_loggers(loggers)
     bound_hooks = [bind_hook(h) for h in hooks]
-    distributed = env.ensure_process_group()
+    distributed = env.ensure_process_group() and env.world_size() > 1
     if distributed:
         if distributed_sampler:
             data = per_rank(data, world=env.world_size(), rank=env.rank())

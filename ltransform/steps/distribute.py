@@ -13,6 +13,7 @@ from ltransform.core.state import find_modules
 from ltransform.core.step import StepTransform, apply_step_transform
 from ltransform.distributed import env, wrappers
 from ltransform.distributed.strategies import Strategy, resolve_strategy
+from ltransform.models.order import check_compiled_before_shard
 
 
 @attrs.frozen
@@ -74,8 +75,10 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
 def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
     distributed = env.ensure_process_group()
     modules = [m for m in find_modules(state) if any(p.requires_grad for p in m.parameters())]
+    for module in modules:
+        check_compiled_before_shard(module)
     name = _resolve_auto(strategy.name, distributed, modules)
-    if name == "single" and distributed:
+    if name == "single" and env.world_size() > 1:
         raise RuntimeError(
             f"distribute('single') in a world of {env.world_size()} ranks would train each rank "
             f"alone; use 'auto', 'ddp' or 'fsdp'"
@@ -94,13 +97,11 @@ def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
 def _resolve_auto(name: str, distributed: bool, modules: list[torch.nn.Module]) -> str:
     if name != "auto":
         return name
-    if not distributed:
-        return "single"
     sharded = [m for m in modules if wrappers.is_sharded(m)]
-    if not sharded:
-        return "ddp"
-    mesh = wrappers.mesh_of(sharded[0])
-    return "hsdp" if mesh is not None and mesh.ndim == 2 else "fsdp"
+    if sharded:
+        mesh = wrappers.mesh_of(sharded[0])
+        return "hsdp" if mesh is not None and mesh.ndim == 2 else "fsdp"
+    return "ddp" if distributed and env.world_size() > 1 else "single"
 
 
 def _replicate(module: torch.nn.Module) -> None:

@@ -1,0 +1,49 @@
+"""The ``ltransform`` command: ``ltransform run --devices N script.py ARGS`` hands over to torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltransform", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run", help="run a training script on N processes per node (through torchrun)",
+        description="Run SCRIPT on --devices processes per node with torch's elastic agent "
+                    "(torchrun); the script is unchanged from its single-process form.")
+    run.add_argument("--devices", type=int, default=1, help="processes per node (one per GPU)")
+    run.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    run.add_argument("--node-rank", type=int, default=0, help="this node's index (0 to nodes-1)")
+    run.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
+    run.add_argument("--master-port", type=int, default=None, help="port on node 0 (any free one on one node)")
+    run.add_argument("--max-restarts", type=int, default=0, help="restarts after a failure")
+    run.add_argument("script", help="the training script")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    return parser
+
+
+def torchrun_args(options: argparse.Namespace) -> list[str]:
+    """The torchrun command line for ``ltransform run``'s options."""
+    args = [f"--nproc-per-node={options.devices}", f"--nnodes={options.nodes}",
+            f"--max-restarts={options.max_restarts}"]
+    if options.nodes == 1 and options.master_port is None:
+        args.append("--standalone")  # a free port, chosen by torchrun
+    else:
+        if options.master_port is None:
+            raise SystemExit("ltransform run: give --master-port for --nodes > 1 (the same on every node)")
+        args += [f"--node-rank={options.node_rank}", f"--master-addr={options.master_addr}",
+                 f"--master-port={options.master_port}"]
+    return [*args, options.script, *options.args]
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if options.devices < 1 or options.nodes < 1 or not 0 <= options.node_rank < options.nodes:
+        raise SystemExit(f"ltransform run: need --devices >= 1, --nodes >= 1 and 0 <= --node-rank < "
+                         f"--nodes, got {options.devices}, {options.nodes}, {options.node_rank}")
+    from torch.distributed.run import main as torchrun
+
+    torchrun(torchrun_args(options))
+    return 0

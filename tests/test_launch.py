@@ -1,0 +1,85 @@
+"""lt.launch's options and its behaviour inside an already launched process; the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ltransform as lt
+from ltransform.cli import _parser, torchrun_args
+
+
+def world() -> tuple[int, int]:
+    return lt.rank(), lt.world_size()
+
+
+def grad_tensor():
+    return torch.ones(2, requires_grad=True) * 2  # not sendable: a non-leaf that requires grad
+
+
+def test_inside_a_launched_process_it_calls_fn_directly(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert lt.launch(lambda a, b=0: a + b, 1, b=2, devices=2) == 3
+
+
+def test_mismatched_world_size_inside_a_launched_process(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match=r"devices=2, num_nodes=1\) was called inside a launched process "
+                                         r"whose WORLD_SIZE is 4"):
+        lt.launch(world, devices=2)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(devices=0), "devices must be an int >= 1, got 0"),
+    (dict(devices=True), "devices must be an int >= 1, got True"),
+    (dict(num_nodes=2, node_rank=2), "node_rank 2 must be below num_nodes 2"),
+    (dict(num_nodes=2), "give master_port"),
+    (dict(start_method="thread"), "unknown start_method 'thread'; expected one of: 'spawn', 'fork', 'forkserver'"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        lt.launch(world, **options)
+
+
+def test_spawned_processes_return_rank_0s_result():
+    assert lt.launch(world, devices=2) == (0, 2)
+
+
+def test_an_unsendable_result_is_named():
+    with pytest.raises(lt.LaunchError, match=r"rank 0.*TypeError: lt.launch: the function's return value "
+                                             r"\(a Tensor\) cannot be sent back"):
+        lt.launch(grad_tensor, devices=1)
+
+
+def test_cli_maps_to_torchrun():
+    single = _parser().parse_args(["run", "--devices", "4", "train.py", "--lr", "3"])
+    assert torchrun_args(single) == ["--nproc-per-node=4", "--nnodes=1", "--max-restarts=0", "--standalone",
+                                     "train.py", "--lr", "3"]
+    multi = _parser().parse_args(["run", "--devices", "8", "--nodes", "2", "--node-rank", "1", "--master-addr",
+                                  "10.0.0.1", "--master-port", "29500", "train.py"])
+    assert torchrun_args(multi) == ["--nproc-per-node=8", "--nnodes=2", "--max-restarts=0", "--node-rank=1",
+                                    "--master-addr=10.0.0.1", "--master-port=29500", "train.py"]
+
+
+def test_cli_runs_a_script_on_two_processes(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, torch, ltransform as lt\n"
+        "total = lt.all_reduce(torch.tensor([1.0 + lt.rank()]), 'sum')\n"
+        "print(f'rank {lt.rank()} of {lt.world_size()} total {total.item()} args {sys.argv[1:]}')\n"
+    )
+    out = subprocess.run([sys.executable, "-m", "ltransform", "run", "--devices", "2", str(script), "--x", "1"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "rank 0 of 2 total 3.0 args ['--x', '1']" in out
+    assert "rank 1 of 2 total 3.0 args ['--x', '1']" in out
+
+
+def test_cli_rejects_bad_counts():
+    with pytest.raises(SystemExit, match="need --devices >= 1"):
+        from ltransform.cli import main
+        main(["run", "--devices", "0", "x.py"])
