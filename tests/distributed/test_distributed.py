@@ -53,6 +53,13 @@ def test_fsdp_holds_half_the_parameter_bytes_per_rank_and_meta_init_allocates_no
         assert memory["devices"] == ["cpu"]
 
 
+def test_meta_init_then_shard_allocates_only_the_ranks_shard(ranks):
+    for results in ranks:
+        peak = results["meta_init_peak_memory"]
+        assert peak["finite"]
+        assert peak["growth_mb"] < 0.75 * peak["full_mb"]  # half the model is each rank's; never the whole
+
+
 def test_mixed_precision_on_a_sharded_model_is_fsdps_policy(ranks):
     for results in ranks:
         precision = results["precision_fsdp"]
