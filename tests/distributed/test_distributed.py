@@ -68,6 +68,15 @@ def test_mixed_precision_on_a_sharded_model_is_fsdps_policy(ranks):
         assert precision["vs_single_process_bf16"] < 2e-3  # bf16 all-gathered weights vs autocast
 
 
+def test_fp16_inf_in_one_ranks_shard_skips_the_update_on_every_rank(ranks):
+    for results in ranks:
+        for strategy in ("ddp", "fsdp"):
+            r = results["fp16_inf_on_one_shard"][strategy]
+            assert (r["step"], r["changed"], r["scale"], r["second_step"]) == (0, 0.0, 32768.0, 0), (strategy, r)
+    # the test's premise: only rank 1's shard had the inf, so rank 0 skipped on a reduced found-inf
+    assert [r["fp16_inf_on_one_shard"]["local_shard_finite"] for r in ranks] == [True, False]
+
+
 def test_errors_name_the_fix(ranks):
     errors = ranks[1]["errors"]
     assert "built before lt.shard" in errors["stale"] and "build the optimizer after" in errors["stale"]

@@ -190,6 +190,49 @@ def precision_fsdp() -> dict[str, float]:
             "param_dtype": str(group.mp_policy.param_dtype)}
 
 
+class Bumped(torch.nn.Linear):
+    """A linear layer whose weight gradient gets inf in its last row when ``bump`` is set."""
+
+    bump = False
+
+    def forward(self, x):
+        weight = self.weight
+        if self.bump and weight.requires_grad:
+            weight = weight * 1.0
+            weight.register_hook(_inf_last_row)
+        return F.linear(x, weight, self.bias)
+
+
+def _inf_last_row(grad):
+    grad = grad.clone()
+    grad[-1] = float("inf")
+    return grad
+
+
+def fp16_inf_on_one_shard() -> dict[str, object]:
+    """16-mixed under FSDP: an inf gradient in rank 1's shard only makes *every* rank skip the
+    update (the grad scaler's found-inf is reduced across the mesh), so ranks never diverge."""
+    out = {}
+    for strategy in ("ddp", "fsdp"):
+        model = make_model()
+        model[2].__class__ = Bumped  # its last weight row gets an inf gradient on rank 1 only
+        model[2].bump = lt.rank() == 1
+        if strategy == "fsdp":
+            model = lt.shard(model, policy={torch.nn.Linear})
+        step = lt.pipe(lt.train_step(mse), lt.distribute(strategy), lt.with_precision("16-mixed"))
+        state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        before = full_params(model)
+        state, _ = step(state, my_part(batches(1, 2 * B)[0]))
+        out[strategy] = {"step": state.step, "scale": state.extra["grad_scaler"].get_scale(),
+                         "changed": max_diff(before, full_params(model))}
+        state, _ = step(state, my_part(batches(2, 2 * B)[1]))  # rank 1 still bumps: skipped again
+        out[strategy]["second_step"] = state.step
+        if strategy == "fsdp":  # the construction: after backward only rank 1's shard holds inf
+            mse(model, my_part(batches(1, 2 * B)[0])).backward()
+            out["local_shard_finite"] = bool(model[2].weight.grad.to_local().isfinite().all())
+    return out
+
+
 def errors() -> dict[str, str]:
     out = {}
     model = make_model()
@@ -303,7 +346,7 @@ def meta_init_peak_memory() -> dict[str, float]:
 
 def all_scenarios() -> dict[str, object]:
     results = {}
-    for fn in (meta_init_peak_memory, equivalence, clip_norm, no_sync_on_micro_steps, sharded_memory, precision_fsdp, errors, collectives,
+    for fn in (meta_init_peak_memory, equivalence, clip_norm, no_sync_on_micro_steps, sharded_memory, precision_fsdp, fp16_inf_on_one_shard, errors, collectives,
                run_loader):
         results[fn.__name__] = fn()
     gathered = [None] * lt.world_size()
