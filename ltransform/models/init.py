@@ -66,13 +66,19 @@ def materialize(
     model: Any = MISSING,
     /,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     init: Callable[[torch.nn.Module], None] | None = None,
 ) -> Any:
     """Allocate a model built with ``init_module(..., empty=True)`` and initialise it.
 
     Each submodule's ``reset_parameters()`` runs unless ``init(module)`` is given, in which
-    case it is called on every submodule instead.
+    case it is called on every submodule instead. A model sharded with ``lt.shard`` allocates
+    and initialises only this rank's shard.
+
+    Args:
+        model: the module on the meta device; omit it for the partial form.
+        device: where to allocate; default ``lt.device()`` (this rank's GPU, else the CPU).
+        init: an initialiser called on every submodule instead of ``reset_parameters``.
 
     Example:
         >>> import torch, ltransform as lt
@@ -84,6 +90,10 @@ def materialize(
         return Partial(lambda m: materialize(m, device=device, init=init), f"materialize(device={device!r})")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"materialize: expected a torch.nn.Module, got {type(model).__name__}")
+    if device is None:
+        from ltransform.distributed.env import device as this_device
+
+        device = this_device()
     model.to_empty(device=device)
     for module in model.modules():
         if init is not None:
