@@ -46,6 +46,25 @@ def per_rank(data: Iterable[Any], *, world: int, rank: int, shuffle_seed: int = 
     return DataLoader(data.dataset, **options)
 
 
+def check_same_length(data: Iterable[Any], name: str) -> None:
+    """On several ranks, every rank must get as many batches, or the longest would wait forever
+    in a collective at its extra step; checked once, with one collective, when the length is known."""
+    from ltransform.distributed import env
+
+    try:
+        length = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        length = -1  # unknown: checked by nobody, documented
+    lengths = [int(t) for t in env.all_gather(torch.tensor([length], device=env.device()))]
+    if len(set(lengths)) > 1 and -1 not in lengths:
+        per_rank_text = ", ".join(f"rank {r}: {n}" for r, n in enumerate(lengths))
+        raise ValueError(
+            f"lt.run: {name} has a different number of batches on each rank ({per_rank_text}); "
+            f"the ranks would hang at the first step one of them lacks. Give every rank the same "
+            f"number (a DataLoader gets a padding DistributedSampler automatically)"
+        )
+
+
 def set_epoch(data: Iterable[Any], epoch: int) -> None:
     """Tell a distributed sampler which epoch starts, so each epoch shuffles differently."""
     sampler = getattr(data, "sampler", None)

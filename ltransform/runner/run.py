@@ -13,7 +13,7 @@ import torch
 from ltransform.core.state import State, find_modules, find_optimizers, read_counters, set_field
 from ltransform.core.step import TransformedStep, as_step
 from ltransform.distributed import env
-from ltransform.runner.data import average, per_rank, set_epoch
+from ltransform.runner.data import average, check_same_length, per_rank, set_epoch
 from ltransform.runner.hooks import apply_hook, bind_hook
 
 Logger = Callable[[Mapping[str, float], int], Any]
@@ -61,7 +61,9 @@ def run(
         progress: show a tqdm progress bar (terminal or Jupyter); on rank 0 only.
         distributed_sampler: on several ranks, give a ``DataLoader`` (``data`` and
             ``eval_data``) a ``DistributedSampler`` so each rank sees its own part; False if
-            your data is already per rank. Other iterables are always taken as per rank.
+            your data is already per rank. Other iterables are always taken as per rank; when
+            they have a length it must be the same on every rank (checked once), since a rank
+            with an extra batch would wait forever for the others.
 
     Returns:
         The final state.
@@ -87,6 +89,9 @@ def run(
             data = per_rank(data, world=env.world_size(), rank=env.rank())
             if eval_data is not None:
                 eval_data = per_rank(eval_data, world=env.world_size(), rank=env.rank())
+        check_same_length(data, "data")
+        if eval_data is not None:
+            check_same_length(eval_data, "eval_data")
         if env.rank() != 0:
             loggers, progress = [], False
     state = step.prepare(state)

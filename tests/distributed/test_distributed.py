@@ -113,6 +113,12 @@ def test_run_splits_a_dataloader_averages_metrics_and_logs_on_rank_0_only(ranks)
     assert zero["seen"][:4] != zero["seen"][4:]
 
 
+def test_uneven_per_rank_data_is_an_error_not_a_hang(ranks):
+    for results in ranks:
+        assert ("data has a different number of batches on each rank (rank 0: 3, rank 1: 4)"
+                in results["uneven_data"]["error"])
+
+
 def _raises(pid_dir: str) -> None:
     with open(os.path.join(pid_dir, f"{lt.rank()}.pid"), "w") as f:
         f.write(str(os.getpid()))

@@ -344,10 +344,19 @@ def meta_init_peak_memory() -> dict[str, float]:
             "finite": all(bool(p.to_local().isfinite().all()) for p in model.parameters())}
 
 
+def uneven_data() -> dict[str, str]:
+    """Lists of different lengths per rank would hang at the extra step: a clear error instead."""
+    model = make_model()
+    state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    data = batches(3 + lt.rank(), B)
+    step = lt.pipe(lt.train_step(mse), lt.distribute("ddp"))
+    return {"error": _error(lambda: lt.run(step, state, data, progress=False))}
+
+
 def all_scenarios() -> dict[str, object]:
     results = {}
     for fn in (meta_init_peak_memory, equivalence, clip_norm, no_sync_on_micro_steps, sharded_memory, precision_fsdp, fp16_inf_on_one_shard, errors, collectives,
-               run_loader):
+               run_loader, uneven_data):
         results[fn.__name__] = fn()
     gathered = [None] * lt.world_size()
     dist.all_gather_object(gathered, results)  # every rank's results, so the test sees rank 1's too
