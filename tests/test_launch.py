@@ -10,6 +10,7 @@ import torch
 
 import ltransform as lt
 from ltransform.cli import _parser, torchrun_args
+from ltransform.distributed.launch import _free_port
 
 
 def world() -> tuple[int, int]:
@@ -48,6 +49,11 @@ def test_bad_options(options, message):
 
 def test_spawned_processes_return_rank_0s_result():
     assert lt.launch(world, devices=2) == (0, 2)
+
+
+def test_a_node_that_never_joins_is_reported_not_waited_for_forever():
+    with pytest.raises(lt.LaunchError, match=r"not every node joined .* within 2 s \(.*1/2 clients joined"):
+        lt.launch(world, devices=1, num_nodes=2, node_rank=0, master_port=_free_port(), join_timeout=2)
 
 
 def test_an_unsendable_result_is_named():

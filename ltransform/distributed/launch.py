@@ -35,6 +35,7 @@ def launch(
     master_port: int | None = None,
     start_method: str | None = None,
     max_restarts: int = 0,
+    join_timeout: int = 900,
     **kwargs: Any,
 ) -> Any:
     """Run ``fn(*args, **kwargs)`` on ``devices`` processes per node; return rank 0's result.
@@ -56,13 +57,15 @@ def launch(
         start_method: ``"spawn"``, ``"fork"`` or ``"forkserver"``; default fork in Jupyter or
             the interactive interpreter, else spawn.
         max_restarts: how many times the agent restarts the group after a failure.
+        join_timeout: seconds to wait for every node to join before giving up.
 
     Returns:
         What ``fn`` returned on rank 0 (None on nodes other than node 0).
 
     Raises:
         LaunchError: a rank failed; the message names each failed rank and its error (the
-            other ranks are stopped, so nothing is left hanging).
+            other ranks are stopped, so nothing is left hanging). Also when not every node
+            joined within ``join_timeout`` seconds.
         ValueError: bad options, or ``devices * num_nodes`` differs from the world size of the
             launched process it is called in.
 
@@ -74,7 +77,8 @@ def launch(
     Note:
         In a script, call it under ``if __name__ == "__main__":`` (spawned processes import it).
     """
-    _check_options(devices=devices, num_nodes=num_nodes, node_rank=node_rank, max_restarts=max_restarts)
+    _check_options(devices=devices, num_nodes=num_nodes, node_rank=node_rank, max_restarts=max_restarts,
+                   join_timeout=join_timeout)
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != devices * num_nodes:
@@ -93,11 +97,12 @@ def launch(
             raise ValueError("lt.launch: give master_port=... for num_nodes > 1 (every node needs the same)")
         master_port = _free_port()
     return _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, master_port,
-                      method, max_restarts)
+                      method, max_restarts, join_timeout)
 
 
 def _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, master_port, method,
-               max_restarts) -> Any:
+               max_restarts, join_timeout) -> Any:
+    from torch.distributed import DistStoreError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -108,7 +113,7 @@ def _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, mas
         run_id=f"ltransform-{uuid.uuid4().hex[:8]}",
         rdzv_backend="static",
         rdzv_endpoint=f"{master_addr}:{master_port}",
-        rdzv_configs={"rank": node_rank, "timeout": 900},
+        rdzv_configs={"rank": node_rank, "timeout": join_timeout},
         max_restarts=max_restarts,
         start_method=method,
         monitor_interval=0.1,
@@ -118,6 +123,11 @@ def _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, mas
             results = elastic_launch(config, _Entry(fn, kwargs, errors))(*args)
         except ChildFailedError as error:
             raise _launch_error(error.failures, errors, devices * num_nodes) from None
+        except DistStoreError as error:  # the rendezvous: not every node came
+            raise LaunchError(
+                f"lt.launch: not every node joined at {master_addr}:{master_port} within "
+                f"{join_timeout} s ({error}); call lt.launch with the same num_nodes={num_nodes}, "
+                f"master_addr and master_port on every node, each with its own node_rank", {}) from None
     return results.get(0) if isinstance(results, dict) else results
 
 
