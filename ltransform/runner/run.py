@@ -57,7 +57,9 @@ def run(
         eval_data: batches for evaluation; metrics are averaged and logged with a ``val_`` prefix.
         eval_every: evaluate every this many optimizer steps; None: at the end of each epoch.
         hooks: functions ``(state) or (state, metrics) -> state | None | lt.stop(...)`` run
-            after each optimizer step, e.g. ``lt.every(100, fn)``.
+            after each optimizer step, e.g. ``lt.every(100, fn)``. On several ranks a hook
+            runs on every rank and must decide to stop from values that agree across ranks
+            (the step, ``val_*`` metrics, which are averaged), not from a rank's own loss.
         progress: show a tqdm progress bar (terminal or Jupyter); on rank 0 only.
         distributed_sampler: on several ranks, give a ``DataLoader`` (``data`` and
             ``eval_data``) a ``DistributedSampler`` so each rank sees its own part; False if
