@@ -42,7 +42,8 @@ def shard(
             Default: one dimension over all ranks.
         reshard_after_forward: free gathered parameters after forward (less memory, one
             more all-gather in backward).
-        offload: keep sharded parameters and gradients on the CPU (``CPUOffloadPolicy``).
+        offload: keep sharded parameters and gradients on the CPU (``CPUOffloadPolicy``);
+            on a CPU-only mesh they are there already.
 
     Returns:
         The same module, sharded in place.
@@ -79,8 +80,11 @@ def shard(
         raise RuntimeError("shard: the model is already sharded; apply lt.shard once, to the whole model")
     device_mesh = resolve_mesh(mesh)
     old = list(model.parameters())
+    # On a CPU mesh the sharded parameters already live in host memory: offloading is what
+    # happens anyway (and FSDP2's offload path would pin memory for a device there is not).
+    cpu_offload = offload and device_mesh.device_type != "cpu"
     options = dict(mesh=device_mesh, reshard_after_forward=reshard_after_forward,
-                   offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+                   offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     for module in _matches(model, match):
         fully_shard(module, **options)
     fully_shard(model, **options)

@@ -20,8 +20,9 @@ def ranks():
     return lt.launch(workers.all_scenarios, devices=2)
 
 
-@pytest.mark.parametrize("config", ["ddp", "ddp-accumulate-clip", "fsdp", "fsdp-accumulate-clip", "fsdp-root-only",
-                                    "fsdp-min-params", "hsdp-2x1", "hsdp-2x1-accumulate"])
+@pytest.mark.parametrize("config", ["ddp", "ddp-accumulate-clip", "ddp-checkpointed", "fsdp", "fsdp-accumulate-clip",
+                                    "fsdp-root-only", "fsdp-min-params", "fsdp-no-reshard", "fsdp-offload",
+                                    "fsdp-checkpointed", "hsdp-2x1", "hsdp-2x1-accumulate"])
 def test_two_ranks_equal_one_process_with_the_double_batch(ranks, config):
     for results in ranks:  # both ranks end with the reference's parameters
         assert results["equivalence"][config] < 1e-6

@@ -67,10 +67,13 @@ def max_diff(a, b) -> float:
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
 
 
-def train(strategy: str, *, steps=3, accumulate=1, clip=None, precision=None, mesh=None, policy=None):
+def train(strategy: str, *, steps=3, accumulate=1, clip=None, precision=None, mesh=None, policy=None,
+          checkpointed=False, **shard_options):
     model = make_model()
+    if checkpointed:
+        model = lt.checkpoint_activations(model, policy={torch.nn.Linear})
     if strategy in ("fsdp", "hsdp"):
-        model = lt.shard(model, policy=policy or {torch.nn.Linear}, mesh=mesh)
+        model = lt.shard(model, policy=policy or {torch.nn.Linear}, mesh=mesh, **shard_options)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     step = lt.pipe(lt.train_step(mse), lt.distribute(strategy))
     if accumulate > 1:
@@ -98,6 +101,10 @@ def equivalence() -> dict[str, float]:
         "fsdp-accumulate-clip": dict(accumulate=2, clip=0.05),
         "fsdp-root-only": dict(policy=lambda m: False),
         "fsdp-min-params": dict(policy=100),
+        "fsdp-no-reshard": dict(reshard_after_forward=False),
+        "fsdp-offload": dict(offload=True),
+        "fsdp-checkpointed": dict(checkpointed=True, accumulate=2),
+        "ddp-checkpointed": dict(checkpointed=True),
         "hsdp-2x1": dict(mesh=(2, 1)),
         "hsdp-2x1-accumulate": dict(mesh=(2, 1), accumulate=2, clip=0.05),
     }.items():
