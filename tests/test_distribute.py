@@ -187,3 +187,13 @@ def test_collectives_are_the_identity_in_one_process():
     assert (lt.rank(), lt.world_size(), lt.local_rank(), lt.device()) == (0, 1, 0, torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown op 'avg'; expected one of: 'mean', 'sum'"):
         lt.all_reduce(t, "avg")
+
+
+def test_to_device_moves_every_tensor_in_a_nested_batch():
+    from ltransform.steps.distribute import to_device
+
+    batch = {"x": torch.ones(2), "pair": (torch.zeros(1), "label"), "n": 3}
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["x"].is_meta and moved["pair"][0].is_meta
+    assert moved["pair"][1] == "label" and moved["n"] == 3
+    assert not batch["x"].is_meta  # the input is left as it was

@@ -121,10 +121,11 @@ def generate(model: GPT, prompt: str, chars: int, temperature: float = 0.8, seed
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.tensor([list(prompt.encode())], dtype=torch.long)
+    idx = torch.tensor([list(prompt.encode())], dtype=torch.long, device=next(model.parameters()).device)
     for _ in range(chars):
         logits = model(idx[:, -model.cfg.block:])[:, -1].float() / temperature
-        idx = torch.cat([idx, torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)], dim=1)
+        probs = F.softmax(logits, dim=-1).cpu()  # sampled on the CPU: one generator everywhere
+        idx = torch.cat([idx, torch.multinomial(probs, 1, generator=gen).to(idx.device)], dim=1)
     model.train(was_training)
     return bytes(idx[0].tolist()).decode("utf-8", errors="replace")
 
@@ -192,7 +193,7 @@ def train(args: argparse.Namespace) -> lt.State | None:
     if args.clip > 0:
         transforms.append(lt.clip_gradients(max_norm=args.clip))
     step = lt.pipe(lt.train_step(loss_fn), *transforms)
-    eval_step = lt.pipe(lt.eval_step(loss_fn), lt.with_precision(args.precision))
+    eval_step = lt.pipe(lt.eval_step(loss_fn), lt.with_precision(args.precision), lt.distribute(args.strategy))
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"ltransform GPT: {n_params / 1e6:.2f}M parameters, {len(corpus) / 1e6:.1f} MB of Python "

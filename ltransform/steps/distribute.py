@@ -6,6 +6,7 @@ from typing import Any
 
 import attrs
 import torch
+from torch.utils._pytree import tree_map
 
 from ltransform.core.compose import MISSING
 from ltransform.core.effects import Effect, Handler, Stage, When
@@ -18,10 +19,12 @@ from ltransform.models.order import check_compiled_before_shard
 
 @attrs.frozen
 class _Sync:
-    """What the handler needs: the modules whose gradient sync it switches off."""
+    """What the handlers need: the modules whose gradient sync is switched off on non-boundary
+    micro-steps, and the device batches go to (None: leave them where they are, on CPU)."""
 
     strategy: Strategy
     modules: tuple[torch.nn.Module, ...]
+    device: torch.device | None = None
 
 
 def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
@@ -34,6 +37,7 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
     ``accumulate``, non-boundary micro-steps do not synchronise gradients (forward and
     backward run with ``set_requires_gradient_sync(False)``, restored afterwards) unless the
     strategy has ``sync_micro_steps=True``. In a single process every strategy trains as one.
+    On GPUs the models (for ``"ddp"``) and each batch's tensors are moved to ``lt.device()``.
 
     Args:
         step: the step to transform; omit it for the partial form.
@@ -64,9 +68,11 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
     transform = StepTransform(
         name=f"distribute({record.name!r})",
         kind="distribute",
-        handlers=(Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_no_sync,
+        handlers=(Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_to_device,
+                          label="distribute: batch tensors to lt.device() (when that is not the CPU)"),
+                  Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_no_sync,
                           label="distribute: set_requires_gradient_sync(False) for forward and backward",
-                          after="distribute: restore gradient sync", when=When.NON_BOUNDARY),),
+                          after="distribute: restore gradient sync", when=When.NON_BOUNDARY)),
         prepare=lambda state: _prepare(state, record),
     )
     return apply_step_transform(step, transform, "distribute")
@@ -83,15 +89,17 @@ def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
             f"distribute('single') in a world of {env.world_size()} ranks would train each rank "
             f"alone; use 'auto', 'ddp' or 'fsdp'"
         )
+    device = env.device()
+    device = None if device.type == "cpu" else device
     if not distributed or name == "single":
-        return state, _Sync(strategy, ())
+        return state, _Sync(strategy, (), device)
     if name == "ddp":
         for module in modules:
             _replicate(module)
     else:
         for module in modules:
             _check_sharded(module, name)
-    return state, _Sync(strategy, tuple(modules))
+    return state, _Sync(strategy, tuple(modules), device)
 
 
 def _resolve_auto(name: str, distributed: bool, modules: list[torch.nn.Module]) -> str:
@@ -137,6 +145,18 @@ def _check_sharded(module: torch.nn.Module, name: str) -> None:
             f"distribute({name!r}) needs a {dims}-D device mesh, but the model is sharded on a "
             f"{mesh.ndim}-D one; use {fix}"
         )
+
+
+def _to_device(ctx: _Sync, frame, value, *, proceed):
+    if ctx.device is None:
+        return proceed(frame, value)
+    state, batch = value
+    return proceed(frame, (state, to_device(batch, ctx.device)))
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (nested lists, tuples, dicts) moved to ``device``."""
+    return tree_map(lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x, batch)
 
 
 def _no_sync(ctx: _Sync, frame, value, *, proceed):
