@@ -70,13 +70,3 @@ def set_epoch(data: Iterable[Any], epoch: int) -> None:
     sampler = getattr(data, "sampler", None)
     if callable(getattr(sampler, "set_epoch", None)):
         sampler.set_epoch(epoch)
-
-
-def average(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Values averaged over every rank (one collective for all of them)."""
-    from ltransform.distributed import env
-
-    if not values:
-        return values
-    stacked = env.all_reduce(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
-    return dict(zip(values, stacked.tolist()))

@@ -13,7 +13,8 @@ import torch
 from ltransform.core.state import State, find_modules, find_optimizers, read_counters, set_field
 from ltransform.core.step import TransformedStep, as_step
 from ltransform.distributed import env
-from ltransform.runner.data import average, check_same_length, per_rank, set_epoch
+from ltransform.runner.data import check_same_length, per_rank, set_epoch
+from ltransform.runner.metrics import average, evaluate_all, to_floats
 from ltransform.runner.hooks import apply_hook, bind_hook
 
 Logger = Callable[[Mapping[str, float], int], Any]
@@ -103,7 +104,7 @@ def run(
             raise ValueError("lt.run: eval_step given without eval_data; pass eval_data=...")
         eval_step = as_step(eval_step, "lt.run(eval_step=...)")
         state = eval_step.prepare(state)
-        evaluate = lambda s: _evaluate(eval_step, s, eval_data)  # noqa: E731
+        evaluate = lambda s: evaluate_all(eval_step, s, eval_data)  # noqa: E731
     for module in find_modules(state):
         module.train()
     loop = _Loop(step, data, max_steps, max_epochs, log_every, loggers, evaluate, eval_every, bound_hooks)
@@ -255,42 +256,6 @@ class _Loop:
             logger(values, read_counters(state)[0])
         if self.bar is not None:
             self.bar.set_postfix(self._postfix, refresh=False)
-
-
-def _evaluate(eval_step: TransformedStep, state: Any, data: Iterable[Any]) -> dict[str, float]:
-    """Average ``eval_step``'s metrics over ``data`` with every model in eval mode."""
-    modules = find_modules(state)
-    modes = [m.training for m in modules]
-    for module in modules:
-        module.eval()
-    sums: dict[str, Any] = {}
-    batches = 0
-    try:
-        for batch in data:
-            state, metrics = eval_step(state, batch)
-            for name, value in metrics.items():
-                value = value.detach().float() if isinstance(value, torch.Tensor) else value
-                sums[name] = sums[name] + value if name in sums else value
-            batches += 1
-    finally:
-        for module, mode in zip(modules, modes):
-            module.train(mode)
-    if not batches:
-        raise ValueError("lt.run: eval_data yielded no batches")
-    return {f"val_{k}": v / batches for k, v in to_floats(sums).items()}
-
-
-def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Metrics as Python floats, with one host sync for all tensor metrics on a device."""
-    names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
-    values = {k: float(v) for k, v in metrics.items() if k not in names}
-    if names:
-        tensors = [metrics[k].detach().float().mean() for k in names]
-        if len({t.device for t in tensors}) == 1:
-            values.update(zip(names, torch.stack(tensors).tolist()))
-        else:
-            values.update((k, t.item()) for k, t in zip(names, tensors))
-    return {k: values[k] for k in metrics}
 
 
 def _epoch_of(state: Any) -> int:

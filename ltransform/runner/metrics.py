@@ -1,0 +1,55 @@
+"""Metrics: tensors until a log point, then floats in one host sync, averaged across ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ltransform.core.state import find_modules
+from ltransform.distributed import env
+
+
+def evaluate_all(eval_step: Any, state: Any, data: Iterable[Any]) -> dict[str, float]:
+    """Average ``eval_step``'s metrics over ``data`` with every model in eval mode."""
+    modules = find_modules(state)
+    modes = [m.training for m in modules]
+    for module in modules:
+        module.eval()
+    sums: dict[str, Any] = {}
+    batches = 0
+    try:
+        for batch in data:
+            state, metrics = eval_step(state, batch)
+            for name, value in metrics.items():
+                value = value.detach().float() if isinstance(value, torch.Tensor) else value
+                sums[name] = sums[name] + value if name in sums else value
+            batches += 1
+    finally:
+        for module, mode in zip(modules, modes):
+            module.train(mode)
+    if not batches:
+        raise ValueError("lt.run: eval_data yielded no batches")
+    return {f"val_{k}": v / batches for k, v in to_floats(sums).items()}
+
+
+def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Metrics as Python floats, with one host sync for all tensor metrics on a device."""
+    names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    values = {k: float(v) for k, v in metrics.items() if k not in names}
+    if names:
+        tensors = [metrics[k].detach().float().mean() for k in names]
+        if len({t.device for t in tensors}) == 1:
+            values.update(zip(names, torch.stack(tensors).tolist()))
+        else:
+            values.update((k, t.item()) for k, t in zip(names, tensors))
+    return {k: values[k] for k in metrics}
+
+
+def average(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Values averaged over every rank (one collective for all of them)."""
+    if not values:
+        return values
+    stacked = env.all_reduce(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
+    return dict(zip(values, stacked.tolist()))
