@@ -29,6 +29,11 @@ def is_replicated(module: torch.nn.Module) -> bool:
     return registry is not None and "replicate" in registry
 
 
+def is_ddp(module: torch.nn.Module) -> bool:
+    """A model the user wrapped in ``DistributedDataParallel`` themselves."""
+    return isinstance(module, torch.nn.parallel.DistributedDataParallel)
+
+
 def mesh_of(module: torch.nn.Module) -> Any:
     """The device mesh a sharded module's parameters live on."""
     for param in module.parameters():

@@ -92,6 +92,7 @@ def run(
             data = per_rank(data, world=env.world_size(), rank=env.rank())
             if eval_data is not None:
                 eval_data = per_rank(eval_data, world=env.world_size(), rank=env.rank())
+        _warn_if_not_distributed(step, state)
         check_same_length(data, "data")
         if eval_data is not None:
             check_same_length(eval_data, "eval_data")
@@ -262,6 +263,23 @@ def _epoch_of(state: Any) -> int:
     if isinstance(state, Mapping):
         return state.get("epoch", 0)
     return getattr(state, "epoch", 0)
+
+
+def _warn_if_not_distributed(step: TransformedStep, state: Any) -> None:
+    """Several ranks, and nothing shares gradients between them: each trains its own model."""
+    if any(t.kind == "distribute" for t in step.transforms):
+        return
+    from ltransform.distributed import wrappers
+
+    if any(wrappers.is_sharded(m) or wrappers.is_replicated(m) or wrappers.is_ddp(m) for m in find_modules(state)):
+        return
+    warnings.warn(
+        f"lt.run: running on {env.world_size()} ranks, but the step has no lt.distribute(...) and "
+        f"no model is wrapped for data parallelism, so each rank trains its own copy; add "
+        f"lt.distribute('auto') to the step",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _warn_empty(epoch: int) -> None:

@@ -120,6 +120,12 @@ def test_uneven_per_rank_data_is_an_error_not_a_hang(ranks):
                 in results["uneven_data"]["error"])
 
 
+def test_several_ranks_without_distribute_warn_that_each_trains_alone(ranks):
+    for results in ranks:
+        (warning,) = results["uneven_data"]["warnings"]
+        assert "has no lt.distribute(...)" in warning and "each rank trains its own copy" in warning
+
+
 def _raises(pid_dir: str) -> None:
     with open(os.path.join(pid_dir, f"{lt.rank()}.pid"), "w") as f:
         f.write(str(os.getpid()))

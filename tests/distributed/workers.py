@@ -357,7 +357,17 @@ def uneven_data() -> dict[str, str]:
     state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     data = batches(3 + lt.rank(), B)
     step = lt.pipe(lt.train_step(mse), lt.distribute("ddp"))
-    return {"error": _error(lambda: lt.run(step, state, data, progress=False))}
+    out = {"error": _error(lambda: lt.run(step, state, data, progress=False))}
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lt.run(lt.train_step(mse), state, batches(2, B), progress=False)  # no distribute
+        wrapped = torch.nn.parallel.DistributedDataParallel(make_model())
+        lt.run(lt.train_step(mse), lt.State(model=wrapped, optimizer=torch.optim.SGD(wrapped.parameters())),
+               batches(2, B), progress=False)  # the user's own DDP: no warning
+    out["warnings"] = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    return out
 
 
 def all_scenarios() -> dict[str, object]:
