@@ -47,9 +47,15 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: values[k] for k in metrics}
 
 
-def average(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Values averaged over every rank (one collective for all of them)."""
-    if not values:
-        return values
-    stacked = env.all_reduce(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
-    return dict(zip(values, stacked.tolist()))
+def mean_across_ranks(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Metrics (tensors or numbers) as floats averaged over every rank: one collective and one
+    host sync for all of them together."""
+    if not metrics:
+        return {}
+    device = env.device()
+    stacked = torch.stack([
+        v.detach().float().mean().to(device, torch.float64) if isinstance(v, torch.Tensor)
+        else torch.tensor(float(v), dtype=torch.float64, device=device)
+        for v in metrics.values()
+    ])
+    return dict(zip(metrics, env.all_reduce(stacked).tolist()))

@@ -14,7 +14,7 @@ from ltransform.core.state import State, find_modules, find_optimizers, read_cou
 from ltransform.core.step import TransformedStep, as_step
 from ltransform.distributed import env
 from ltransform.runner.data import check_same_length, per_rank, set_epoch
-from ltransform.runner.metrics import average, evaluate_all, to_floats
+from ltransform.runner.metrics import evaluate_all, mean_across_ranks, to_floats
 from ltransform.runner.hooks import apply_hook, bind_hook
 
 Logger = Callable[[Mapping[str, float], int], Any]
@@ -216,13 +216,12 @@ class _Loop:
     def _log(self, state: Any, metrics: Mapping[str, Any]) -> None:
         now = read_counters(state)[0]
         self.logged_at = now
-        if not self.loggers and self.bar is None and not self.average:
-            return  # nobody reads them: no host sync at all
-        values = to_floats(metrics)
-        if self.average:  # every rank takes part, whether or not it logs
-            values = average(values, env.device())
-            if not self.loggers and self.bar is None:
-                return
+        if self.average:  # every rank takes part in the collective, whether or not it logs
+            values = mean_across_ranks(metrics)
+        elif self.loggers or self.bar is not None:
+            values = to_floats(metrics)
+        if not self.loggers and self.bar is None:
+            return  # nobody reads them: no host sync at all on one rank
         optimizers = find_optimizers(state)
         if optimizers:
             values["lr"] = float(optimizers[0].param_groups[0]["lr"])
@@ -251,7 +250,7 @@ class _Loop:
     def _run_eval(self, state: Any) -> None:
         values = self.evaluate(state)
         if self.average:
-            values = average(values, env.device())
+            values = mean_across_ranks(values)
         self.last_eval = values
         for logger in self.loggers:
             logger(values, read_counters(state)[0])

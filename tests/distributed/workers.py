@@ -294,22 +294,22 @@ def run_loader() -> dict[str, object]:
     model = make_model()
     logged: list[tuple[int, dict]] = []
     seen: list[list[int]] = []
-    calls = {"average": 0}
+    calls = {"mean_across_ranks": 0}
     from ltransform.runner import run as run_module
 
-    original = run_module.average
+    original = run_module.mean_across_ranks
 
-    def counting(values, device):
-        calls["average"] += 1
-        return original(values, device)
+    def counting(metrics):
+        calls["mean_across_ranks"] += 1
+        return original(metrics)
 
-    run_module.average = counting
+    run_module.mean_across_ranks = counting
     state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     step = lt.pipe(lt.train_step(mse), lt.distribute("ddp"))
     state = lt.run(step, state, DataLoader(data, batch_size=B), max_epochs=1, log_every=2,
                    loggers=[lambda m, s: logged.append((s, dict(m)))], progress=False,
                    eval_step=lt.eval_step(mse), eval_data=DataLoader(evals, batch_size=B))
-    run_module.average = original
+    run_module.mean_across_ranks = original
     ref = make_model()
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     ref_losses = []
@@ -335,7 +335,7 @@ def run_loader() -> dict[str, object]:
            lt.State(model=model2, optimizer=torch.optim.SGD(model2.parameters(), lr=0.0)),
            shuffled, max_epochs=2, progress=False, log_every=None)
     return {"params": max_diff(full_params(model), [p.detach() for p in ref.parameters()]),
-            "logged": logged, "ref_losses": ref_losses, "ref_val": ref_val, "averages": calls["average"],
+            "logged": logged, "ref_losses": ref_losses, "ref_val": ref_val, "averages": calls["mean_across_ranks"],
             "seen": seen}
 
 
