@@ -9,6 +9,13 @@ Every public name is re-exported here, flat; the modules under ``core/``, ``step
 Engine, torch_xla, tensorboard, wandb, mlflow) are imported only by the functions that use them.
 """
 
+from ltransform.checkpoint.api import checkpoint_sharded
+from ltransform.checkpoint.api import latest as latest_checkpoint
+from ltransform.checkpoint.api import load
+from ltransform.checkpoint.api import load_raw
+from ltransform.checkpoint.api import save
+from ltransform.checkpoint.convert import consolidate
+from ltransform.checkpoint.convert import export_safetensors
 from ltransform.core.compose import compose
 from ltransform.core.compose import pipe
 from ltransform.core.effects import Effect

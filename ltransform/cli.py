@@ -1,4 +1,5 @@
-"""The ``ltransform`` command: ``ltransform run --devices N script.py ARGS`` hands over to torchrun."""
+"""The ``ltransform`` command: ``ltransform run --devices N script.py ARGS`` hands over to torchrun;
+``ltransform consolidate SHARDED_DIR OUT`` turns a sharded checkpoint into one file."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-restarts", type=int, default=0, help="restarts after a failure")
     run.add_argument("script", help="the training script")
     run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    merge = commands.add_parser(
+        "consolidate", help="turn a sharded checkpoint directory into one file",
+        description="Read a sharded (DCP) checkpoint in one process and write one full checkpoint "
+                    "file, or only the model weights if OUT ends in .safetensors.")
+    merge.add_argument("sharded_dir")
+    merge.add_argument("out")
     return parser
 
 
@@ -40,6 +47,11 @@ def torchrun_args(options: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     options = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if options.command == "consolidate":
+        from ltransform.checkpoint.convert import consolidate
+
+        print(f"wrote {consolidate(options.sharded_dir, options.out)}")
+        return 0
     if options.devices < 1 or options.nodes < 1 or not 0 <= options.node_rank < options.nodes:
         raise SystemExit(f"ltransform run: need --devices >= 1, --nodes >= 1 and 0 <= --node-rank < "
                          f"--nodes, got {options.devices}, {options.nodes}, {options.node_rank}")

@@ -117,6 +117,11 @@ ACTIVE: contextvars.ContextVar[Frame | None] = contextvars.ContextVar(
     "ltransform_active_frame", default=None
 )
 
+# Functions run before the next optimizer update, then left in place until they remove
+# themselves: an async checkpoint registers its wait here, so parameters are not changed
+# while it is still reading them. Empty (one falsy check per update) unless a save is pending.
+BEFORE_UPDATE: list[Callable[[], None]] = []
+
 
 def compose_pipeline(
     bound: list[tuple[Handler, Any]], effect: Effect, terminal: Callable[[Frame, Any], Any]
@@ -214,6 +219,9 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> bool:
         >>> lt.backward(w.sum()); lt.optimizer_step(opt), w.data, w.grad
         (True, tensor([0.5000]), None)
     """
+    if BEFORE_UPDATE:
+        for fn in list(BEFORE_UPDATE):
+            fn()
     frame = ACTIVE.get()
     if frame is None:
         optimizer.step()

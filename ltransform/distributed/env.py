@@ -115,6 +115,16 @@ def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's picklable ``value``, in rank order (``[value]`` in a single process)."""
+    size = _group_size()
+    if size == 1:
+        return [value]
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def broadcast(value: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``value`` on every rank: a tensor, or any picklable object.
 

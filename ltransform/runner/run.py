@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ from ltransform.core.step import TransformedStep, as_step
 from ltransform.distributed import env
 from ltransform.runner.data import check_same_length, per_rank, set_epoch
 from ltransform.runner.metrics import evaluate_all, mean_across_ranks, to_floats
+from ltransform.runner.position import RUNNING, Position
 from ltransform.runner.hooks import apply_hook, bind_hook
 
 Logger = Callable[[Mapping[str, float], int], Any]
@@ -35,6 +38,7 @@ def run(
     hooks: Iterable[Callable[..., Any]] = (),
     progress: bool = True,
     distributed_sampler: bool = True,
+    resume: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Train: call ``step(state, batch)`` over ``data`` until ``max_steps`` or ``max_epochs``.
 
@@ -67,6 +71,12 @@ def run(
             your data is already per rank. Other iterables are always taken as per rank; when
             they have a length it must be the same on every rank (checked once), since a rank
             with an extra batch would wait forever for the others.
+        resume: continue from a checkpoint: a path (file, sharded directory, or a directory
+            of ``step-N`` ones), or ``"latest"``: the newest in the directory of the run's
+            ``lt.checkpoint_sharded`` hook (none there yet: start from the beginning). The
+            state is loaded after the step is prepared, and the data continues where it was
+            (a shuffled ``DataLoader`` replays the same order and skips the batches done), so
+            N steps, a stop and a resume give the same parameters as 2N uninterrupted.
 
     Returns:
         The final state.
@@ -106,10 +116,14 @@ def run(
         eval_step = as_step(eval_step, "lt.run(eval_step=...)")
         state = eval_step.prepare(state)
         evaluate = lambda s: evaluate_all(eval_step, s, eval_data)  # noqa: E731
+    position = None
+    if resume is not None:
+        state, position = _resume(resume, hooks, state)
     for module in find_modules(state):
         module.train()
     loop = _Loop(step, data, max_steps, max_epochs, log_every, loggers, evaluate, eval_every, bound_hooks)
     loop.average = distributed
+    loop.resume_at = position
     bar = _progress_bar(progress, _total(step, data, max_steps, max_epochs), read_counters(state)[0])
     loop.bar = bar
     loop.bar_at = read_counters(state)[0]
@@ -138,6 +152,8 @@ class _Loop:
         self.evaluate, self.eval_every = evaluate, eval_every
         self.hooks = hooks
         self.average = False  # average metrics across ranks at log points
+        self.position = Position(_precision_name(step))  # where checkpoints see the data position
+        self.resume_at: dict[str, Any] | None = None  # a loaded checkpoint's data position
         self.bar = None
         self.state: Any = None
         self.logged_at = -1
@@ -150,13 +166,21 @@ class _Loop:
         self._bar_time = time.monotonic()
 
     def train(self, state: Any) -> Any:
+        token = RUNNING.set(self.position)
+        try:
+            return self._train(state)
+        finally:
+            RUNNING.reset(token)
+
+    def _train(self, state: Any) -> Any:
         self.state = state
         epoch = _epoch_of(state)
         now = read_counters(state)[0]
         metrics: Mapping[str, Any] = {}
         while (self.max_epochs is None or epoch < self.max_epochs) and not self._done(now):
             set_epoch(self.data, epoch)
-            state, now, metrics, outcome = self._epoch(state, now)
+            batches, skip = self._batches(epoch)
+            state, now, metrics, outcome = self._epoch(state, now, batches, skip)
             if outcome == "empty":
                 _warn_empty(epoch)
                 break
@@ -170,13 +194,35 @@ class _Loop:
             self._log(state, metrics)
         return state
 
-    def _epoch(self, state: Any, now: int) -> tuple[Any, int, Mapping[str, Any], str]:
+    def _batches(self, epoch: int) -> tuple[Iterator[Any], int]:
+        """This epoch's batch iterator, and how many of its batches a resumed run already did.
+
+        The torch RNG state the iterator is created with is kept (a shuffling DataLoader draws
+        its order from it); resuming mid-epoch recreates the iterator from the saved one, skips
+        the batches done, and puts back the RNG state the checkpoint was taken with."""
+        self.position.epoch, self.position.batches = epoch, 0
+        resume, self.resume_at = self.resume_at, None
+        if resume is None or resume.get("epoch") != epoch or resume.get("epoch_rng") is None:
+            self.position.epoch_rng = torch.get_rng_state()
+            return iter(self.data), 0
+        now_rng = torch.get_rng_state()
+        self.position.epoch_rng = resume["epoch_rng"]
+        torch.set_rng_state(resume["epoch_rng"])
+        batches = iter(self.data)
+        skip = resume["batches"]
+        for _ in itertools.islice(batches, skip):
+            pass
+        torch.set_rng_state(now_rng)
+        self.position.batches = skip
+        return batches, skip
+
+    def _epoch(self, state: Any, now: int, batches: Iterator[Any], done: int) -> tuple[Any, int, Mapping[str, Any], str]:
         """One pass over the data; the hot loop, so names it uses every step are locals."""
         step, max_steps, log_every, eval_every = self.step, self.max_steps, self.log_every, self.eval_every
         hooks, bar = bool(self.hooks), self.bar is not None
         metrics: Mapping[str, Any] = {}
-        outcome = "empty"
-        for batch in self.data:
+        outcome = "empty" if not done else "end"
+        for i, batch in enumerate(batches, start=done + 1):
             outcome = "end"
             state, metrics = step(state, batch)
             self.state = state
@@ -185,6 +231,7 @@ class _Loop:
                 continue  # a non-boundary micro-step: no update happened
             if (hooks or (bar and after - self.bar_at >= self.bar_stride)
                     or (log_every and after % log_every == 0) or (eval_every and after % eval_every == 0)):
+                self.position.batches = i
                 state, stopped = self._after_update(state, metrics, after)
                 self.state = state
                 after = read_counters(state)[0]
@@ -262,6 +309,36 @@ def _epoch_of(state: Any) -> int:
     if isinstance(state, Mapping):
         return state.get("epoch", 0)
     return getattr(state, "epoch", 0)
+
+
+def _precision_name(step: TransformedStep) -> str | None:
+    for transform in step.transforms:
+        if transform.kind == "precision":
+            return transform.name.split("'")[1] if "'" in transform.name else transform.name
+    return None
+
+
+def _resume(resume: Any, hooks: Iterable[Any], state: Any) -> tuple[Any, Any]:
+    """Load the checkpoint ``resume`` names into the prepared ``state``; (state, data position)."""
+    from ltransform.checkpoint.api import latest, load_with_position
+
+    if resume == "latest":
+        dirs = [d for d in (_checkpoint_dir(h) for h in hooks) if d is not None]
+        if not dirs:
+            raise ValueError(
+                "lt.run: resume='latest' looks in the directory of the run's checkpoint hook, but "
+                "there is none; add hooks=[lt.every(n, lt.checkpoint_sharded(dir=...))] or give "
+                "resume a path"
+            )
+        path = latest(dirs[0])
+        if path is None:
+            return state, None  # nothing saved yet: a first start
+        resume = path
+    return load_with_position(resume, state)
+
+
+def _checkpoint_dir(hook: Any) -> Any:
+    return getattr(hook, "checkpoint_dir", None)  # lt.checkpoint_sharded's saver, or lt.every of it
 
 
 def _warn_if_not_distributed(step: TransformedStep, state: Any) -> None:

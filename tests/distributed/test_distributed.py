@@ -15,9 +15,42 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no
 
 
 @pytest.fixture(scope="module")
-def ranks():
+def checkpoint_dir(tmp_path_factory):
+    """Holds a checkpoint saved by one process (before the launch) for the ranks to load."""
+    tmp = tmp_path_factory.mktemp("checkpoints")
+    model = workers.make_model(seed=3)
+    state = lt.State(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+    step = lt.train_step(workers.mse)
+    for batch in workers.batches(2, 8, seed=4):
+        state, _ = step(state, batch)
+    lt.save(tmp / "one_rank", state, sharded=True)
+    return tmp, state
+
+
+@pytest.fixture(scope="module")
+def ranks(checkpoint_dir):
     """Every scenario of workers.py, run once on 2 ranks; a list of each rank's results."""
-    return lt.launch(workers.all_scenarios, devices=2)
+    return lt.launch(workers.all_scenarios, str(checkpoint_dir[0]), devices=2)
+
+
+@pytest.mark.parametrize("name", ["two_ranks", "two_ranks_full.pt"])
+def test_a_checkpoint_saved_on_2_ranks_loads_in_one_process_without_a_group(ranks, checkpoint_dir, name):
+    model = workers.make_model(seed=11)
+    state = lt.load(checkpoint_dir[0] / name, lt.State(model=model, optimizer=torch.optim.AdamW(model.parameters())))
+    assert state.step == 2
+    for p, q in zip(model.parameters(), ranks[0]["checkpoints"]["saved"]):
+        assert torch.equal(p, q)
+    assert state.optimizer.state_dict()["state"][0]["exp_avg"].abs().sum() > 0  # optimizer state came too
+
+
+def test_a_one_process_checkpoint_loads_resharded_on_2_ranks(ranks, checkpoint_dir):
+    _, saved = checkpoint_dir
+    for results in ranks:
+        loaded = results["checkpoints"]
+        assert loaded["loaded_step"] == 2
+        for p, q in zip(loaded["loaded_params"], saved.model.parameters()):
+            assert torch.equal(p, q)
+        assert torch.equal(loaded["loaded_exp_avg"], saved.optimizer.state_dict()["state"][0]["exp_avg"])
 
 
 @pytest.mark.parametrize("config", ["ddp", "ddp-accumulate-clip", "ddp-checkpointed", "fsdp", "fsdp-accumulate-clip",

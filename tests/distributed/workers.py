@@ -370,8 +370,36 @@ def uneven_data() -> dict[str, str]:
     return out
 
 
-def all_scenarios() -> dict[str, object]:
+def checkpoints(tmp: str) -> dict[str, object]:
+    """Save on 2 ranks (sharded and full) for the test to load on 1; load the 1-process
+    checkpoint the test saved, resharded onto 2 ranks."""
+    from pathlib import Path
+
+    model = lt.shard(make_model(), policy={torch.nn.Linear})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = lt.pipe(lt.train_step(mse), lt.distribute("fsdp"))
+    state = lt.State(model=model, optimizer=opt)
+    for batch in batches(2, 2 * B):
+        state, _ = step(state, my_part(batch))
+    lt.save(Path(tmp) / "two_ranks", state, sharded=True)
+    lt.save(Path(tmp) / "two_ranks_full.pt", state)
+    saved = [p.detach().clone() for p in full_params(model)]
+    fresh = lt.shard(make_model(seed=7), policy={torch.nn.Linear})
+    target = lt.State(model=fresh, optimizer=torch.optim.AdamW(fresh.parameters(), lr=1e-2))
+    loaded = lt.load(Path(tmp) / "one_rank", target)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full_optim = get_optimizer_state_dict(fresh, target.optimizer, options=StateDictOptions(full_state_dict=True))
+    return {"saved": saved, "loaded_params": full_params(fresh), "loaded_step": loaded.step,
+            "loaded_exp_avg": full_optim["state"]["0.weight"]["exp_avg"].full_tensor()
+            if hasattr(full_optim["state"]["0.weight"]["exp_avg"], "full_tensor")
+            else full_optim["state"]["0.weight"]["exp_avg"]}
+
+
+def all_scenarios(tmp: str | None = None) -> dict[str, object]:
     results = {}
+    if tmp is not None:
+        results["checkpoints"] = checkpoints(tmp)
     for fn in (meta_init_peak_memory, equivalence, clip_norm, no_sync_on_micro_steps, sharded_memory, precision_fsdp, fp16_inf_on_one_shard, errors, collectives,
                run_loader, uneven_data):
         results[fn.__name__] = fn()

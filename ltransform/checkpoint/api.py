@@ -1,0 +1,380 @@
+"""``lt.save``, ``lt.load``, ``lt.checkpoint_sharded``, ``lt.load_raw``: checkpoints of a whole state."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ltransform.checkpoint import contents, files, sharded
+from ltransform.core import effects
+from ltransform.core.compose import MISSING
+from ltransform.distributed import env
+
+Filter = Callable[[str, torch.Tensor], bool]
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def save(path: str | os.PathLike[str], state: Any, *, sharded: bool = False, filter: Any = None,
+         async_save: bool = False) -> Path:
+    """Save ``state`` to ``path``: one file, or with ``sharded=True`` a DCP directory.
+
+    Holds every model and optimizer, schedulers, ``step``/``micro_step``/``epoch``, each rank's
+    RNG states (Python, NumPy, torch CPU and CUDA), the data position of the ``lt.run`` in
+    progress, ``state.extra`` (objects by their ``state_dict``) and metadata (format version,
+    ltransform and torch versions, world size, time). The file or directory is written aside
+    and renamed into place, so a crash mid-save leaves the previous checkpoint loadable.
+
+    Args:
+        path: a file (full) or a directory (sharded).
+        state: the training state.
+        sharded: each rank writes its own shards (DCP); required for async saves. Full saves
+            gather sharded models to rank 0, offloaded to the CPU, and rank 0 writes one file.
+        filter: keep only some model entries: ``fn(name, tensor) -> bool`` for every model, or
+            ``{"model": fn}`` by the model's field name. Load such a file with ``strict=False``.
+        async_save: sharded only: write in the background; the next ``lt.optimizer_step`` waits
+            for it before touching parameters.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile, torch, ltransform as lt
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> path = lt.save(tempfile.mkdtemp() + "/ckpt.pt", state)
+        >>> lt.load(path, state).step
+        0
+    """
+    path = Path(path)
+    if async_save and not sharded:
+        raise ValueError("lt.save: async_save=True needs sharded=True (a full save gathers on rank 0)")
+    wait_pending()
+    filters = _filters(filter, contents.modules(state))
+    if sharded:
+        return _save_sharded(path, state, filters, async_save)
+    return _save_full(path, state, filters)
+
+
+def _filters(filter: Any, modules: Mapping[str, torch.nn.Module]) -> dict[str, Filter]:
+    if filter is None:
+        return {}
+    if callable(filter):
+        return {name: filter for name in modules}
+    if isinstance(filter, Mapping):
+        unknown = sorted(set(filter) - set(modules))
+        if unknown:
+            raise ValueError(f"lt.save: filter names {unknown}, which are not models of the state; "
+                             f"models: {sorted(modules)}")
+        return dict(filter)
+    raise TypeError(f"lt.save: filter must be fn(name, tensor) -> bool or {{model: fn}}, got {filter!r}")
+
+
+def _common(state: Any, sharded_: bool) -> dict[str, Any]:
+    from ltransform.runner.position import RUNNING
+
+    running = RUNNING.get()
+    precision = running.precision if running is not None else None
+    return {"meta": contents.metadata(sharded=sharded_, precision=precision),
+            "counters": contents.counters(state),
+            "schedulers": {n: s.state_dict() for n, s in contents.schedulers(state).items()},
+            "extra": contents.capture_extras(state)}
+
+
+def _per_rank() -> dict[str, Any]:
+    from ltransform.runner.position import current
+
+    return {"rng": contents.capture_rng(), "data": current()}
+
+
+def _save_full(path: Path, state: Any, filters: Mapping[str, Filter]) -> Path:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    models = {}
+    for name, module in contents.modules(state).items():
+        sd = get_model_state_dict(module, options=options)
+        keep = filters.get(name)
+        models[name] = {k: v for k, v in sd.items() if keep is None or keep(k, v)}
+    optimizers = {name: get_optimizer_state_dict(module, opt, options=options)
+                  for name, (opt, _, module) in contents.optimizers(state).items()}
+    per_rank = env.all_gather_objects(_per_rank())
+    if env.rank() == 0:
+        files.write_file(path, {**_common(state, False), "models": models, "optimizers": optimizers,
+                                "ranks": per_rank})
+    env.barrier()
+    return path
+
+
+def _save_sharded(path: Path, state: Any, filters: Mapping[str, Filter], async_save: bool) -> Path:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    if env.rank() == 0:
+        shutil.rmtree(files.partial_path(path), ignore_errors=True)
+    env.barrier()
+    models = {}
+    for name, module in contents.modules(state).items():
+        sd = get_model_state_dict(module)
+        keep = filters.get(name)
+        models[name] = {k: v for k, v in sd.items() if keep is None or keep(k, v)}
+    optimizers = {name: get_optimizer_state_dict(module, opt)
+                  for name, (opt, _, module) in contents.optimizers(state).items()}
+    future = sharded.save_tensors({"models": models, "optimizers": optimizers}, path, async_save=async_save)
+    tmp = files.partial_path(path)
+    tmp.mkdir(parents=True, exist_ok=True)
+    files.write_file(tmp / f"rank-{env.rank()}.pt", _per_rank())
+    if env.rank() == 0:
+        files.write_file(tmp / "common.pt", _common(state, True))
+    if future is None:
+        _publish(path)
+    else:
+        _PENDING.append((future, path))
+        if wait_pending not in effects.BEFORE_UPDATE:
+            effects.BEFORE_UPDATE.append(wait_pending)
+    return path
+
+
+def _publish(path: Path) -> None:
+    env.barrier()  # every rank has written its part
+    if env.rank() == 0:
+        files.publish_directory(path)
+    env.barrier()
+
+
+_PENDING: list[tuple[Future, Path]] = []
+
+
+def wait_pending() -> None:
+    """Finish async saves in progress: wait for their writes, then publish their directories."""
+    while _PENDING:
+        future, path = _PENDING.pop(0)
+        future.result()
+        _publish(path)
+    effects.BEFORE_UPDATE[:] = [f for f in effects.BEFORE_UPDATE if f is not wait_pending]
+
+
+def load(path: str | os.PathLike[str], state: Any, *, strict: bool = True) -> Any:
+    """Load a checkpoint written by ``lt.save`` / ``lt.checkpoint_sharded`` into ``state``.
+
+    Models and optimizers are loaded in place (sharded ones reshard to this world size: save on
+    N ranks, load on M, or on one process with no group); counters, schedulers, extras and this
+    rank's RNG states are restored. A full file is memory-mapped, so tensors are read as they
+    are copied into the model: peak memory stays near one copy of the model.
+
+    Args:
+        path: a checkpoint file, a sharded checkpoint directory, or a directory of
+            ``step-N`` checkpoints (the latest is loaded).
+        state: the state to load into (models and optimizers built as for training, and the
+            step prepared, so that e.g. a grad scaler exists).
+        strict: every model key must be in the checkpoint and vice versa; False loads the
+            matching ones (e.g. a file saved with ``filter``).
+
+    Returns:
+        The state with the checkpoint's counters (and extras).
+
+    Raises:
+        FileNotFoundError / RuntimeError / pickle.UnpicklingError: a missing, truncated or
+            corrupt file, or one holding arbitrary Python objects; each names the file.
+        KeyError: with ``strict``, names the missing and unexpected keys.
+    """
+    return load_with_position(path, state, strict=strict)[0]
+
+
+def load_with_position(path: str | os.PathLike[str], state: Any, *, strict: bool = True) -> tuple[Any, Any]:
+    """``load``, also returning this rank's saved data position (None if saved outside lt.run)."""
+    wait_pending()
+    path = resolve(path)
+    if path.is_dir():
+        return _load_sharded(path, state, strict)
+    payload = files.read_file(path)
+    contents.check_metadata(payload.get("meta") if isinstance(payload, Mapping) else None, repr(str(path)))
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, strict=strict)
+    # torch's full-state optimizer load needs DTensor parameters to reshard onto (and fails on
+    # an optimizer with no tensor state); plain parameters take the FQN-keyed dict as it is
+    plain = StateDictOptions(strict=strict)
+    for name, module in contents.modules(state).items():
+        saved = payload["models"].get(name)
+        if saved is None:
+            raise KeyError(f"lt.load({str(path)!r}): the checkpoint has no model {name!r}; it has "
+                           f"{sorted(payload['models'])}")
+        if strict:
+            _check_keys(path, name, set(module.state_dict()), set(saved))
+        set_model_state_dict(module, saved, options=options)
+    for name, (opt, _, module) in contents.optimizers(state).items():
+        if name in payload["optimizers"]:
+            sharded_params = any(hasattr(p, "device_mesh") for p in module.parameters())
+            set_optimizer_state_dict(module, opt, payload["optimizers"][name],
+                                     options=options if sharded_params else plain)
+        elif strict:
+            raise KeyError(f"lt.load({str(path)!r}): the checkpoint has no optimizer {name!r}")
+    ranks = payload["ranks"]
+    return _restore_common(state, payload, ranks[env.rank() % len(ranks)])
+
+
+def _check_keys(path: Path, name: str, expected: set[str], saved: set[str]) -> None:
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"lt.load({str(path)!r}): model {name!r} does not match the checkpoint: missing keys "
+            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}, unexpected keys "
+            f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}; pass strict=False to load "
+            f"the keys that match"
+        )
+
+
+def _restore_common(state: Any, common: Mapping[str, Any], mine: Mapping[str, Any]) -> tuple[Any, Any]:
+    for name, scheduler in contents.schedulers(state).items():
+        if name in common["schedulers"]:
+            scheduler.load_state_dict(common["schedulers"][name])
+    state = contents.restore_counters(state, common["counters"])
+    state = contents.restore_extras(state, common["extra"])
+    contents.restore_rng(mine["rng"])
+    return state, mine.get("data")
+
+
+def _load_sharded(path: Path, state: Any, strict: bool) -> tuple[Any, Any]:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    common = files.read_file(path / "common.pt")
+    contents.check_metadata(common.get("meta"), repr(str(path)))
+    mods, opts = contents.modules(state), contents.optimizers(state)
+    tensors = {"models": {n: get_model_state_dict(m) for n, m in mods.items()},
+               "optimizers": {n: get_optimizer_state_dict(m, o) for n, (o, _, m) in opts.items()}}
+    if strict:
+        stored = sharded.checkpoint_keys(path)
+        for name, sd in tensors["models"].items():
+            prefix = f"models.{name}."
+            _check_keys(path, name, set(sd), {k[len(prefix):] for k in stored if k.startswith(prefix)})
+    sharded.load_tensors(tensors, path, strict=strict)
+    for name, module in mods.items():
+        set_model_state_dict(module, tensors["models"][name], options=StateDictOptions(strict=strict))
+    for name, (opt, _, module) in opts.items():
+        set_optimizer_state_dict(module, opt, tensors["optimizers"][name])
+    rank_files = sorted(path.glob("rank-*.pt"))
+    mine = path / f"rank-{env.rank()}.pt"
+    per_rank = files.read_file(mine if mine.exists() else rank_files[env.rank() % len(rank_files)])
+    return _restore_common(state, common, per_rank)
+
+
+def resolve(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint path; a directory of ``step-N`` checkpoints resolves to the latest one."""
+    path = Path(path)
+    if path.is_dir() and not (path / "common.pt").exists():
+        found = latest(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {str(path)!r} (no complete step-N directory)")
+        return found
+    if not path.exists():
+        old = path.with_name(f".{path.name}.old")
+        if old.is_dir():  # killed between the two renames of publish_directory: the previous one
+            return old
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def latest(directory: str | os.PathLike[str]) -> Path | None:
+    """The newest complete ``step-N`` checkpoint in ``directory`` (partial saves are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_DIR.match(p.name))]
+    return max(steps)[1] if steps else None
+
+
+def checkpoint_sharded(state: Any = MISSING, /, dir: Any = MISSING, *, keep: int | None = None,
+                       async_save: bool = False) -> Any:
+    """Save ``state`` as a sharded checkpoint ``dir/step-N`` (N = ``state.step``); returns the state.
+
+    Without ``state`` it is the same saver as a hook for ``lt.run``:
+    ``hooks=[lt.every(500, lt.checkpoint_sharded(dir="ckpt/", keep=3))]``, and
+    ``lt.run(..., resume="latest")`` then continues from the newest one.
+
+    Args:
+        state: the training state; omit it for the hook form.
+        dir: the directory holding the ``step-N`` checkpoints.
+        keep: keep only the newest ``keep`` checkpoints (None: all).
+        async_save: write in the background (the next optimizer step waits for it).
+
+    Example:
+        >>> import tempfile, torch, ltransform as lt
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> root = tempfile.mkdtemp()
+        >>> _ = lt.checkpoint_sharded(state, root)
+        >>> lt.latest_checkpoint(root).name
+        'step-00000000'
+    """
+    if dir is MISSING and not (state is MISSING or hasattr(state, "step") or isinstance(state, Mapping)):
+        state, dir = MISSING, state
+    if dir is MISSING:
+        raise TypeError("checkpoint_sharded: give the directory, dir='ckpt/'")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"checkpoint_sharded: keep must be a positive int or None, got {keep!r}")
+    if state is MISSING:
+        return _Saver(Path(dir), keep, async_save)
+    return _Saver(Path(dir), keep, async_save)(state)
+
+
+class _Saver:
+    """``checkpoint_sharded`` bound to a directory: a ``state -> state`` hook."""
+
+    def __init__(self, dir: Path, keep: int | None, async_save: bool) -> None:
+        self.checkpoint_dir, self.keep, self.async_save = dir, keep, async_save
+        self.__name__ = f"checkpoint_sharded(dir={str(dir)!r})"
+
+    def __repr__(self) -> str:
+        return self.__name__
+
+    def __call__(self, state: Any) -> Any:
+        from ltransform.core.state import read_counters
+
+        path = self.checkpoint_dir / f"step-{read_counters(state)[0]:08d}"
+        save(path, state, sharded=True, async_save=self.async_save)
+        if self.keep is not None and env.rank() == 0:  # published ones only; a pending one is not yet
+            steps = sorted((int(m.group(1)), p) for p in self.checkpoint_dir.iterdir()
+                           if (m := STEP_DIR.match(p.name)))
+            for _, old in steps[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return state
+
+
+def load_raw(path: str | os.PathLike[str], target: Any, *, strict: bool = True) -> Any:
+    """Load a file written by plain PyTorch (``torch.save(model.state_dict())``, an optimizer's
+    state dict, or a safetensors file) into a module or optimizer; returns ``target``.
+
+    Example:
+        >>> import tempfile, torch, ltransform as lt
+        >>> path = tempfile.mkdtemp() + "/weights.pt"
+        >>> torch.save(torch.nn.Linear(2, 1).state_dict(), path)
+        >>> _ = lt.load_raw(path, torch.nn.Linear(2, 1))
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from ltransform.checkpoint.convert import read_safetensors
+
+        sd = read_safetensors(path)
+    else:
+        sd = files.read_file(path)
+    if isinstance(sd, Mapping) and isinstance(sd.get("meta"), Mapping) and sd["meta"].get("format") == contents.FORMAT:
+        raise ValueError(f"lt.load_raw: {str(path)!r} is an ltransform checkpoint; use lt.load(path, state)")
+    if isinstance(target, torch.nn.Module):
+        if strict:
+            _check_keys(path, type(target).__name__, set(target.state_dict()), set(sd))
+        target.load_state_dict(sd, strict=strict)
+    elif isinstance(target, torch.optim.Optimizer):
+        target.load_state_dict(sd)
+    else:
+        raise TypeError(f"lt.load_raw: target must be a torch.nn.Module or an optimizer, got {type(target).__name__}")
+    return target

@@ -1,0 +1,159 @@
+"""What a checkpoint holds besides weights: counters, RNG states, the data position, schedulers,
+user extras and metadata, each as tensors and plain data (loadable with ``weights_only``)."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ltransform.core.state import _replace, find_modules, read_counters, walk
+
+FORMAT = "ltransform-checkpoint"
+VERSION = 1
+
+
+def metadata(*, sharded: bool, precision: str | None) -> dict[str, Any]:
+    from ltransform import __version__
+    from ltransform.distributed import env
+
+    return {"format": FORMAT, "version": VERSION, "ltransform": __version__, "torch": str(torch.__version__),
+            "world_size": env.world_size(), "sharded": sharded, "precision": precision,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def check_metadata(meta: Any, where: str) -> None:
+    if not isinstance(meta, Mapping) or meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{where} is not an ltransform checkpoint (no {FORMAT!r} metadata); for a file written "
+            f"by plain PyTorch use lt.load_raw(path, model_or_optimizer)"
+        )
+    if meta.get("version", 0) > VERSION:
+        raise ValueError(f"{where} has checkpoint format version {meta['version']}, newer than this "
+                         f"ltransform ({VERSION}) reads; upgrade ltransform")
+
+
+def modules(state: Any) -> dict[str, torch.nn.Module]:
+    """The state's modules by their path in it (``"model"``, ``"model.g"``, ...)."""
+    if isinstance(state, torch.nn.Module):
+        return {"model": state}
+    return dict(walk(state, torch.nn.Module))
+
+
+def optimizers(state: Any) -> dict[str, tuple[torch.optim.Optimizer, str, torch.nn.Module]]:
+    """Each optimizer by path, with the path and module its parameters belong to."""
+    mods = modules(state)
+    owner = {id(p): name for name, m in mods.items() for p in m.parameters()}
+    found = {}
+    for name, opt in walk(state, torch.optim.Optimizer):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        module_name = owner.get(id(params[0])) if params else None
+        if module_name is None:
+            raise ValueError(f"checkpoint: optimizer {name!r} holds no parameter of any model in the state")
+        found[name] = (opt, module_name, mods[module_name])
+    return found
+
+
+def schedulers(state: Any) -> dict[str, Any]:
+    return dict(walk(state, torch.optim.lr_scheduler.LRScheduler))
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's random generators: Python, NumPy (if imported), torch CPU and CUDA."""
+    rng: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        kind, keys, pos, has_gauss, cached = numpy.random.get_state()
+        rng["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached": float(cached)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: Mapping[str, Any]) -> None:
+    random.setstate(_tuples(rng["python"]))
+    torch.set_rng_state(rng["torch"])
+    if "numpy" in rng:
+        import numpy
+
+        n = rng["numpy"]
+        numpy.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"],
+                                n["cached"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _tuples(value: Any) -> Any:
+    """``random.setstate`` wants tuples where a round trip may have left lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def capture_extras(state: Any) -> dict[str, Any]:
+    """``state.extra``: objects with ``state_dict`` by their state, plain data as it is."""
+    extra = _extra(state)
+    out = {}
+    for key, value in extra.items():
+        if callable(getattr(value, "state_dict", None)):
+            out[key] = {"stateful": value.state_dict()}
+        elif _plain(value):
+            out[key] = {"value": value}
+        else:
+            raise TypeError(
+                f"checkpoint: state.extra[{key!r}] is a {type(value).__name__}, which has no "
+                f"state_dict() and is not plain data (tensors, numbers, strings, lists, dicts); "
+                f"give it state_dict/load_state_dict or keep it out of the state"
+            )
+    return out
+
+
+def restore_extras(state: Any, saved: Mapping[str, Any]) -> Any:
+    extra = dict(_extra(state))
+    for key, entry in saved.items():
+        if "stateful" in entry:
+            live = extra.get(key)
+            if not callable(getattr(live, "load_state_dict", None)):
+                raise RuntimeError(
+                    f"lt.load: the checkpoint has state.extra[{key!r}] (an object's state_dict), but "
+                    f"the state has no such object to load it into; prepare the step first "
+                    f"(lt.prepare(step, state)) so that it creates it"
+                )
+            live.load_state_dict(entry["stateful"])
+        else:
+            extra[key] = entry["value"]
+    return _replace(state, extra=extra) if extra != _extra(state) else state
+
+
+def _extra(state: Any) -> Mapping[str, Any]:
+    extra = state.get("extra", {}) if isinstance(state, Mapping) else getattr(state, "extra", {})
+    return extra if isinstance(extra, Mapping) else {}
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str, bytes, torch.Tensor)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _plain(v) for k, v in value.items())
+    return False
+
+
+def counters(state: Any) -> dict[str, int]:
+    step, micro = read_counters(state)
+    epoch = state.get("epoch", 0) if isinstance(state, Mapping) else getattr(state, "epoch", 0)
+    return {"step": step, "micro_step": micro, "epoch": epoch}
+
+
+def restore_counters(state: Any, saved: Mapping[str, int]) -> Any:
+    changes = {k: v for k, v in saved.items()
+               if k != "epoch" or isinstance(state, Mapping) or hasattr(state, "epoch")}
+    return _replace(state, **changes)
+
+
+def trainable(state: Any) -> list[torch.nn.Module]:
+    return find_modules(state)

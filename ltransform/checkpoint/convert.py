@@ -1,0 +1,105 @@
+"""Conversions: a sharded checkpoint to one file (``ltransform consolidate``), and model weights
+to and from safetensors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ltransform.checkpoint import contents, files, sharded
+
+
+def consolidate(sharded_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Turn a sharded checkpoint directory into one full checkpoint file (or, if ``out`` ends
+    in ``.safetensors``, the model weights alone), in one process with no process group.
+
+    Example:
+        >>> import tempfile, torch, ltransform as lt
+        >>> model = torch.nn.Linear(2, 1)
+        >>> root = tempfile.mkdtemp()
+        >>> _ = lt.save(root + "/sharded", lt.State(model=model), sharded=True)
+        >>> path = lt.consolidate(root + "/sharded", root + "/full.pt")
+        >>> torch.equal(lt.load(path, lt.State(model=torch.nn.Linear(2, 1))).model.weight, model.weight)
+        True
+    """
+    source = Path(sharded_dir)
+    if not (source / "common.pt").is_file():
+        raise FileNotFoundError(f"consolidate: {str(source)!r} is not a complete sharded ltransform checkpoint "
+                                f"(no common.pt)")
+    common = files.read_file(source / "common.pt")
+    contents.check_metadata(common.get("meta"), repr(str(source)))
+    tensors: dict[str, Any] = {}
+    sharded.load_tensors(tensors, source, rebuild=True)
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        if len(tensors["models"]) != 1:
+            raise ValueError(f"consolidate: the checkpoint has models {sorted(tensors['models'])}; a "
+                             f"safetensors file holds one: export each with lt.export_safetensors")
+        return write_safetensors(next(iter(tensors["models"].values())), out)
+    ranks = [files.read_file(p) for p in sorted(source.glob("rank-*.pt"), key=_rank_number)]
+    meta = {**common["meta"], "sharded": False}
+    return files.write_file(out, {**common, "meta": meta, "models": tensors["models"],
+                                  "optimizers": tensors.get("optimizers", {}), "ranks": ranks})
+
+
+def _rank_number(path: Path) -> int:
+    return int(path.stem.removeprefix("rank-"))
+
+
+def export_safetensors(source: Any, out: str | os.PathLike[str], *, model: str = "model") -> Path:
+    """Write model weights as a safetensors file.
+
+    Args:
+        source: a module, or the path of an ltransform checkpoint (file or sharded directory).
+        out: the ``.safetensors`` file to write.
+        model: which model of a checkpoint (its field name in the state).
+    """
+    if isinstance(source, torch.nn.Module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(source, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        path = Path(source)
+        if path.is_dir():
+            tensors: dict[str, Any] = {}
+            sharded.load_tensors(tensors, path, rebuild=True)
+            models = tensors["models"]
+        else:
+            payload = files.read_file(path)
+            contents.check_metadata(payload.get("meta"), repr(str(path)))
+            models = payload["models"]
+        if model not in models:
+            raise KeyError(f"export_safetensors: no model {model!r} in {str(path)!r}; it has {sorted(models)}")
+        weights = models[model]
+    return write_safetensors(weights, Path(out))
+
+
+def write_safetensors(weights: dict[str, torch.Tensor], out: Path) -> Path:
+    safetensors_torch = _safetensors()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    tmp = files.partial_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    safetensors_torch.save_file(tensors, str(tmp), metadata={"format": "pt", "writer": "ltransform"})
+    os.replace(tmp, out)
+    return out
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return _safetensors().load_file(str(path))
+    except Exception as error:  # safetensors raises its own SafetensorError on a bad header
+        if isinstance(error, ImportError):
+            raise
+        raise RuntimeError(f"safetensors file {str(path)!r} is truncated or corrupt ({error})") from error
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError as error:
+        raise ImportError("safetensors files need the safetensors package: pip install 'ltransform[safetensors]' "
+                          "(or pip install safetensors)") from error
+    return safetensors.torch

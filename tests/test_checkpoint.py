@@ -1,0 +1,258 @@
+"""lt.save / lt.load / lt.checkpoint_sharded / lt.load_raw / conversions, in one process."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import ltransform as lt
+from helpers import make_model
+
+DATA = TensorDataset(torch.randn(40, 4, generator=torch.Generator().manual_seed(1)),
+                     torch.randn(40, 1, generator=torch.Generator().manual_seed(2)))
+
+
+def dropout_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.3), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def fresh_state():
+    model = dropout_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return lt.State(model=model, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 3, 0.5))
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+STEP = lt.pipe(lt.train_step(loss_fn), lt.with_precision("16-mixed"), lt.accumulate(2))
+
+
+def loader():
+    return DataLoader(DATA, batch_size=4, shuffle=True)
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("how", ["sharded-hook", "full-file"])
+def test_resume_mid_epoch_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, how):
+    # 10 batches per epoch, 2 per step: step 7 is mid-way through epoch 1
+    torch.manual_seed(5)
+    straight = lt.run(STEP, fresh_state(), loader(), max_steps=9, progress=False)
+    torch.manual_seed(5)
+    if how == "sharded-hook":
+        hook, resume = lt.every(7, lt.checkpoint_sharded(dir=tmp_path)), "latest"
+    else:
+        hook, resume = lt.every(7, lambda s: lt.save(tmp_path / "ckpt.pt", s) and None), tmp_path / "ckpt.pt"
+    first = lt.run(STEP, fresh_state(), loader(), max_steps=7, progress=False, hooks=[hook])
+    assert first.step == 7
+    torch.manual_seed(123)  # a new process: other RNG states, which the checkpoint replaces
+    resumed = lt.run(STEP, fresh_state(), loader(), max_steps=9, progress=False, resume=resume,
+                     hooks=[hook] if resume == "latest" else [])
+    assert (resumed.step, resumed.micro_step, resumed.epoch) == (straight.step, straight.micro_step, straight.epoch)
+    assert same(resumed.model, straight.model)
+    assert resumed.scheduler.last_epoch == straight.scheduler.last_epoch == 9
+    assert resumed.extra["grad_scaler"].get_scale() == straight.extra["grad_scaler"].get_scale()
+    assert resumed.optimizer.state_dict()["state"][0]["exp_avg"].equal(straight.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_resume_latest_with_no_checkpoint_yet_starts_from_the_beginning(tmp_path):
+    state = lt.run(STEP, fresh_state(), loader(), max_steps=2, progress=False, resume="latest",
+                   hooks=[lt.every(5, lt.checkpoint_sharded(dir=tmp_path / "none-yet"))])
+    assert state.step == 2
+    with pytest.raises(ValueError, match="resume='latest' looks in the directory of the run's checkpoint hook"):
+        lt.run(STEP, fresh_state(), loader(), max_steps=2, progress=False, resume="latest")
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_contents_round_trip(tmp_path, sharded):
+    state = lt.run(STEP, fresh_state(), loader(), max_steps=3, progress=False)
+    state = lt.State(**{**{f: getattr(state, f) for f in ("model", "optimizer", "scheduler", "step", "micro_step")},
+                        "epoch": 4, "extra": {**state.extra, "note": "hello", "best": torch.tensor(0.5)}})
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    path = lt.save(tmp_path / ("ckpt" if sharded else "ckpt.pt"), state, sharded=sharded)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    target = lt.prepare(STEP, fresh_state())
+    loaded = lt.load(path, target)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected  # RNG states restored
+    assert (loaded.step, loaded.micro_step, loaded.epoch) == (state.step, state.micro_step, 4)
+    assert same(loaded.model, state.model)
+    assert loaded.optimizer.state_dict()["state"][0]["exp_avg"].equal(state.optimizer.state_dict()["state"][0]["exp_avg"])
+    assert loaded.scheduler.state_dict() == state.scheduler.state_dict()
+    assert loaded.extra["grad_scaler"] is target.extra["grad_scaler"]  # loaded in place
+    assert loaded.extra["grad_scaler"].state_dict() == state.extra["grad_scaler"].state_dict()
+    assert loaded.extra["note"] == "hello" and loaded.extra["best"].item() == 0.5
+    meta = torch.load(path / "common.pt" if sharded else path, weights_only=True)["meta"]
+    assert meta["format"] == "ltransform-checkpoint" and meta["version"] == 1
+    assert meta["torch"] == str(torch.__version__) and meta["world_size"] == 1 and meta["sharded"] == sharded
+    assert {"ltransform", "time", "precision"} <= set(meta)
+
+
+def test_checkpoint_metadata_records_the_runs_precision(tmp_path):
+    lt.run(STEP, fresh_state(), loader(), max_steps=2, progress=False,
+           hooks=[lt.every(2, lt.checkpoint_sharded(dir=tmp_path))])
+    assert torch.load(tmp_path / "step-00000002" / "common.pt", weights_only=True)["meta"]["precision"] == "16-mixed"
+
+
+def test_filter_and_strict(tmp_path):
+    model = make_model()
+    path = lt.save(tmp_path / "part.pt", lt.State(model=model), filter=lambda name, t: name.startswith("2."))
+    with pytest.raises(KeyError, match=r"model 'model' does not match the checkpoint: missing keys \['0.bias', "
+                                       r"'0.weight'\], unexpected keys \[\]; pass strict=False"):
+        lt.load(path, lt.State(model=make_model(seed=1)))
+    other = make_model(seed=1)
+    lt.load(path, lt.State(model=other), strict=False)
+    assert torch.equal(other[2].weight, model[2].weight) and not torch.equal(other[0].weight, model[0].weight)
+    with pytest.raises(ValueError, match="filter names \\['decoder'\\], which are not models of the state"):
+        lt.save(tmp_path / "x.pt", lt.State(model=model), filter={"decoder": lambda n, t: True})
+
+
+def test_load_raw_reads_plain_pytorch_files(tmp_path):
+    model, opt_model = make_model(), make_model()
+    optimizer = torch.optim.Adam(opt_model.parameters())
+    F.mse_loss(opt_model(torch.ones(2, 4)), torch.zeros(2, 1)).backward()
+    optimizer.step()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    torch.save(optimizer.state_dict(), tmp_path / "optim.pt")
+    target = lt.load_raw(tmp_path / "weights.pt", make_model(seed=3))
+    assert same(target, model)
+    fresh = torch.optim.Adam(make_model().parameters())
+    lt.load_raw(tmp_path / "optim.pt", fresh)
+    assert fresh.state_dict()["state"][0]["exp_avg"].equal(optimizer.state_dict()["state"][0]["exp_avg"])
+    with pytest.raises(KeyError, match=r"missing keys \[\], unexpected keys \['extra.weight'\]"):
+        torch.save({**model.state_dict(), "extra.weight": torch.ones(1)}, tmp_path / "more.pt")
+        lt.load_raw(tmp_path / "more.pt", make_model())
+    with pytest.raises(ValueError, match="is an ltransform checkpoint; use lt.load"):
+        lt.load_raw(lt.save(tmp_path / "ours.pt", lt.State(model=model)), make_model())
+    with pytest.raises(ValueError, match="not an ltransform checkpoint.*use lt.load_raw"):
+        lt.load(tmp_path / "weights.pt", lt.State(model=make_model()))
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {Evil.marker}",))
+
+
+def test_a_malicious_pickle_runs_nothing_and_is_refused(tmp_path):
+    Evil.marker = tmp_path / "pwned"
+    torch.save({"meta": {}, "x": Evil()}, tmp_path / "evil.pt")
+    for load in (lambda: lt.load(tmp_path / "evil.pt", lt.State(model=make_model())),
+                 lambda: lt.load_raw(tmp_path / "evil.pt", make_model())):
+        with pytest.raises(pickle.UnpicklingError, match="refusing to load .*evil.pt.*weights_only=True"):
+            load()
+    # a sharded checkpoint's DCP metadata is unpickled through an allowlist too
+    path = lt.save(tmp_path / "sharded", lt.State(model=make_model()), sharded=True)
+    with open(path / ".metadata", "wb") as f:
+        pickle.dump(Evil(), f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load the sharded checkpoint"):
+        lt.load(path, lt.State(model=make_model()))
+    assert not Evil.marker.exists()
+
+
+def test_truncated_or_missing_files_name_the_file(tmp_path):
+    path = lt.save(tmp_path / "ckpt.pt", lt.State(model=make_model()))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(RuntimeError, match="checkpoint file .*ckpt.pt' is truncated or corrupt"):
+        lt.load(path, lt.State(model=make_model()))
+    with pytest.raises(FileNotFoundError, match="checkpoint .*nope.pt' does not exist"):
+        lt.load(tmp_path / "nope.pt", lt.State(model=make_model()))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        lt.load(tmp_path / "empty", lt.State(model=make_model()))
+
+
+def test_keep_last_k_and_partial_saves_are_not_latest(tmp_path):
+    saver = lt.checkpoint_sharded(dir=tmp_path, keep=2)
+    state = lt.State(model=make_model())
+    for step in (1, 2, 3):
+        saver(lt.State(model=state.model, step=step))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000003"]
+    (tmp_path / ".step-00000009.partial").mkdir()  # a save killed half-way
+    assert lt.latest_checkpoint(tmp_path).name == "step-00000003"
+    with pytest.raises(ValueError, match="keep must be a positive int"):
+        lt.checkpoint_sharded(dir=tmp_path, keep=0)
+
+
+def test_async_save_equals_a_sync_save_and_is_waited_for_before_the_next_update(tmp_path):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    state = lt.State(model=model, optimizer=optimizer)
+    step = lt.train_step(lambda m, b: m(b).pow(2).mean())
+    state, _ = step(state, torch.ones(8, 4))
+    lt.save(tmp_path / "sync", state, sharded=True)
+    lt.save(tmp_path / "async", state, sharded=True, async_save=True)
+    state, _ = step(state, torch.ones(8, 4))  # changes the parameters: waits for the save first
+    assert not (tmp_path / ".async.partial").exists() and (tmp_path / "async").is_dir()
+    a, b = lt.load(tmp_path / "sync", lt.State(model=make_model(9))), lt.load(tmp_path / "async", lt.State(model=make_model(9)))
+    assert same(a.model, b.model) and not same(a.model, model)
+    with pytest.raises(ValueError, match="async_save=True needs sharded=True"):
+        lt.save(tmp_path / "x.pt", state, async_save=True)
+
+
+def test_consolidate_and_safetensors(tmp_path):
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters())
+    state = lt.run(lt.train_step(lambda m, b: m(b).pow(2).mean()), lt.State(model=model, optimizer=opt),
+                   [torch.ones(2, 4)] * 3, progress=False)
+    lt.save(tmp_path / "sharded", state, sharded=True)
+    out = subprocess.run([sys.executable, "-m", "ltransform", "consolidate", str(tmp_path / "sharded"),
+                          str(tmp_path / "full.pt")], capture_output=True, text=True, check=True).stdout
+    assert "wrote" in out
+    target = lt.State(model=make_model(4), optimizer=torch.optim.Adam(make_model(4).parameters()))
+    target = lt.State(model=target.model, optimizer=torch.optim.Adam(target.model.parameters()))
+    loaded = lt.load(tmp_path / "full.pt", target)
+    assert same(loaded.model, model) and loaded.step == 3
+    lt.consolidate(tmp_path / "sharded", tmp_path / "weights.safetensors")
+    assert same(lt.load_raw(tmp_path / "weights.safetensors", make_model(5)), model)
+    lt.export_safetensors(model, tmp_path / "direct.safetensors")
+    lt.export_safetensors(tmp_path / "full.pt", tmp_path / "from_file.safetensors")
+    for name in ("direct", "from_file"):
+        assert same(lt.load_raw(tmp_path / f"{name}.safetensors", make_model(6)), model)
+
+
+KILLED_SAVE = """
+import sys, torch, ltransform as lt
+model = torch.nn.Linear(2, 2)
+state = lt.State(model=model, extra={"big": torch.zeros(1)})
+lt.save(sys.argv[1], state, sharded=sys.argv[2] == "1")
+print("first saved", flush=True)
+big = torch.randn(80_000_000)  # 320 MB: slow enough to kill mid-write
+lt.save(sys.argv[1], lt.State(model=torch.nn.Linear(2, 2), extra={"big": big}), sharded=sys.argv[2] == "1")
+print("second saved", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path, sharded):
+    path = tmp_path / ("ckpt" if sharded else "ckpt.pt")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(path), "1" if sharded else "0"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "first saved"
+    first = lt.load(path, lt.State(model=torch.nn.Linear(2, 2), extra={}))
+    partial = tmp_path / (".ckpt.partial" if sharded else ".ckpt.pt.partial")
+    deadline = time.monotonic() + 60
+    while not partial.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert partial.exists(), "the second save was not caught in progress"
+    again = lt.load(path, lt.State(model=torch.nn.Linear(2, 2), extra={}))  # still the first one
+    assert torch.equal(again.model.weight, first.model.weight)
+    assert again.extra["big"].numel() == 1
