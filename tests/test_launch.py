@@ -79,8 +79,10 @@ def test_cli_runs_a_script_on_two_processes(tmp_path):
         "total = lt.all_reduce(torch.tensor([1.0 + lt.rank()]), 'sum')\n"
         "print(f'rank {lt.rank()} of {lt.world_size()} total {total.item()} args {sys.argv[1:]}')\n"
     )
-    out = subprocess.run([sys.executable, "-m", "ltransform", "run", "--devices", "2", str(script), "--x", "1"],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    done = subprocess.run([sys.executable, "-m", "ltransform", "run", "--devices", "2", str(script), "--x", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
     assert "rank 0 of 2 total 3.0 args ['--x', '1']" in out
     assert "rank 1 of 2 total 3.0 args ['--x', '1']" in out
 

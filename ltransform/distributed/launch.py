@@ -54,8 +54,9 @@ def launch(
         node_rank: this node's index, 0 to ``num_nodes - 1``.
         master_addr: the address of node 0.
         master_port: a free port on node 0 (default: any free port, single node only).
-        start_method: ``"spawn"``, ``"fork"`` or ``"forkserver"``; default fork in Jupyter or
-            the interactive interpreter, else spawn.
+        start_method: ``"spawn"``, ``"fork"`` or ``"forkserver"``; default fork where there is
+            no script file to re-import (Jupyter, ``python -c``, the interactive interpreter),
+            else spawn.
         max_restarts: how many times the agent restarts the group after a failure.
         join_timeout: seconds to wait for every node to join before giving up.
 
@@ -192,8 +193,10 @@ def _exit_reason(code: int | None) -> str:
 
 
 def _interactive(fn: Callable[..., Any]) -> bool:
-    main = sys.modules.get("__main__")
-    return getattr(fn, "__module__", None) == "__main__" and not hasattr(main, "__file__")
+    """True where spawned processes could not re-import ``__main__``: Jupyter, ``python -c``,
+    ``python -`` (no script file), so the processes must be forked."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    return path is None or not os.path.exists(path)
 
 
 def _free_port() -> int:
