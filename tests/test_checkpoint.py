@@ -206,6 +206,13 @@ def test_async_save_equals_a_sync_save_and_is_waited_for_before_the_next_update(
         lt.save(tmp_path / "x.pt", state, async_save=True)
 
 
+def test_an_async_save_from_a_hook_is_published_when_the_run_ends(tmp_path):
+    lt.run(STEP, fresh_state(), loader(), max_steps=3, progress=False,
+           hooks=[lt.every(3, lt.checkpoint_sharded(dir=tmp_path, async_save=True))])
+    assert (tmp_path / "step-00000003" / "common.pt").exists()
+    assert not list(tmp_path.glob(".*partial"))
+
+
 def test_consolidate_and_safetensors(tmp_path):
     model = make_model()
     opt = torch.optim.Adam(model.parameters())

@@ -103,7 +103,8 @@ def _save_full(path: Path, state: Any, filters: Mapping[str, Filter]) -> Path:
         sd = get_model_state_dict(module, options=options)
         keep = filters.get(name)
         models[name] = {k: v for k, v in sd.items() if keep is None or keep(k, v)}
-    optimizers = {name: get_optimizer_state_dict(module, opt, options=options)
+    optimizers = {name: get_optimizer_state_dict(module, opt, options=options) if _is_sharded(module)
+                  else contents.optimizer_state(module, opt)
                   for name, (opt, _, module) in contents.optimizers(state).items()}
     per_rank = env.all_gather_objects(_per_rank())
     if env.rank() == 0:
@@ -198,10 +199,9 @@ def load_with_position(path: str | os.PathLike[str], state: Any, *, strict: bool
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
+    # Sharded models go through torch's full-state-dict loaders (which reshard); plain ones load
+    # directly from the mapped file (torch's helpers would allocate a gradient per parameter)
     options = StateDictOptions(full_state_dict=True, strict=strict)
-    # torch's full-state optimizer load needs DTensor parameters to reshard onto (and fails on
-    # an optimizer with no tensor state); plain parameters take the FQN-keyed dict as it is
-    plain = StateDictOptions(strict=strict)
     for name, module in contents.modules(state).items():
         saved = payload["models"].get(name)
         if saved is None:
@@ -209,16 +209,24 @@ def load_with_position(path: str | os.PathLike[str], state: Any, *, strict: bool
                            f"{sorted(payload['models'])}")
         if strict:
             _check_keys(path, name, set(module.state_dict()), set(saved))
-        set_model_state_dict(module, saved, options=options)
+        if _is_sharded(module):
+            set_model_state_dict(module, saved, options=options)
+        else:  # copies straight from the mapped file into the parameters
+            module.load_state_dict(saved, strict=strict)
     for name, (opt, _, module) in contents.optimizers(state).items():
         if name in payload["optimizers"]:
-            sharded_params = any(hasattr(p, "device_mesh") for p in module.parameters())
-            set_optimizer_state_dict(module, opt, payload["optimizers"][name],
-                                     options=options if sharded_params else plain)
+            if _is_sharded(module):
+                set_optimizer_state_dict(module, opt, payload["optimizers"][name], options=options)
+            else:
+                contents.load_optimizer_state(module, opt, payload["optimizers"][name])
         elif strict:
             raise KeyError(f"lt.load({str(path)!r}): the checkpoint has no optimizer {name!r}")
     ranks = payload["ranks"]
     return _restore_common(state, payload, ranks[env.rank() % len(ranks)])
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in module.parameters())  # DTensor parameters
 
 
 def _check_keys(path: Path, name: str, expected: set[str], saved: set[str]) -> None:

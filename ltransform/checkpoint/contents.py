@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ltransform.core.state import _replace, find_modules, read_counters, walk
+from ltransform.core.state import _replace, read_counters, walk
 
 FORMAT = "ltransform-checkpoint"
 VERSION = 1
@@ -155,5 +155,32 @@ def restore_counters(state: Any, saved: Mapping[str, int]) -> Any:
     return _replace(state, **changes)
 
 
-def trainable(state: Any) -> list[torch.nn.Module]:
-    return find_modules(state)
+def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A plain (unsharded) optimizer's state keyed by parameter names, in the format of torch's
+    ``get_optimizer_state_dict``, without its trick of a zero step to create missing state
+    (which allocates a gradient for every parameter)."""
+    names = _param_names(module, optimizer)
+    saved = optimizer.state_dict()
+    return {"state": {names[i]: v for i, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+
+
+def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+    """Load a state saved by :func:`optimizer_state` (or torch's FQN format) into a plain optimizer."""
+    names = _param_names(module, optimizer)
+    index = {name: i for i, name in names.items()}
+    groups = optimizer.state_dict()["param_groups"]
+    if len(groups) != len(saved["param_groups"]):
+        raise ValueError(f"lt.load: the optimizer has {len(groups)} parameter groups, the checkpoint "
+                         f"{len(saved['param_groups'])}")
+    optimizer.load_state_dict({
+        "state": {index[name]: v for name, v in saved["state"].items() if name in index},
+        "param_groups": [{**g, "params": live["params"]} for g, live in zip(saved["param_groups"], groups)],
+    })
+
+
+def _param_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """Optimizer parameter index (as in its state_dict) -> parameter name in ``module``."""
+    by_id = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return {i: by_id[id(p)] for i, p in enumerate(params)}

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ltransform.core import effects
 from ltransform.core.state import State, find_modules, find_optimizers, read_counters, set_field
 from ltransform.core.step import TransformedStep, as_step
 from ltransform.distributed import env
@@ -133,6 +134,8 @@ def run(
         print(f"\nlt.run: interrupted at step {read_counters(loop.state)[0]}; returning the state so far")
         state = loop.state
     finally:
+        for finish in list(effects.BEFORE_UPDATE):  # e.g. an async checkpoint still being written
+            finish()
         if bar is not None:
             bar.update(read_counters(loop.state)[0] - loop.bar_at)
             bar.close()
