@@ -43,6 +43,11 @@ def test_a_checkpoint_saved_on_2_ranks_loads_in_one_process_without_a_group(rank
     assert state.optimizer.state_dict()["state"][0]["exp_avg"].abs().sum() > 0  # optimizer state came too
 
 
+def test_resume_on_2_ranks_with_a_distributed_sampler_is_exact(ranks):
+    for results in ranks:
+        assert results["exact_resume"] == {"equal": True, "counters": True}
+
+
 def test_a_one_process_checkpoint_loads_resharded_on_2_ranks(ranks, checkpoint_dir):
     _, saved = checkpoint_dir
     for results in ranks:

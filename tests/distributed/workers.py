@@ -396,10 +396,34 @@ def checkpoints(tmp: str) -> dict[str, object]:
             else full_optim["state"]["0.weight"]["exp_avg"]}
 
 
+def exact_resume(tmp: str) -> dict[str, bool]:
+    """DDP on 2 ranks with a shuffled DataLoader (DistributedSampler): 5 steps, a sharded
+    checkpoint, a resume to 8 equals 8 straight, across the epoch end (6 batches per epoch)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gen = torch.Generator().manual_seed(9)
+    data = TensorDataset(torch.randn(48, 4, generator=gen), torch.randn(48, 1, generator=gen))
+
+    def fresh():
+        model = make_model()
+        return lt.State(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+
+    step = lt.pipe(lt.train_step(mse), lt.distribute("ddp"))
+    hook = lt.every(5, lt.checkpoint_sharded(dir=f"{tmp}/resume"))
+    straight = lt.run(step, fresh(), DataLoader(data, batch_size=B, shuffle=True), max_steps=8, progress=False)
+    lt.run(step, fresh(), DataLoader(data, batch_size=B, shuffle=True), max_steps=5, progress=False, hooks=[hook])
+    torch.manual_seed(100 + lt.rank())
+    resumed = lt.run(step, fresh(), DataLoader(data, batch_size=B, shuffle=True), max_steps=8, progress=False,
+                     hooks=[hook], resume="latest")
+    return {"equal": all(torch.equal(a, b) for a, b in zip(straight.model.parameters(), resumed.model.parameters())),
+            "counters": (resumed.step, resumed.epoch) == (straight.step, straight.epoch) == (8, 1)}
+
+
 def all_scenarios(tmp: str | None = None) -> dict[str, object]:
     results = {}
     if tmp is not None:
         results["checkpoints"] = checkpoints(tmp)
+        results["exact_resume"] = exact_resume(tmp)
     for fn in (meta_init_peak_memory, equivalence, clip_norm, no_sync_on_micro_steps, sharded_memory, precision_fsdp, fp16_inf_on_one_shard, errors, collectives,
                run_loader, uneven_data):
         results[fn.__name__] = fn()
