@@ -5,60 +5,144 @@
     state = lt.run(step, lt.State(model=model, optimizer=optimizer), loader, max_steps=1000)
 
 Every public name is re-exported here, flat; the modules under ``core/``, ``steps/``,
-``models/`` and ``runner/`` are implementation. Optional extras (bitsandbytes, Transformer
-Engine, torch_xla, tensorboard, wandb, mlflow) are imported only by the functions that use them.
+``models/``, ``runner/``, ``distributed/`` and ``checkpoint/`` are implementation. Optional
+extras (bitsandbytes, Transformer Engine, torch_xla, tensorboard, wandb, mlflow) are imported
+only by the functions that use them.
+
+The names are loaded on first use (PEP 562), so ``import ltransform`` costs about a
+millisecond over ``import torch`` whatever the library grows to; the ``TYPE_CHECKING`` block
+below is the same list for readers and type checkers (a test keeps the two equal).
 """
 
-from ltransform.checkpoint.api import checkpoint_sharded
-from ltransform.checkpoint.api import latest as latest_checkpoint
-from ltransform.checkpoint.api import load
-from ltransform.checkpoint.api import load_raw
-from ltransform.checkpoint.api import save
-from ltransform.checkpoint.convert import consolidate
-from ltransform.checkpoint.convert import export_safetensors
-from ltransform.core.compose import compose
-from ltransform.core.compose import pipe
-from ltransform.core.effects import Effect
-from ltransform.core.effects import Handler
-from ltransform.core.effects import Stage
-from ltransform.core.effects import When
-from ltransform.core.effects import backward
-from ltransform.core.effects import optimizer_step
-from ltransform.core.explain import explain
-from ltransform.core.precisions import PRECISIONS
-from ltransform.core.precisions import Precision
-from ltransform.core.state import State
-from ltransform.core.step import StepTransform
-from ltransform.core.step import apply_step_transform
-from ltransform.core.step import eval_step
-from ltransform.core.step import prepare
-from ltransform.core.step import train_step
-from ltransform.distributed.env import all_gather
-from ltransform.distributed.env import all_reduce
-from ltransform.distributed.env import barrier
-from ltransform.distributed.env import broadcast
-from ltransform.distributed.env import device
-from ltransform.distributed.env import local_rank
-from ltransform.distributed.env import rank
-from ltransform.distributed.env import world_size
-from ltransform.distributed.launch import LaunchError
-from ltransform.distributed.launch import launch
-from ltransform.distributed.strategies import STRATEGIES
-from ltransform.distributed.strategies import Strategy
-from ltransform.models.init import init_module
-from ltransform.models.init import materialize
-from ltransform.models.precision import to_precision
-from ltransform.models.shard import checkpoint_activations
-from ltransform.models.shard import shard
-from ltransform.runner.hooks import every
-from ltransform.runner.hooks import stop
-from ltransform.runner.loggers import CSVLogger
-from ltransform.runner.loggers import TensorBoardLogger
-from ltransform.runner.run import run
-from ltransform.seed import seed_everything
-from ltransform.steps.accumulate import accumulate
-from ltransform.steps.clip import clip_gradients
-from ltransform.steps.distribute import distribute
-from ltransform.steps.precision import with_precision
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> (module, name in it)
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "checkpoint_sharded": ("ltransform.checkpoint.api", "checkpoint_sharded"),
+    "latest_checkpoint": ("ltransform.checkpoint.api", "latest"),
+    "load": ("ltransform.checkpoint.api", "load"),
+    "load_raw": ("ltransform.checkpoint.api", "load_raw"),
+    "save": ("ltransform.checkpoint.api", "save"),
+    "consolidate": ("ltransform.checkpoint.convert", "consolidate"),
+    "export_safetensors": ("ltransform.checkpoint.convert", "export_safetensors"),
+    "compose": ("ltransform.core.compose", "compose"),
+    "pipe": ("ltransform.core.compose", "pipe"),
+    "Effect": ("ltransform.core.effects", "Effect"),
+    "Handler": ("ltransform.core.effects", "Handler"),
+    "Stage": ("ltransform.core.effects", "Stage"),
+    "When": ("ltransform.core.effects", "When"),
+    "backward": ("ltransform.core.effects", "backward"),
+    "optimizer_step": ("ltransform.core.effects", "optimizer_step"),
+    "explain": ("ltransform.core.explain", "explain"),
+    "PRECISIONS": ("ltransform.core.precisions", "PRECISIONS"),
+    "Precision": ("ltransform.core.precisions", "Precision"),
+    "State": ("ltransform.core.state", "State"),
+    "StepTransform": ("ltransform.core.step", "StepTransform"),
+    "apply_step_transform": ("ltransform.core.step", "apply_step_transform"),
+    "eval_step": ("ltransform.core.step", "eval_step"),
+    "prepare": ("ltransform.core.step", "prepare"),
+    "train_step": ("ltransform.core.step", "train_step"),
+    "all_gather": ("ltransform.distributed.env", "all_gather"),
+    "all_reduce": ("ltransform.distributed.env", "all_reduce"),
+    "barrier": ("ltransform.distributed.env", "barrier"),
+    "broadcast": ("ltransform.distributed.env", "broadcast"),
+    "device": ("ltransform.distributed.env", "device"),
+    "local_rank": ("ltransform.distributed.env", "local_rank"),
+    "rank": ("ltransform.distributed.env", "rank"),
+    "world_size": ("ltransform.distributed.env", "world_size"),
+    "LaunchError": ("ltransform.distributed.launch", "LaunchError"),
+    "launch": ("ltransform.distributed.launch", "launch"),
+    "STRATEGIES": ("ltransform.distributed.strategies", "STRATEGIES"),
+    "Strategy": ("ltransform.distributed.strategies", "Strategy"),
+    "init_module": ("ltransform.models.init", "init_module"),
+    "materialize": ("ltransform.models.init", "materialize"),
+    "to_precision": ("ltransform.models.precision", "to_precision"),
+    "checkpoint_activations": ("ltransform.models.shard", "checkpoint_activations"),
+    "shard": ("ltransform.models.shard", "shard"),
+    "every": ("ltransform.runner.hooks", "every"),
+    "stop": ("ltransform.runner.hooks", "stop"),
+    "CSVLogger": ("ltransform.runner.loggers", "CSVLogger"),
+    "TensorBoardLogger": ("ltransform.runner.loggers", "TensorBoardLogger"),
+    "run": ("ltransform.runner.run", "run"),
+    "seed_everything": ("ltransform.seed", "seed_everything"),
+    "accumulate": ("ltransform.steps.accumulate", "accumulate"),
+    "clip_gradients": ("ltransform.steps.clip", "clip_gradients"),
+    "distribute": ("ltransform.steps.distribute", "distribute"),
+    "with_precision": ("ltransform.steps.precision", "with_precision"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module, attribute = _EXPORTS[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value  # the next lookup is a plain attribute
+        return value
+    if name in ("core", "steps", "models", "runner", "distributed", "checkpoint", "examples", "cli"):
+        return importlib.import_module(f"ltransform.{name}")
+    raise AttributeError(f"module 'ltransform' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:
+    from ltransform.checkpoint.api import checkpoint_sharded
+    from ltransform.checkpoint.api import latest as latest_checkpoint
+    from ltransform.checkpoint.api import load
+    from ltransform.checkpoint.api import load_raw
+    from ltransform.checkpoint.api import save
+    from ltransform.checkpoint.convert import consolidate
+    from ltransform.checkpoint.convert import export_safetensors
+    from ltransform.core.compose import compose
+    from ltransform.core.compose import pipe
+    from ltransform.core.effects import Effect
+    from ltransform.core.effects import Handler
+    from ltransform.core.effects import Stage
+    from ltransform.core.effects import When
+    from ltransform.core.effects import backward
+    from ltransform.core.effects import optimizer_step
+    from ltransform.core.explain import explain
+    from ltransform.core.precisions import PRECISIONS
+    from ltransform.core.precisions import Precision
+    from ltransform.core.state import State
+    from ltransform.core.step import StepTransform
+    from ltransform.core.step import apply_step_transform
+    from ltransform.core.step import eval_step
+    from ltransform.core.step import prepare
+    from ltransform.core.step import train_step
+    from ltransform.distributed.env import all_gather
+    from ltransform.distributed.env import all_reduce
+    from ltransform.distributed.env import barrier
+    from ltransform.distributed.env import broadcast
+    from ltransform.distributed.env import device
+    from ltransform.distributed.env import local_rank
+    from ltransform.distributed.env import rank
+    from ltransform.distributed.env import world_size
+    from ltransform.distributed.launch import LaunchError
+    from ltransform.distributed.launch import launch
+    from ltransform.distributed.strategies import STRATEGIES
+    from ltransform.distributed.strategies import Strategy
+    from ltransform.models.init import init_module
+    from ltransform.models.init import materialize
+    from ltransform.models.precision import to_precision
+    from ltransform.models.shard import checkpoint_activations
+    from ltransform.models.shard import shard
+    from ltransform.runner.hooks import every
+    from ltransform.runner.hooks import stop
+    from ltransform.runner.loggers import CSVLogger
+    from ltransform.runner.loggers import TensorBoardLogger
+    from ltransform.runner.run import run
+    from ltransform.seed import seed_everything
+    from ltransform.steps.accumulate import accumulate
+    from ltransform.steps.clip import clip_gradients
+    from ltransform.steps.distribute import distribute
+    from ltransform.steps.precision import with_precision

@@ -30,7 +30,9 @@ def test_a_user_transform_is_a_peer_of_the_built_in_ones():
         seen.append((ctx, round(loss.item(), 6)))  # the loss after accumulate divided it
         return proceed(frame, loss)
 
-    def log_loss(step=lt.core.compose.MISSING):
+    from ltransform.core.compose import MISSING
+
+    def log_loss(step=MISSING):
         transform = lt.StepTransform(
             name="log_loss()", kind="log_loss", prepare=lambda state: (state, "ctx"),
             handlers=(lt.Handler(effect=lt.Effect.BACKWARD, stage=lt.Stage.LOSS_SCALE, fn=record_loss,

@@ -155,7 +155,7 @@ def test_bf16_mixed_matches_a_hand_written_autocast_loop():
 
 
 def test_aliases_resolve_to_lightning_names():
-    resolve = lt.core.precisions.resolve_precision
+    from ltransform.core.precisions import resolve_precision as resolve
     assert [resolve(a).name for a in ("16", "bf16", "32", "64", 16, 32, 64)] == [
         "16-mixed", "bf16-mixed", "32-true", "64-true", "16-mixed", "32-true", "64-true"]
 

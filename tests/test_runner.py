@@ -242,6 +242,8 @@ def test_an_iterator_used_up_after_one_epoch_warns():
 
 
 def test_to_floats_syncs_once_and_keeps_order():
-    values = lt.runner.run.to_floats({"a": torch.tensor(1.5), "n": 2, "b": torch.tensor([1.0, 3.0])})
+    from ltransform.runner.metrics import to_floats
+
+    values = to_floats({"a": torch.tensor(1.5), "n": 2, "b": torch.tensor([1.0, 3.0])})
     assert values == {"a": 1.5, "n": 2.0, "b": 2.0}
     assert all(isinstance(v, float) for v in values.values()) and not math.isnan(values["b"])

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import ltransform as lt
+from ltransform.distributed.env import ensure_process_group
 
 WIDTH = 2048
 
@@ -38,7 +39,7 @@ def _state(model: torch.nn.Module) -> lt.State:
 
 def save_and_load(kind: str, params_m: int, directory: str) -> dict[str, float]:
     """On each rank: build (sharded on 2 ranks for 'sharded'), save, then load back; seconds."""
-    lt.distributed.env.ensure_process_group()
+    ensure_process_group()
     torch.manual_seed(0)
     model = build(params_m)
     if kind == "sharded":

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import ltransform as lt
+from ltransform.distributed.env import ensure_process_group
 
 
 def mlp(width: int, depth: int = 4) -> torch.nn.Module:
@@ -59,7 +60,7 @@ def throughput(args) -> dict[str, float]:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    lt.distributed.env.ensure_process_group()
+    ensure_process_group()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // lt.world_size()))
     device = lt.device()
     data = _data(args.block, args.width, args.batch, device)
@@ -116,7 +117,7 @@ def _rss_mb() -> float:
 
 def memory(way: str, params_m: int) -> dict[str, float]:
     """Peak RSS growth of one rank while building a model ``way``."""
-    lt.distributed.env.ensure_process_group()
+    ensure_process_group()
     width = 2048
     layers = max(1, round(params_m * 1e6 / (width * width)))
     build = lambda: torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])  # noqa: E731
