@@ -23,10 +23,10 @@ __version__ = "0.1.0"
 
 # public name -> (module, name in it)
 _EXPORTS: dict[str, tuple[str, str]] = {
-    "checkpoint_sharded": ("ltransform.checkpoint.api", "checkpoint_sharded"),
-    "latest_checkpoint": ("ltransform.checkpoint.api", "latest"),
+    "checkpoint_sharded": ("ltransform.checkpoint.saver", "checkpoint_sharded"),
+    "latest_checkpoint": ("ltransform.checkpoint.files", "latest"),
     "load": ("ltransform.checkpoint.api", "load"),
-    "load_raw": ("ltransform.checkpoint.api", "load_raw"),
+    "load_raw": ("ltransform.checkpoint.convert", "load_raw"),
     "save": ("ltransform.checkpoint.api", "save"),
     "consolidate": ("ltransform.checkpoint.convert", "consolidate"),
     "export_safetensors": ("ltransform.checkpoint.convert", "export_safetensors"),
@@ -95,10 +95,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from ltransform.checkpoint.api import checkpoint_sharded
-    from ltransform.checkpoint.api import latest as latest_checkpoint
+    from ltransform.checkpoint.saver import checkpoint_sharded
+    from ltransform.checkpoint.files import latest as latest_checkpoint
     from ltransform.checkpoint.api import load
-    from ltransform.checkpoint.api import load_raw
+    from ltransform.checkpoint.convert import load_raw
     from ltransform.checkpoint.api import save
     from ltransform.checkpoint.convert import consolidate
     from ltransform.checkpoint.convert import export_safetensors

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -14,11 +13,9 @@ import torch
 
 from ltransform.checkpoint import contents, files, sharded
 from ltransform.core import effects
-from ltransform.core.compose import MISSING
 from ltransform.distributed import env
 
 Filter = Callable[[str, torch.Tensor], bool]
-STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def save(path: str | os.PathLike[str], state: Any, *, sharded: bool = False, filter: Any = None,
@@ -93,41 +90,39 @@ def _per_rank() -> dict[str, Any]:
     return {"rng": contents.capture_rng(), "data": current()}
 
 
-def _save_full(path: Path, state: Any, filters: Mapping[str, Filter]) -> Path:
+def _tensors(state: Any, filters: Mapping[str, Filter], *, full: bool) -> dict[str, Any]:
+    """Every model's and optimizer's state dict, keyed by parameter names: gathered to rank 0
+    on the CPU (``full``), or each rank's shards (DCP's form). Plain optimizers are read
+    directly (torch's helper would allocate a gradient per parameter to create missing state)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=full, cpu_offload=full)
     models = {}
     for name, module in contents.modules(state).items():
-        sd = get_model_state_dict(module, options=options)
         keep = filters.get(name)
-        models[name] = {k: v for k, v in sd.items() if keep is None or keep(k, v)}
-    optimizers = {name: get_optimizer_state_dict(module, opt, options=options) if _is_sharded(module)
-                  else contents.optimizer_state(module, opt)
+        models[name] = {k: v for k, v in get_model_state_dict(module, options=options).items()
+                        if keep is None or keep(k, v)}
+    optimizers = {name: get_optimizer_state_dict(module, opt, options=options)
+                  if _is_sharded(module) or not full else contents.optimizer_state(module, opt)
                   for name, (opt, _, module) in contents.optimizers(state).items()}
+    return {"models": models, "optimizers": optimizers}
+
+
+def _save_full(path: Path, state: Any, filters: Mapping[str, Filter]) -> Path:
+    tensors = _tensors(state, filters, full=True)
     per_rank = env.all_gather_objects(_per_rank())
     if env.rank() == 0:
-        files.write_file(path, {**_common(state, False), "models": models, "optimizers": optimizers,
-                                "ranks": per_rank})
+        files.write_file(path, {**_common(state, False), **tensors, "ranks": per_rank})
     env.barrier()
     return path
 
 
 def _save_sharded(path: Path, state: Any, filters: Mapping[str, Filter], async_save: bool) -> Path:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
     if env.rank() == 0:
         shutil.rmtree(files.partial_path(path), ignore_errors=True)
     env.barrier()
-    models = {}
-    for name, module in contents.modules(state).items():
-        sd = get_model_state_dict(module)
-        keep = filters.get(name)
-        models[name] = {k: v for k, v in sd.items() if keep is None or keep(k, v)}
-    optimizers = {name: get_optimizer_state_dict(module, opt)
-                  for name, (opt, _, module) in contents.optimizers(state).items()}
-    future = sharded.save_tensors({"models": models, "optimizers": optimizers}, path, async_save=async_save)
+    future = sharded.save_tensors(_tensors(state, filters, full=False), path, async_save=async_save)
     tmp = files.partial_path(path)
     tmp.mkdir(parents=True, exist_ok=True)
     files.write_file(tmp / f"rank-{env.rank()}.pt", _per_rank())
@@ -191,7 +186,7 @@ def load(path: str | os.PathLike[str], state: Any, *, strict: bool = True) -> An
 def load_with_position(path: str | os.PathLike[str], state: Any, *, strict: bool = True) -> tuple[Any, Any]:
     """``load``, also returning this rank's saved data position (None if saved outside lt.run)."""
     wait_pending()
-    path = resolve(path)
+    path = files.resolve(path)
     if path.is_dir():
         return _load_sharded(path, state, strict)
     payload = files.read_file(path)
@@ -208,7 +203,7 @@ def load_with_position(path: str | os.PathLike[str], state: Any, *, strict: bool
             raise KeyError(f"lt.load({str(path)!r}): the checkpoint has no model {name!r}; it has "
                            f"{sorted(payload['models'])}")
         if strict:
-            _check_keys(path, name, set(module.state_dict()), set(saved))
+            check_keys(path, name, set(module.state_dict()), set(saved))
         if _is_sharded(module):
             set_model_state_dict(module, saved, options=options)
         else:  # copies straight from the mapped file into the parameters
@@ -229,7 +224,7 @@ def _is_sharded(module: torch.nn.Module) -> bool:
     return any(hasattr(p, "device_mesh") for p in module.parameters())  # DTensor parameters
 
 
-def _check_keys(path: Path, name: str, expected: set[str], saved: set[str]) -> None:
+def check_keys(path: Path, name: str, expected: set[str], saved: set[str]) -> None:
     missing, unexpected = sorted(expected - saved), sorted(saved - expected)
     if missing or unexpected:
         raise KeyError(
@@ -264,7 +259,7 @@ def _load_sharded(path: Path, state: Any, strict: bool) -> tuple[Any, Any]:
         stored = sharded.checkpoint_keys(path)
         for name, sd in tensors["models"].items():
             prefix = f"models.{name}."
-            _check_keys(path, name, set(sd), {k[len(prefix):] for k in stored if k.startswith(prefix)})
+            check_keys(path, name, set(sd), {k[len(prefix):] for k in stored if k.startswith(prefix)})
     sharded.load_tensors(tensors, path, strict=strict)
     for name, module in mods.items():
         set_model_state_dict(module, tensors["models"][name], options=StateDictOptions(strict=strict))
@@ -274,115 +269,3 @@ def _load_sharded(path: Path, state: Any, strict: bool) -> tuple[Any, Any]:
     mine = path / f"rank-{env.rank()}.pt"
     per_rank = files.read_file(mine if mine.exists() else rank_files[env.rank() % len(rank_files)])
     return _restore_common(state, common, per_rank)
-
-
-def resolve(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint path; a directory of ``step-N`` checkpoints resolves to the latest one."""
-    path = Path(path)
-    if path.is_dir() and not (path / "common.pt").exists():
-        found = latest(path)
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint in {str(path)!r} (no complete step-N directory)")
-        return found
-    if not path.exists():
-        old = path.with_name(f".{path.name}.old")
-        if old.is_dir():  # killed between the two renames of publish_directory: the previous one
-            return old
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return path
-
-
-def latest(directory: str | os.PathLike[str]) -> Path | None:
-    """The newest complete ``step-N`` checkpoint in ``directory`` (partial saves are ignored)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    steps = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_DIR.match(p.name))]
-    return max(steps)[1] if steps else None
-
-
-def checkpoint_sharded(state: Any = MISSING, /, dir: Any = MISSING, *, keep: int | None = None,
-                       async_save: bool = False) -> Any:
-    """Save ``state`` as a sharded checkpoint ``dir/step-N`` (N = ``state.step``); returns the state.
-
-    Without ``state`` it is the same saver as a hook for ``lt.run``:
-    ``hooks=[lt.every(500, lt.checkpoint_sharded(dir="ckpt/", keep=3))]``, and
-    ``lt.run(..., resume="latest")`` then continues from the newest one.
-
-    Args:
-        state: the training state; omit it for the hook form.
-        dir: the directory holding the ``step-N`` checkpoints.
-        keep: keep only the newest ``keep`` checkpoints (None: all).
-        async_save: write in the background (the next optimizer step waits for it).
-
-    Example:
-        >>> import tempfile, torch, ltransform as lt
-        >>> model = torch.nn.Linear(2, 1)
-        >>> state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-        >>> root = tempfile.mkdtemp()
-        >>> _ = lt.checkpoint_sharded(state, root)
-        >>> lt.latest_checkpoint(root).name
-        'step-00000000'
-    """
-    if dir is MISSING and not (state is MISSING or hasattr(state, "step") or isinstance(state, Mapping)):
-        state, dir = MISSING, state
-    if dir is MISSING:
-        raise TypeError("checkpoint_sharded: give the directory, dir='ckpt/'")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise ValueError(f"checkpoint_sharded: keep must be a positive int or None, got {keep!r}")
-    if state is MISSING:
-        return _Saver(Path(dir), keep, async_save)
-    return _Saver(Path(dir), keep, async_save)(state)
-
-
-class _Saver:
-    """``checkpoint_sharded`` bound to a directory: a ``state -> state`` hook."""
-
-    def __init__(self, dir: Path, keep: int | None, async_save: bool) -> None:
-        self.checkpoint_dir, self.keep, self.async_save = dir, keep, async_save
-        self.__name__ = f"checkpoint_sharded(dir={str(dir)!r})"
-
-    def __repr__(self) -> str:
-        return self.__name__
-
-    def __call__(self, state: Any) -> Any:
-        from ltransform.core.state import read_counters
-
-        path = self.checkpoint_dir / f"step-{read_counters(state)[0]:08d}"
-        save(path, state, sharded=True, async_save=self.async_save)
-        if self.keep is not None and env.rank() == 0:  # published ones only; a pending one is not yet
-            steps = sorted((int(m.group(1)), p) for p in self.checkpoint_dir.iterdir()
-                           if (m := STEP_DIR.match(p.name)))
-            for _, old in steps[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        return state
-
-
-def load_raw(path: str | os.PathLike[str], target: Any, *, strict: bool = True) -> Any:
-    """Load a file written by plain PyTorch (``torch.save(model.state_dict())``, an optimizer's
-    state dict, or a safetensors file) into a module or optimizer; returns ``target``.
-
-    Example:
-        >>> import tempfile, torch, ltransform as lt
-        >>> path = tempfile.mkdtemp() + "/weights.pt"
-        >>> torch.save(torch.nn.Linear(2, 1).state_dict(), path)
-        >>> _ = lt.load_raw(path, torch.nn.Linear(2, 1))
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from ltransform.checkpoint.convert import read_safetensors
-
-        sd = read_safetensors(path)
-    else:
-        sd = files.read_file(path)
-    if isinstance(sd, Mapping) and isinstance(sd.get("meta"), Mapping) and sd["meta"].get("format") == contents.FORMAT:
-        raise ValueError(f"lt.load_raw: {str(path)!r} is an ltransform checkpoint; use lt.load(path, state)")
-    if isinstance(target, torch.nn.Module):
-        if strict:
-            _check_keys(path, type(target).__name__, set(target.state_dict()), set(sd))
-        target.load_state_dict(sd, strict=strict)
-    elif isinstance(target, torch.optim.Optimizer):
-        target.load_state_dict(sd)
-    else:
-        raise TypeError(f"lt.load_raw: target must be a torch.nn.Module or an optimizer, got {type(target).__name__}")
-    return target

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ltransform.checkpoint import contents, files, sharded
+from ltransform.checkpoint.api import check_keys
 
 
 def consolidate(sharded_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
@@ -103,3 +105,31 @@ def _safetensors() -> Any:
         raise ImportError("safetensors files need the safetensors package: pip install 'ltransform[safetensors]' "
                           "(or pip install safetensors)") from error
     return safetensors.torch
+
+
+def load_raw(path: str | os.PathLike[str], target: Any, *, strict: bool = True) -> Any:
+    """Load a file written by plain PyTorch (``torch.save(model.state_dict())``, an optimizer's
+    state dict, or a safetensors file) into a module or optimizer; returns ``target``.
+
+    Example:
+        >>> import tempfile, torch, ltransform as lt
+        >>> path = tempfile.mkdtemp() + "/weights.pt"
+        >>> torch.save(torch.nn.Linear(2, 1).state_dict(), path)
+        >>> _ = lt.load_raw(path, torch.nn.Linear(2, 1))
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        sd = read_safetensors(path)
+    else:
+        sd = files.read_file(path)
+    if isinstance(sd, Mapping) and isinstance(sd.get("meta"), Mapping) and sd["meta"].get("format") == contents.FORMAT:
+        raise ValueError(f"lt.load_raw: {str(path)!r} is an ltransform checkpoint; use lt.load(path, state)")
+    if isinstance(target, torch.nn.Module):
+        if strict:
+            check_keys(path, type(target).__name__, set(target.state_dict()), set(sd))
+        target.load_state_dict(sd, strict=strict)
+    elif isinstance(target, torch.optim.Optimizer):
+        target.load_state_dict(sd)
+    else:
+        raise TypeError(f"lt.load_raw: target must be a torch.nn.Module or an optimizer, got {type(target).__name__}")
+    return target

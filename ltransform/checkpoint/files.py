@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import shutil
 import zipfile
 from collections.abc import Callable
@@ -99,3 +100,31 @@ def safe_unpickler(allowed: Callable[[str, str], bool]) -> type[pickle.Unpickler
             return super().find_class(module, name)
 
     return Restricted
+
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def resolve(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint path; a directory of ``step-N`` checkpoints resolves to the latest one."""
+    path = Path(path)
+    if path.is_dir() and not (path / "common.pt").exists():
+        found = latest(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {str(path)!r} (no complete step-N directory)")
+        return found
+    if not path.exists():
+        old = path.with_name(f".{path.name}.old")
+        if old.is_dir():  # killed between the two renames of publish_directory: the previous one
+            return old
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def latest(directory: str | os.PathLike[str]) -> Path | None:
+    """The newest complete ``step-N`` checkpoint in ``directory`` (partial saves are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_DIR.match(p.name))]
+    return max(steps)[1] if steps else None

@@ -323,7 +323,8 @@ def _precision_name(step: TransformedStep) -> str | None:
 
 def _resume(resume: Any, hooks: Iterable[Any], state: Any) -> tuple[Any, Any]:
     """Load the checkpoint ``resume`` names into the prepared ``state``; (state, data position)."""
-    from ltransform.checkpoint.api import latest, load_with_position
+    from ltransform.checkpoint.api import load_with_position
+    from ltransform.checkpoint.files import latest
 
     if resume == "latest":
         dirs = [d for d in (_checkpoint_dir(h) for h in hooks) if d is not None]

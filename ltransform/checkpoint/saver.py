@@ -1,0 +1,69 @@
+"""``lt.checkpoint_sharded``: ``step-N`` sharded checkpoints in a directory, as a call or a hook."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ltransform.checkpoint.api import save
+from ltransform.checkpoint.files import STEP_DIR
+from ltransform.core.compose import MISSING
+from ltransform.core.state import read_counters
+from ltransform.distributed import env
+
+
+def checkpoint_sharded(state: Any = MISSING, /, dir: Any = MISSING, *, keep: int | None = None,
+                       async_save: bool = False) -> Any:
+    """Save ``state`` as a sharded checkpoint ``dir/step-N`` (N = ``state.step``); returns the state.
+
+    Without ``state`` it is the same saver as a hook for ``lt.run``:
+    ``hooks=[lt.every(500, lt.checkpoint_sharded(dir="ckpt/", keep=3))]``, and
+    ``lt.run(..., resume="latest")`` then continues from the newest one.
+
+    Args:
+        state: the training state; omit it for the hook form.
+        dir: the directory holding the ``step-N`` checkpoints.
+        keep: keep only the newest ``keep`` checkpoints (None: all).
+        async_save: write in the background (the next optimizer step waits for it).
+
+    Example:
+        >>> import tempfile, torch, ltransform as lt
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> root = tempfile.mkdtemp()
+        >>> _ = lt.checkpoint_sharded(state, root)
+        >>> lt.latest_checkpoint(root).name
+        'step-00000000'
+    """
+    if dir is MISSING and not (state is MISSING or hasattr(state, "step") or isinstance(state, Mapping)):
+        state, dir = MISSING, state
+    if dir is MISSING:
+        raise TypeError("checkpoint_sharded: give the directory, dir='ckpt/'")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"checkpoint_sharded: keep must be a positive int or None, got {keep!r}")
+    if state is MISSING:
+        return _Saver(Path(dir), keep, async_save)
+    return _Saver(Path(dir), keep, async_save)(state)
+
+
+class _Saver:
+    """``checkpoint_sharded`` bound to a directory: a ``state -> state`` hook."""
+
+    def __init__(self, dir: Path, keep: int | None, async_save: bool) -> None:
+        self.checkpoint_dir, self.keep, self.async_save = dir, keep, async_save
+        self.__name__ = f"checkpoint_sharded(dir={str(dir)!r})"
+
+    def __repr__(self) -> str:
+        return self.__name__
+
+    def __call__(self, state: Any) -> Any:
+        path = self.checkpoint_dir / f"step-{read_counters(state)[0]:08d}"
+        save(path, state, sharded=True, async_save=self.async_save)
+        if self.keep is not None and env.rank() == 0:  # published ones only; a pending one is not yet
+            steps = sorted((int(m.group(1)), p) for p in self.checkpoint_dir.iterdir()
+                           if (m := STEP_DIR.match(p.name)))
+            for _, old in steps[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return state
