@@ -110,9 +110,11 @@ def test_checkpoint_metadata_records_the_runs_precision(tmp_path):
     assert torch.load(tmp_path / "step-00000002" / "common.pt", weights_only=True)["meta"]["precision"] == "16-mixed"
 
 
-def test_filter_and_strict(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_filter_and_strict(tmp_path, sharded):
     model = make_model()
-    path = lt.save(tmp_path / "part.pt", lt.State(model=model), filter=lambda name, t: name.startswith("2."))
+    path = lt.save(tmp_path / ("part" if sharded else "part.pt"), lt.State(model=model), sharded=sharded,
+                   filter=lambda name, t: name.startswith("2."))
     with pytest.raises(KeyError, match=r"model 'model' does not match the checkpoint: missing keys \['0.bias', "
                                        r"'0.weight'\], unexpected keys \[\]; pass strict=False"):
         lt.load(path, lt.State(model=make_model(seed=1)))
