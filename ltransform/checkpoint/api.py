@@ -103,8 +103,8 @@ def _tensors(state: Any, filters: Mapping[str, Filter], *, full: bool) -> dict[s
         keep = filters.get(name)
         models[name] = {k: v for k, v in get_model_state_dict(module, options=options).items()
                         if keep is None or keep(k, v)}
-    optimizers = {name: get_optimizer_state_dict(module, opt, options=options)
-                  if _is_sharded(module) or not full else contents.optimizer_state(module, opt)
+    optimizers = {name: get_optimizer_state_dict(module, opt, options=options) if _is_sharded(module)
+                  else contents.optimizer_state(module, opt)
                   for name, (opt, _, module) in contents.optimizers(state).items()}
     return {"models": models, "optimizers": optimizers}
 
@@ -253,8 +253,12 @@ def _load_sharded(path: Path, state: Any, strict: bool) -> tuple[Any, Any]:
     common = files.read_file(path / "common.pt")
     contents.check_metadata(common.get("meta"), repr(str(path)))
     mods, opts = contents.modules(state), contents.optimizers(state)
+    # Sharded optimizers load into torch's template of their state. Plain ones are read as
+    # saved and loaded directly: the template would first create every missing state tensor
+    # with a zero step, allocating a gradient per parameter (most of the load time measured).
+    plain = {n for n, (_, _, m) in opts.items() if not _is_sharded(m)}
     tensors = {"models": {n: get_model_state_dict(m) for n, m in mods.items()},
-               "optimizers": {n: get_optimizer_state_dict(m, o) for n, (o, _, m) in opts.items()}}
+               "optimizers": {n: get_optimizer_state_dict(m, o) for n, (o, _, m) in opts.items() if n not in plain}}
     if strict:
         stored = sharded.checkpoint_keys(path)
         for name, sd in tensors["models"].items():
@@ -264,7 +268,16 @@ def _load_sharded(path: Path, state: Any, strict: bool) -> tuple[Any, Any]:
     for name, module in mods.items():
         set_model_state_dict(module, tensors["models"][name], options=StateDictOptions(strict=strict))
     for name, (opt, _, module) in opts.items():
-        set_optimizer_state_dict(module, opt, tensors["optimizers"][name])
+        if name not in plain:
+            set_optimizer_state_dict(module, opt, tensors["optimizers"][name])
+    if plain:
+        saved: dict[str, Any] = {}
+        sharded.load_tensors(saved, path, rebuild=True, keys={f"optimizers.{n}" for n in plain})
+        for name in plain:
+            if name not in saved.get("optimizers", {}):
+                raise KeyError(f"lt.load({str(path)!r}): the checkpoint has no optimizer {name!r}")
+            opt, _, module = opts[name]
+            contents.load_optimizer_state(module, opt, saved["optimizers"][name])
     rank_files = sorted(path.glob("rank-*.pt"))
     mine = path / f"rank-{env.rank()}.pt"
     per_rank = files.read_file(mine if mine.exists() else rank_files[env.rank() % len(rank_files)])

@@ -174,7 +174,7 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
         raise ValueError(f"lt.load: the optimizer has {len(groups)} parameter groups, the checkpoint "
                          f"{len(saved['param_groups'])}")
     optimizer.load_state_dict({
-        "state": {index[name]: v for name, v in saved["state"].items() if name in index},
+        "state": {index[name]: v for name, v in saved.get("state", {}).items() if name in index},
         "param_groups": [{**g, "params": live["params"]} for g, live in zip(saved["param_groups"], groups)],
     })
 

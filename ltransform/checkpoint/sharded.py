@@ -58,7 +58,7 @@ def reader(path: Path) -> Any:
     return SafeReader(str(path))
 
 
-def planner(strict: bool, *, rebuild: bool = False) -> Any:
+def planner(strict: bool, *, rebuild: bool = False, keys: set[str] | None = None) -> Any:
     """DCP's load planner, reading non-tensor items with ``weights_only=True``; with
     ``rebuild`` the one that builds the whole state dict from the metadata (for conversion)."""
     from torch.distributed.checkpoint import DefaultLoadPlanner
@@ -76,7 +76,7 @@ def planner(strict: bool, *, rebuild: bool = False) -> Any:
             else:
                 self.state_dict[read_item.dest_index.fqn] = loaded
 
-    return SafePlanner() if rebuild else SafePlanner(allow_partial_load=not strict)
+    return SafePlanner(keys=keys) if rebuild else SafePlanner(allow_partial_load=not strict)
 
 
 def checkpoint_keys(path: Path) -> set[str]:
@@ -97,9 +97,10 @@ def save_tensors(tensors: dict[str, Any], path: Path, *, async_save: bool) -> Fu
     return None
 
 
-def load_tensors(tensors: dict[str, Any], path: Path, *, strict: bool = True, rebuild: bool = False) -> None:
+def load_tensors(tensors: dict[str, Any], path: Path, *, strict: bool = True, rebuild: bool = False,
+                 keys: set[str] | None = None) -> None:
     """Fill ``tensors`` from the DCP directory ``path`` (with ``rebuild``: an empty dict, filled
-    with everything stored, in one process)."""
+    in this process with everything stored, or with the subtrees named in ``keys``)."""
     import torch.distributed.checkpoint as dcp
 
     with warnings.catch_warnings():
@@ -107,7 +108,7 @@ def load_tensors(tensors: dict[str, Any], path: Path, *, strict: bool = True, re
         if rebuild:  # dcp.load keeps only the keys it was given; torch's own dcp_to_torch_save does this
             from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-            _load_state_dict(tensors, storage_reader=reader(path), planner=planner(strict, rebuild=True),
-                             no_dist=True)
+            _load_state_dict(tensors, storage_reader=reader(path),
+                             planner=planner(strict, rebuild=True, keys=keys), no_dist=True)
         else:
             dcp.load(tensors, storage_reader=reader(path), planner=planner(strict))
