@@ -20,6 +20,8 @@ import torch
 from ltransform.checkpoint.files import partial_path, safe_unpickler
 
 _DCP_META = "torch.distributed.checkpoint."
+# DCP warns on every call without a process group, which is what a one-process save means here
+_SINGLE_PROCESS = ".*assuming the intent is to (save|load) in a single process"
 
 
 def _allowed(module: str, name: str) -> bool:
@@ -84,16 +86,22 @@ def checkpoint_keys(path: Path) -> set[str]:
     return set(reader(path).read_metadata().state_dict_metadata)
 
 
+def _no_group() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized())
+
+
 def save_tensors(tensors: dict[str, Any], path: Path, *, async_save: bool) -> Future | None:
     """Write the model/optimizer part into the partial directory of ``path``."""
     import torch.distributed.checkpoint as dcp
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS)
         if async_save:
-            result = dcp.async_save(tensors, checkpoint_id=str(partial_path(path)))
+            result = dcp.async_save(tensors, checkpoint_id=str(partial_path(path)), no_dist=_no_group())
             return getattr(result, "upload_completion", result)
-        dcp.save(tensors, checkpoint_id=str(partial_path(path)))
+        dcp.save(tensors, checkpoint_id=str(partial_path(path)), no_dist=_no_group())
     return None
 
 
@@ -103,12 +111,12 @@ def load_tensors(tensors: dict[str, Any], path: Path, *, strict: bool = True, re
     in this process with everything stored, or with the subtrees named in ``keys``)."""
     import torch.distributed.checkpoint as dcp
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        if rebuild:  # dcp.load keeps only the keys it was given; torch's own dcp_to_torch_save does this
-            from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    if rebuild:  # dcp.load keeps only the keys it was given; torch's own dcp_to_torch_save does this
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-            _load_state_dict(tensors, storage_reader=reader(path),
-                             planner=planner(strict, rebuild=True, keys=keys), no_dist=True)
-        else:
-            dcp.load(tensors, storage_reader=reader(path), planner=planner(strict))
+        _load_state_dict(tensors, storage_reader=reader(path),
+                         planner=planner(strict, rebuild=True, keys=keys), no_dist=True)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS)
+            dcp.load(tensors, storage_reader=reader(path), planner=planner(strict), no_dist=_no_group())
