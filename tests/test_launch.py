@@ -91,3 +91,28 @@ def test_cli_rejects_bad_counts():
     with pytest.raises(SystemExit, match="need --devices >= 1"):
         from ltransform.cli import main
         main(["run", "--devices", "0", "x.py"])
+
+
+TWO_NODES = """
+import sys, torch, ltransform as lt
+
+def work():
+    total = lt.all_reduce(torch.tensor([1.0 + lt.rank()]), "sum")
+    return lt.rank(), lt.world_size(), lt.local_rank(), total.item()
+
+if __name__ == "__main__":
+    print(lt.launch(work, devices=2, num_nodes=2, node_rank=int(sys.argv[1]), master_port=int(sys.argv[2]),
+                    join_timeout=60), flush=True)
+"""
+
+
+def test_two_nodes_on_one_machine_join_one_world(tmp_path):
+    script = tmp_path / "node.py"
+    script.write_text(TWO_NODES)
+    port = str(_free_port())
+    nodes = [subprocess.Popen([sys.executable, str(script), str(r), port], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [node.communicate(timeout=120) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outs]
+    assert outs[0][0].strip() == "(0, 4, 0, 10.0)"  # rank 0 of 4 processes on 2 nodes; 1+2+3+4
+    assert outs[1][0].strip() == "None"  # node 1 has no rank 0

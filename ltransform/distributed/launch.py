@@ -9,7 +9,6 @@ import sys
 import tempfile
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -111,7 +110,7 @@ def _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, mas
         min_nodes=num_nodes,
         max_nodes=num_nodes,
         nproc_per_node=devices,
-        run_id=f"ltransform-{uuid.uuid4().hex[:8]}",
+        run_id=f"ltransform-{master_addr}-{master_port}",  # the same on every node: they meet under it
         rdzv_backend="static",
         rdzv_endpoint=f"{master_addr}:{master_port}",
         rdzv_configs={"rank": node_rank, "timeout": join_timeout},
