@@ -8,11 +8,14 @@ OPTIONAL = ["bitsandbytes", "transformer_engine", "torch_xla", "tensorboard", "w
             "torch.utils.tensorboard", "matplotlib", "numpy.testing"]
 
 
+def extras_imported_after(code: str) -> str:
+    """The optional extras in sys.modules after a fresh interpreter ran ``code``."""
+    probe = f"{code}; import sys; print(','.join(m for m in {OPTIONAL!r} if m in sys.modules))"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def test_import_ltransform_does_not_import_optional_extras():
-    code = ("import sys, ltransform; "
-            f"print(','.join(m for m in {OPTIONAL!r} if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
+    assert extras_imported_after("import ltransform") == ""
 
 
 def test_import_time_over_torch_is_small():
@@ -27,10 +30,7 @@ def test_import_time_over_torch_is_small():
 
 
 def test_every_public_name_loads_and_still_no_extra_is_imported():
-    code = ("import sys, ltransform as lt; [getattr(lt, n) for n in lt.__all__]; "
-            f"print(','.join(m for m in {OPTIONAL!r} if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
+    assert extras_imported_after("import ltransform as lt; [getattr(lt, n) for n in lt.__all__]") == ""
 
 
 def test_the_lazy_table_and_the_type_checking_imports_list_the_same_names():
