@@ -62,6 +62,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "init_module": ("ltransform.models.init", "init_module"),
     "materialize": ("ltransform.models.init", "materialize"),
     "to_precision": ("ltransform.models.precision", "to_precision"),
+    "QUANTIZATIONS": ("ltransform.models.quantize", "QUANTIZATIONS"),
+    "Quantization": ("ltransform.models.quantize", "Quantization"),
+    "quantize": ("ltransform.models.quantize", "quantize"),
     "checkpoint_activations": ("ltransform.models.shard", "checkpoint_activations"),
     "shard": ("ltransform.models.shard", "shard"),
     "every": ("ltransform.runner.hooks", "every"),
@@ -134,6 +137,9 @@ if TYPE_CHECKING:
     from ltransform.models.init import init_module
     from ltransform.models.init import materialize
     from ltransform.models.precision import to_precision
+    from ltransform.models.quantize import QUANTIZATIONS
+    from ltransform.models.quantize import Quantization
+    from ltransform.models.quantize import quantize
     from ltransform.models.shard import checkpoint_activations
     from ltransform.models.shard import shard
     from ltransform.runner.hooks import every

@@ -1,0 +1,150 @@
+"""``quantize``: replace ``nn.Linear`` layers with bitsandbytes' 4-bit or 8-bit layers."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+import torch
+
+from ltransform.core.compose import MISSING, Partial
+from ltransform.core.state import mark_replaced
+
+
+@attrs.frozen(kw_only=True)
+class Quantization:
+    """What a quantization mode does to each ``nn.Linear``.
+
+    Args:
+        name: the mode's name.
+        bits: 4 (``Linear4bit``) or 8 (``Linear8bitLt``).
+        quant_type: ``"nf4"`` or ``"fp4"`` for 4 bits.
+        double_quant: quantize the quantization constants too (``compress_statistics``).
+        trainable: 8 bits only: keep trainable 16/32-bit weights, quantized on the fly in the
+            forward (``has_fp16_weights=True``); otherwise the weights are frozen int8.
+    """
+
+    name: str
+    bits: int = attrs.field(validator=attrs.validators.in_((4, 8)))
+    quant_type: str | None = None
+    double_quant: bool = False
+    trainable: bool = False
+
+
+QUANTIZATIONS = {q.name: q for q in (
+    Quantization(name="int8", bits=8),
+    Quantization(name="int8-training", bits=8, trainable=True),
+    Quantization(name="nf4", bits=4, quant_type="nf4"),
+    Quantization(name="nf4-dq", bits=4, quant_type="nf4", double_quant=True),
+    Quantization(name="fp4", bits=4, quant_type="fp4"),
+    Quantization(name="fp4-dq", bits=4, quant_type="fp4", double_quant=True),
+)}
+
+Skip = Any  # names, glob patterns, or a predicate (name, module) -> bool
+
+
+def quantize(model: Any = MISSING, /, mode: Any = MISSING, *, skip: Skip = None,
+             compute_dtype: torch.dtype | None = None) -> Any:
+    """Replace every ``nn.Linear`` of ``model`` (except the skipped ones) with a bitsandbytes layer.
+
+    Modes: ``"nf4"`` / ``"fp4"`` (4-bit ``Linear4bit`` of that type), ``"nf4-dq"`` /
+    ``"fp4-dq"`` (also quantizing the quantization constants), ``"int8"`` (``Linear8bitLt``
+    with frozen int8 weights, for inference) and ``"int8-training"`` (``Linear8bitLt`` keeping
+    trainable weights). Quantized weights are frozen: train adapters on top, or use
+    ``"int8-training"``. Biases are kept as they were.
+
+    Args:
+        model: the module; omit it for the partial form.
+        mode: the mode's name.
+        skip: layers to keep in full precision: an iterable of names and glob patterns
+            (``{"lm_head", "blocks.*.attn.*"}``) or a predicate ``(name, module) -> bool``.
+        compute_dtype: the dtype 4-bit layers compute in (default: the weight's dtype).
+
+    Returns:
+        The same module, with its linear layers replaced in place.
+
+    Raises:
+        ValueError: an unknown mode (lists the valid ones).
+        ImportError: bitsandbytes is not installed (names the pip command).
+
+    Example:
+        >>> import torch, ltransform as lt
+        >>> model = lt.quantize(torch.nn.Sequential(torch.nn.Linear(64, 64)), "nf4")  # doctest: +SKIP
+        >>> type(model[0]).__name__  # doctest: +SKIP
+        'Linear4bit'
+
+    Note:
+        Build the optimizer after quantizing: the replaced layers have new parameters.
+    """
+    if mode is MISSING and not isinstance(model, torch.nn.Module) and model is not MISSING:
+        model, mode = MISSING, model
+    record = resolve_quantization(mode)
+    skipped = _skip(skip)
+    if model is MISSING:
+        return Partial(lambda m: quantize(m, record.name, skip=skip, compute_dtype=compute_dtype),
+                       f"quantize({record.name!r})")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
+    bnb = _bitsandbytes()
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is torch.nn.Linear and not skipped(name, module)]
+    for name, linear in targets:
+        layer = _replacement(bnb, record, linear, compute_dtype)
+        mark_replaced([linear.weight], "lt.quantize")
+        _set_submodule(model, name, layer)
+    return model
+
+
+def resolve_quantization(mode: Any) -> Quantization:
+    if isinstance(mode, Quantization):
+        return mode
+    if isinstance(mode, str) and mode in QUANTIZATIONS:
+        return QUANTIZATIONS[mode]
+    raise ValueError(f"quantize: unknown mode {mode!r}; expected one of: {', '.join(map(repr, QUANTIZATIONS))}")
+
+
+def _skip(skip: Skip) -> Callable[[str, torch.nn.Module], bool]:
+    if skip is None:
+        return lambda name, module: False
+    if callable(skip):
+        return skip
+    if isinstance(skip, str) or not isinstance(skip, Iterable):
+        skip = [skip]
+    patterns = list(skip)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"quantize: skip must be names/patterns or a predicate (name, module) -> bool, got {skip!r}")
+    return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _replacement(bnb: Any, q: Quantization, linear: torch.nn.Linear, compute_dtype: torch.dtype | None) -> torch.nn.Module:
+    weight = linear.weight.data
+    has_bias = linear.bias is not None
+    if q.bits == 4:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+                                  compute_dtype=compute_dtype or weight.dtype,
+                                  compress_statistics=q.double_quant, quant_type=q.quant_type, device="meta")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=q.double_quant,
+                                         quant_type=q.quant_type)
+    else:
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+                                    has_fp16_weights=q.trainable, threshold=6.0, device="meta")
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=q.trainable, has_fp16_weights=q.trainable)
+    if has_bias:
+        layer.bias = linear.bias
+    return layer.to(weight.device)  # moving the parameters is what quantizes them
+
+
+def _set_submodule(model: torch.nn.Module, name: str, layer: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
+def _bitsandbytes() -> Any:
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise ImportError("quantize needs bitsandbytes: pip install 'ltransform[quant]' "
+                          "(or pip install bitsandbytes)") from error
+    return bitsandbytes

@@ -1,0 +1,101 @@
+"""lt.quantize with bitsandbytes on the CPU: every mode against the fp32 layer it replaces."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+
+import ltransform as lt
+
+bnb = pytest.importorskip("bitsandbytes")  # the `dev` extra installs it; only a bare install lacks it
+
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                               torch.nn.ReLU(), torch.nn.Linear(64, 8))
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the linear weights, with a 4-bit layer's quantization state (absmax, ...)."""
+    total = 0
+    for layer in module.modules():
+        weight = getattr(layer, "weight", None)
+        if weight is None:
+            continue
+        total += weight.numel() * weight.element_size()
+        state = getattr(weight, "quant_state", None)
+        if state is not None:
+            total += sum(t.numel() * t.element_size() for t in _tensors(state.as_dict(packed=True)))
+        scb = getattr(weight, "SCB", None)
+        total += 0 if scb is None else scb.numel() * scb.element_size()
+    return total
+
+
+def _tensors(values):
+    return [v for v in values.values() if isinstance(v, torch.Tensor)]
+
+
+@pytest.mark.parametrize("mode, layer, tolerance", [
+    ("int8", "Linear8bitLt", 0.02), ("int8-training", "Linear8bitLt", 0.02),
+    ("nf4", "Linear4bit", 0.2), ("nf4-dq", "Linear4bit", 0.2), ("fp4", "Linear4bit", 0.2), ("fp4-dq", "Linear4bit", 0.2),
+])
+def test_every_mode_replaces_the_linears_and_stays_close_to_fp32(mode, layer, tolerance):
+    reference = model()
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(1))
+    expected = reference(x)
+    quantized = lt.quantize(copy.deepcopy(reference), mode)
+    assert [type(m).__name__ for m in quantized if not isinstance(m, torch.nn.ReLU)] == [layer] * 3
+    error = ((quantized(x) - expected).norm() / expected.norm()).item()
+    assert error < tolerance, error
+    trainable = [p.requires_grad for name, p in quantized.named_parameters() if name.endswith("weight")]
+    assert trainable == [mode == "int8-training"] * 3  # quantized weights are frozen
+    if mode.endswith("-dq"):
+        assert quantized[0].weight.quant_state.nested  # the constants are quantized too
+
+
+@pytest.mark.parametrize("mode, at_least", [("nf4", 3.4), ("fp4", 3.4), ("nf4-dq", 3.7), ("fp4-dq", 3.7),
+                                             ("int8", 1.95)])
+def test_weight_memory_against_fp16(mode, at_least):
+    # 4 bits a weight plus an fp32 absmax per 64 (4.5 bits: 3.56x) or, double-quantized, an
+    # int8 one plus a little (~4.1 bits: ~3.9x); int8 plus one fp32 scale per row (~2x)
+    big = lambda: torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024))  # noqa: E731
+    fp16 = weight_bytes(big()) / 2
+    ratio = fp16 / weight_bytes(lt.quantize(big(), mode))
+    assert ratio >= at_least, ratio
+
+
+def test_skip_by_name_pattern_or_predicate():
+    by_name = lt.quantize(model(), "nf4", skip={"4"})
+    assert type(by_name[4]) is torch.nn.Linear and type(by_name[0]).__name__ == "Linear4bit"
+    by_glob = lt.quantize(model(), "nf4", skip="[02]")
+    assert [type(by_glob[i]) is torch.nn.Linear for i in (0, 2, 4)] == [True, True, False]
+    by_predicate = lt.quantize(model(), "int8", skip=lambda name, m: m.out_features < 100)
+    assert [type(by_predicate[i]).__name__ for i in (0, 2, 4)] == ["Linear8bitLt", "Linear", "Linear"]
+
+
+def test_partial_form_in_a_pipe_and_the_stale_optimizer_check():
+    m = model()
+    optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+    m = lt.pipe(m, lt.quantize("nf4", skip={"4"}))
+    with pytest.raises(RuntimeError, match="built before lt.quantize"):
+        lt.train_step(lambda mod, b: mod(b).sum())(lt.State(model=m, optimizer=optimizer), torch.ones(2, 256))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="unknown mode 'int4'; expected one of: 'int8', 'int8-training', 'nf4', "
+                                         "'nf4-dq', 'fp4', 'fp4-dq'"):
+        lt.quantize(model(), "int4")
+    with pytest.raises(TypeError, match="skip must be names/patterns or a predicate"):
+        lt.quantize(model(), "nf4", skip=[3])
+    with pytest.raises(TypeError, match="expected a torch.nn.Module"):
+        lt.quantize("model", "nf4")
+
+
+def test_missing_bitsandbytes_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match=r"pip install 'ltransform\[quant\]'"):
+        lt.quantize(model(), "nf4")
