@@ -99,3 +99,35 @@ def test_missing_bitsandbytes_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ImportError, match=r"pip install 'ltransform\[quant\]'"):
         lt.quantize(model(), "nf4")
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4-dq", "int8"])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_quantized_model_saves_and_loads_with_its_quantization_state(tmp_path, mode, sharded):
+    quantized = lt.quantize(model(), mode)
+    path = lt.save(tmp_path / ("q" if sharded else "q.pt"), lt.State(model=quantized), sharded=sharded)
+    torch.manual_seed(42)  # another base model: only the checkpoint can make them agree
+    other = lt.quantize(torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                                            torch.nn.ReLU(), torch.nn.Linear(64, 8)), mode)
+    x = torch.randn(4, 256)
+    assert not torch.equal(other(x), quantized(x))
+    lt.load(path, lt.State(model=other))
+    assert torch.equal(other(x), quantized(x))
+
+
+def test_bitsandbytes_8bit_optimizer_steps_through_lt_and_round_trips_a_checkpoint(tmp_path):
+    def setup():
+        m = model()
+        return lt.State(model=m, optimizer=bnb.optim.AdamW8bit(m.parameters(), lr=1e-2, min_8bit_size=16))
+
+    x, y = torch.randn(32, 256, generator=torch.Generator().manual_seed(3)), torch.randn(32, 8)
+    step = lt.pipe(lt.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])), lt.accumulate(2))
+    state = lt.run(step, setup(), [(x, y)] * 8, progress=False, log_every=None)
+    assert state.step == 4
+    assert state.optimizer.state[state.model[0].weight]["state1"].dtype == torch.uint8  # 8-bit state
+    lt.save(tmp_path / "ckpt.pt", state)
+    loaded = lt.load(tmp_path / "ckpt.pt", setup())
+    a, b = state.optimizer.state[state.model[0].weight], loaded.optimizer.state[loaded.model[0].weight]
+    assert torch.equal(a["state1"], b["state1"]) and torch.equal(a["absmax1"], b["absmax1"])
+    more = [lt.run(step, s, [(x, y)] * 2, progress=False, log_every=None, max_steps=5) for s in (state, loaded)]
+    assert all(torch.equal(p, q) for p, q in zip(more[0].model.parameters(), more[1].model.parameters()))

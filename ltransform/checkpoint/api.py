@@ -94,15 +94,13 @@ def _tensors(state: Any, filters: Mapping[str, Filter], *, full: bool) -> dict[s
     """Every model's and optimizer's state dict, keyed by parameter names: gathered to rank 0
     on the CPU (``full``), or each rank's shards (DCP's form). Plain optimizers are read
     directly (torch's helper would allocate a gradient per parameter to create missing state)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=full, cpu_offload=full)
     models = {}
     for name, module in contents.modules(state).items():
         keep = filters.get(name)
-        models[name] = {k: v for k, v in get_model_state_dict(module, options=options).items()
-                        if keep is None or keep(k, v)}
+        models[name] = {k: v for k, v in _model_state(module, options).items() if keep is None or keep(k, v)}
     optimizers = {name: get_optimizer_state_dict(module, opt, options=options) if _is_sharded(module)
                   else contents.optimizer_state(module, opt)
                   for name, (opt, _, module) in contents.optimizers(state).items()}
@@ -191,8 +189,7 @@ def load_with_position(path: str | os.PathLike[str], state: Any, *, strict: bool
         return _load_sharded(path, state, strict)
     payload = files.read_file(path)
     contents.check_metadata(payload.get("meta") if isinstance(payload, Mapping) else None, repr(str(path)))
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     # Sharded models go through torch's full-state-dict loaders (which reshard); plain ones load
     # directly from the mapped file (torch's helpers would allocate a gradient per parameter)
@@ -204,10 +201,7 @@ def load_with_position(path: str | os.PathLike[str], state: Any, *, strict: bool
                            f"{sorted(payload['models'])}")
         if strict:
             check_keys(path, name, set(module.state_dict()), set(saved))
-        if _is_sharded(module):
-            set_model_state_dict(module, saved, options=options)
-        else:  # copies straight from the mapped file into the parameters
-            module.load_state_dict(saved, strict=strict)
+        _load_module(module, saved, options)
     for name, (opt, _, module) in contents.optimizers(state).items():
         if name in payload["optimizers"]:
             if _is_sharded(module):
@@ -218,6 +212,37 @@ def load_with_position(path: str | os.PathLike[str], state: Any, *, strict: bool
             raise KeyError(f"lt.load({str(path)!r}): the checkpoint has no optimizer {name!r}")
     ranks = payload["ranks"]
     return _restore_common(state, payload, ranks[env.rank() % len(ranks)])
+
+
+def _model_state(module: torch.nn.Module, options: Any) -> dict[str, Any]:
+    """A model's state dict keyed by parameter names: torch's helper for sharded models
+    (gathered or as shards); a plain model's own ``state_dict()``, which also carries entries
+    torch's helper cannot map to attributes (bitsandbytes' quantization state)."""
+    if _is_sharded(module):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(module, options=options)
+    state = module.state_dict()
+    return {k: v.cpu() for k, v in state.items()} if options.cpu_offload else state
+
+
+def _load_module(module: torch.nn.Module, saved: dict[str, Any], options: Any) -> None:
+    """Load a model's state dict: sharded models through torch's loader (which reshards), plain
+    ones directly (from the mapped file), 4-bit quantized layers from their packed state."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    if _is_sharded(module):
+        set_model_state_dict(module, saved, options=options)
+        return
+    from ltransform.models.quantize import load_quantized
+
+    rest = load_quantized(module, saved)
+    module.load_state_dict(rest, strict=options.strict and rest is saved)  # keys were checked already
+
+
+def _is_quantized(module: torch.nn.Module) -> bool:
+    """Holds bitsandbytes layers (checked without importing bitsandbytes)."""
+    return any(type(m).__module__.startswith("bitsandbytes") for m in module.modules())
 
 
 def _is_sharded(module: torch.nn.Module) -> bool:
@@ -246,38 +271,44 @@ def _restore_common(state: Any, common: Mapping[str, Any], mine: Mapping[str, An
 
 
 def _load_sharded(path: Path, state: Any, strict: bool) -> tuple[Any, Any]:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_model_state_dict,
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
 
     common = files.read_file(path / "common.pt")
     contents.check_metadata(common.get("meta"), repr(str(path)))
     mods, opts = contents.modules(state), contents.optimizers(state)
-    # Sharded optimizers load into torch's template of their state. Plain ones are read as
-    # saved and loaded directly: the template would first create every missing state tensor
-    # with a zero step, allocating a gradient per parameter (most of the load time measured).
+    # Models and sharded optimizers load in place into a template of their state. Two kinds
+    # are read as saved instead (the subtree rebuilt from the metadata) and loaded directly:
+    # plain optimizers, whose template would first create every missing state tensor with a
+    # zero step (a gradient per parameter: most of the load time measured), and quantized
+    # models, whose packed quantization state varies in size and cannot be a template.
     plain = {n for n, (_, _, m) in opts.items() if not _is_sharded(m)}
-    tensors = {"models": {n: get_model_state_dict(m) for n, m in mods.items()},
+    quantized = {n for n, m in mods.items() if _is_quantized(m)}
+    tensors = {"models": {n: _model_state(m, StateDictOptions()) for n, m in mods.items() if n not in quantized},
                "optimizers": {n: get_optimizer_state_dict(m, o) for n, (o, _, m) in opts.items() if n not in plain}}
     if strict:
         stored = sharded.checkpoint_keys(path)
-        for name, sd in tensors["models"].items():
+        for name, module in mods.items():
             prefix = f"models.{name}."
-            check_keys(path, name, set(sd), {k[len(prefix):] for k in stored if k.startswith(prefix)})
+            expected = set(tensors["models"][name]) if name in tensors["models"] else set(module.state_dict())
+            check_keys(path, name, expected, {k[len(prefix):] for k in stored if k.startswith(prefix)})
     sharded.load_tensors(tensors, path, strict=strict)
+    saved: dict[str, Any] = {}
+    if plain or quantized:
+        keys = {f"optimizers.{n}" for n in plain} | {f"models.{n}" for n in quantized}
+        sharded.load_tensors(saved, path, rebuild=True, keys=keys)
     for name, module in mods.items():
-        set_model_state_dict(module, tensors["models"][name], options=StateDictOptions(strict=strict))
+        source = saved.get("models", {}) if name in quantized else tensors["models"]
+        if name not in source:
+            raise KeyError(f"lt.load({str(path)!r}): the checkpoint has no model {name!r}")
+        _load_module(module, source[name], StateDictOptions(strict=strict))
     for name, (opt, _, module) in opts.items():
         if name not in plain:
             set_optimizer_state_dict(module, opt, tensors["optimizers"][name])
-    if plain:
-        saved: dict[str, Any] = {}
-        sharded.load_tensors(saved, path, rebuild=True, keys={f"optimizers.{n}" for n in plain})
-        for name in plain:
-            if name not in saved.get("optimizers", {}):
-                raise KeyError(f"lt.load({str(path)!r}): the checkpoint has no optimizer {name!r}")
-            opt, _, module = opts[name]
+        elif name in saved.get("optimizers", {}):
             contents.load_optimizer_state(module, opt, saved["optimizers"][name])
+        else:
+            raise KeyError(f"lt.load({str(path)!r}): the checkpoint has no optimizer {name!r}")
     rank_files = sorted(path.glob("rank-*.pt"))
     mine = path / f"rank-{env.rank()}.pt"
     per_rank = files.read_file(mine if mine.exists() else rank_files[env.rank() % len(rank_files)])

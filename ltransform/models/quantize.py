@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -148,3 +149,36 @@ def _bitsandbytes() -> Any:
         raise ImportError("quantize needs bitsandbytes: pip install 'ltransform[quant]' "
                           "(or pip install bitsandbytes)") from error
     return bitsandbytes
+
+
+def load_quantized(module: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Load the 4-bit weights of ``module``'s ``Linear4bit`` layers from ``state_dict`` (their
+    packed data and quantization state, which ``load_state_dict`` alone ignores); return the
+    entries left for ``load_state_dict``. A no-op unless bitsandbytes is in use."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return state_dict
+    rest = dict(state_dict)
+    for name, layer in module.named_modules():
+        if isinstance(layer, bnb.nn.Linear8bitLt) and not layer.state.has_fp16_weights:
+            _load_int8(layer, f"{name}." if name else "", rest)
+        if not isinstance(layer, bnb.nn.Linear4bit):
+            continue
+        key = f"{name}.weight" if name else "weight"
+        stats = {k[len(key) + 1:]: rest.pop(k) for k in list(rest) if k.startswith(key + ".")}
+        if stats and key in rest:
+            layer.weight = bnb.nn.Params4bit.from_prequantized(
+                data=rest.pop(key), quantized_stats=stats, requires_grad=False,
+                device=layer.weight.device, module=layer)
+    return rest if len(rest) != len(state_dict) else state_dict
+
+
+def _load_int8(layer: Any, prefix: str, rest: dict[str, Any]) -> None:
+    """Frozen int8 weights and their row scales, copied in place. bitsandbytes' own loader
+    refuses once a forward has moved the scales from the weight into the layer's state."""
+    if f"{prefix}weight" not in rest or f"{prefix}SCB" not in rest:
+        return
+    layer.weight.data.copy_(rest.pop(f"{prefix}weight"))
+    scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+    scales.copy_(rest.pop(f"{prefix}SCB"))
+    rest.pop(f"{prefix}weight_format", None)
