@@ -59,6 +59,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "launch": ("ltransform.distributed.launch", "launch"),
     "STRATEGIES": ("ltransform.distributed.strategies", "STRATEGIES"),
     "Strategy": ("ltransform.distributed.strategies", "Strategy"),
+    "add_adapters": ("ltransform.models.adapters", "add_adapters"),
     "init_module": ("ltransform.models.init", "init_module"),
     "materialize": ("ltransform.models.init", "materialize"),
     "to_precision": ("ltransform.models.precision", "to_precision"),
@@ -134,6 +135,7 @@ if TYPE_CHECKING:
     from ltransform.distributed.launch import launch
     from ltransform.distributed.strategies import STRATEGIES
     from ltransform.distributed.strategies import Strategy
+    from ltransform.models.adapters import add_adapters
     from ltransform.models.init import init_module
     from ltransform.models.init import materialize
     from ltransform.models.precision import to_precision

@@ -88,6 +88,9 @@ def quantize(model: Any = MISSING, /, mode: Any = MISSING, *, skip: Skip = None,
                        f"quantize({record.name!r})")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
+    if any(type(m).__name__ == "LowRank" for m in model.modules()):
+        raise RuntimeError("quantize must be applied before add_adapters; reorder: "
+                           "lt.pipe(model, lt.quantize(mode), lt.add_adapters(rank))")
     bnb = _bitsandbytes()
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is torch.nn.Linear and not skipped(name, module)]
