@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from ltransform.core.compose import MISSING, Partial
+from ltransform.models.select import selector
 
 
 class LowRank(torch.nn.Module):
@@ -67,7 +66,7 @@ def add_adapters(model: Any = MISSING, /, rank: Any = MISSING, *, alpha: float |
         raise ValueError(f"add_adapters: rank must be a positive int, got {rank!r}")
     if not 0 <= dropout < 1:
         raise ValueError(f"add_adapters: dropout must be in [0, 1), got {dropout!r}")
-    chosen = _targets(targets)
+    chosen = selector(targets, call="add_adapters", option="targets", default=True)
     if model is MISSING:
         return Partial(lambda m: add_adapters(m, rank, alpha=alpha, dropout=dropout, targets=targets),
                        f"add_adapters(rank={rank})")
@@ -93,17 +92,3 @@ def _linear(module: torch.nn.Module) -> bool:
     """``nn.Linear`` or a layer standing in for one (bitsandbytes' quantized linears)."""
     return isinstance(module, torch.nn.Linear) or (
         hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight"))
-
-
-def _targets(targets: Any) -> Callable[[str, torch.nn.Module], bool]:
-    if targets is None:
-        return lambda name, module: True
-    if callable(targets):
-        return targets
-    if isinstance(targets, str) or not isinstance(targets, Iterable):
-        targets = [targets]
-    patterns = list(targets)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"add_adapters: targets must be names/patterns or a predicate (name, module) -> bool, "
-                        f"got {targets!r}")
-    return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import fnmatch
 import sys
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
 import torch
 
 from ltransform.core.compose import MISSING, Partial
+from ltransform.models.select import selector
 from ltransform.core.state import mark_replaced
 
 
@@ -82,7 +81,7 @@ def quantize(model: Any = MISSING, /, mode: Any = MISSING, *, skip: Skip = None,
     if mode is MISSING and not isinstance(model, torch.nn.Module) and model is not MISSING:
         model, mode = MISSING, model
     record = resolve_quantization(mode)
-    skipped = _skip(skip)
+    skipped = selector(skip, call="quantize", option="skip", default=False)
     if model is MISSING:
         return Partial(lambda m: quantize(m, record.name, skip=skip, compute_dtype=compute_dtype),
                        f"quantize({record.name!r})")
@@ -107,19 +106,6 @@ def resolve_quantization(mode: Any) -> Quantization:
     if isinstance(mode, str) and mode in QUANTIZATIONS:
         return QUANTIZATIONS[mode]
     raise ValueError(f"quantize: unknown mode {mode!r}; expected one of: {', '.join(map(repr, QUANTIZATIONS))}")
-
-
-def _skip(skip: Skip) -> Callable[[str, torch.nn.Module], bool]:
-    if skip is None:
-        return lambda name, module: False
-    if callable(skip):
-        return skip
-    if isinstance(skip, str) or not isinstance(skip, Iterable):
-        skip = [skip]
-    patterns = list(skip)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"quantize: skip must be names/patterns or a predicate (name, module) -> bool, got {skip!r}")
-    return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _replacement(bnb: Any, q: Quantization, linear: torch.nn.Linear, compute_dtype: torch.dtype | None) -> torch.nn.Module:
