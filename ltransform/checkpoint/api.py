@@ -101,7 +101,7 @@ def _tensors(state: Any, filters: Mapping[str, Filter], *, full: bool) -> dict[s
     for name, module in contents.modules(state).items():
         keep = filters.get(name)
         models[name] = {k: v for k, v in _model_state(module, options).items() if keep is None or keep(k, v)}
-    optimizers = {name: get_optimizer_state_dict(module, opt, options=options) if _is_sharded(module)
+    optimizers = {name: get_optimizer_state_dict(module, opt, options=options) if _has_dtensors(module)
                   else contents.optimizer_state(module, opt)
                   for name, (opt, _, module) in contents.optimizers(state).items()}
     return {"models": models, "optimizers": optimizers}
@@ -204,7 +204,7 @@ def load_with_position(path: str | os.PathLike[str], state: Any, *, strict: bool
         _load_module(module, saved, options)
     for name, (opt, _, module) in contents.optimizers(state).items():
         if name in payload["optimizers"]:
-            if _is_sharded(module):
+            if _has_dtensors(module):
                 set_optimizer_state_dict(module, opt, payload["optimizers"][name], options=options)
             else:
                 contents.load_optimizer_state(module, opt, payload["optimizers"][name])
@@ -218,7 +218,7 @@ def _model_state(module: torch.nn.Module, options: Any) -> dict[str, Any]:
     """A model's state dict keyed by parameter names: torch's helper for sharded models
     (gathered or as shards); a plain model's own ``state_dict()``, which also carries entries
     torch's helper cannot map to attributes (bitsandbytes' quantization state)."""
-    if _is_sharded(module):
+    if _has_dtensors(module):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         return get_model_state_dict(module, options=options)
@@ -231,7 +231,7 @@ def _load_module(module: torch.nn.Module, saved: dict[str, Any], options: Any) -
     ones directly (from the mapped file), 4-bit quantized layers from their packed state."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    if _is_sharded(module):
+    if _has_dtensors(module):
         set_model_state_dict(module, saved, options=options)
         return
     from ltransform.models.quantize import load_quantized
@@ -245,8 +245,9 @@ def _is_quantized(module: torch.nn.Module) -> bool:
     return any(type(m).__module__.startswith("bitsandbytes") for m in module.modules())
 
 
-def _is_sharded(module: torch.nn.Module) -> bool:
-    return any(hasattr(p, "device_mesh") for p in module.parameters())  # DTensor parameters
+def _has_dtensors(module: torch.nn.Module) -> bool:
+    """Sharded (DTensor) parameters, which only torch's DCP helpers can gather or reshard."""
+    return any(hasattr(p, "device_mesh") for p in module.parameters())
 
 
 def check_keys(path: Path, name: str, expected: set[str], saved: set[str]) -> None:
@@ -282,7 +283,7 @@ def _load_sharded(path: Path, state: Any, strict: bool) -> tuple[Any, Any]:
     # plain optimizers, whose template would first create every missing state tensor with a
     # zero step (a gradient per parameter: most of the load time measured), and quantized
     # models, whose packed quantization state varies in size and cannot be a template.
-    plain = {n for n, (_, _, m) in opts.items() if not _is_sharded(m)}
+    plain = {n for n, (_, _, m) in opts.items() if not _has_dtensors(m)}
     quantized = {n for n, m in mods.items() if _is_quantized(m)}
     tensors = {"models": {n: _model_state(m, StateDictOptions()) for n, m in mods.items() if n not in quantized},
                "optimizers": {n: get_optimizer_state_dict(m, o) for n, (o, _, m) in opts.items() if n not in plain}}

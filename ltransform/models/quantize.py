@@ -9,6 +9,7 @@ import attrs
 import torch
 
 from ltransform.core.compose import MISSING, Partial
+from ltransform.models.adapters import LowRank
 from ltransform.models.select import selector
 from ltransform.core.state import mark_replaced
 
@@ -87,7 +88,7 @@ def quantize(model: Any = MISSING, /, mode: Any = MISSING, *, skip: Skip = None,
                        f"quantize({record.name!r})")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
-    if any(type(m).__name__ == "LowRank" for m in model.modules()):
+    if any(isinstance(m, LowRank) for m in model.modules()):
         raise RuntimeError("quantize must be applied before add_adapters; reorder: "
                            "lt.pipe(model, lt.quantize(mode), lt.add_adapters(rank))")
     bnb = _bitsandbytes()

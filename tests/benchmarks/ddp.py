@@ -23,23 +23,10 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import ltransform as lt
 from ltransform.distributed.env import ensure_process_group
-
-
-def mlp(width: int, depth: int = 4) -> torch.nn.Module:
-    torch.manual_seed(0)
-    layers: list[torch.nn.Module] = []
-    for _ in range(depth):
-        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers, torch.nn.Linear(width, 1))
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return F.mse_loss(model(x), y)
+from overhead import loss_fn, mlp  # the same model and loss as the single-process benchmark
 
 
 def _data(block: int, width: int, batch: int, device):
@@ -66,7 +53,7 @@ def throughput(args) -> dict[str, float]:
     data = _data(args.block, args.width, args.batch, device)
     results = {}
     for name in ("control", "ddp", "fsdp"):
-        raw_model = mlp(args.width).to(device)
+        raw_model = mlp(args.width, depth=4).to(device)
         if name in ("ddp", "control"):
             raw = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
         else:
@@ -75,7 +62,7 @@ def throughput(args) -> dict[str, float]:
                     fully_shard(layer)
             raw = fully_shard(raw_model)
         raw_opt = torch.optim.SGD(raw.parameters(), lr=1e-3)
-        ours = mlp(args.width).to(device)
+        ours = mlp(args.width, depth=4).to(device)
         if name == "fsdp":
             ours = lt.shard(ours, policy={torch.nn.Linear})
         elif name == "control":  # raw against raw: the noise floor of this measurement
