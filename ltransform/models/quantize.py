@@ -9,6 +9,7 @@ import attrs
 import torch
 
 from ltransform.core.compose import MISSING, Partial
+from ltransform.models.weights import aliases, fill, open_weights, placed, read, release_freed_memory
 from ltransform.models.adapters import LowRank
 from ltransform.models.select import selector
 from ltransform.core.state import mark_replaced
@@ -47,7 +48,8 @@ Skip = Any  # names, glob patterns, or a predicate (name, module) -> bool
 
 
 def quantize(model: Any = MISSING, /, mode: Any = MISSING, *, skip: Skip = None,
-             compute_dtype: torch.dtype | None = None) -> Any:
+             compute_dtype: torch.dtype | None = None, weights: Any = None,
+             device: str | torch.device | None = None) -> Any:
     """Replace every ``nn.Linear`` of ``model`` (except the skipped ones) with a bitsandbytes layer.
 
     Modes: ``"nf4"`` / ``"fp4"`` (4-bit ``Linear4bit`` of that type), ``"nf4-dq"`` /
@@ -62,12 +64,22 @@ def quantize(model: Any = MISSING, /, mode: Any = MISSING, *, skip: Skip = None,
         skip: layers to keep in full precision: an iterable of names and glob patterns
             (``{"lm_head", "blocks.*.attn.*"}``) or a predicate ``(name, module) -> bool``.
         compute_dtype: the dtype 4-bit layers compute in (default: the weight's dtype).
+        weights: where the weights come from, read one tensor at a time: a ``.safetensors``
+            file, a ``torch.save``-d state dict (memory-mapped) or a mapping of names to
+            tensors. Required for a model built on the meta device
+            (``lt.init_module(..., empty=True)``): each linear layer is loaded, quantized and
+            freed before the next, so the full-precision model never exists. The other
+            parameters and buffers are loaded too, in the model's dtypes.
+        device: where to put the loaded weights (default: where each is, ``lt.device()`` for
+            one on meta).
 
     Returns:
         The same module, with its linear layers replaced in place.
 
     Raises:
-        ValueError: an unknown mode (lists the valid ones).
+        ValueError: an unknown mode (lists the valid ones); a meta model and no ``weights``; a
+            stored tensor of the wrong shape.
+        KeyError: tensors missing from ``weights`` (all named).
         ImportError: bitsandbytes is not installed (names the pip command).
 
     Example:
@@ -84,8 +96,8 @@ def quantize(model: Any = MISSING, /, mode: Any = MISSING, *, skip: Skip = None,
     record = resolve_quantization(mode)
     skipped = selector(skip, call="quantize", option="skip", default=False)
     if model is MISSING:
-        return Partial(lambda m: quantize(m, record.name, skip=skip, compute_dtype=compute_dtype),
-                       f"quantize({record.name!r})")
+        return Partial(lambda m: quantize(m, record.name, skip=skip, compute_dtype=compute_dtype,
+                                          weights=weights, device=device), f"quantize({record.name!r})")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
     if any(isinstance(m, LowRank) for m in model.modules()):
@@ -94,10 +106,51 @@ def quantize(model: Any = MISSING, /, mode: Any = MISSING, *, skip: Skip = None,
     bnb = _bitsandbytes()
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is torch.nn.Linear and not skipped(name, module)]
+    if weights is not None:
+        return _quantize_from(weights, model, targets, bnb, record, compute_dtype, device)
+    on_meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        raise ValueError(f"quantize: the model is on the meta device (e.g. {on_meta[0]!r}); pass "
+                         f"weights=PATH (.safetensors or a torch.save-d state dict) or a state dict to "
+                         f"load and quantize it layer by layer")
     for name, linear in targets:
-        layer = _replacement(bnb, record, linear, compute_dtype)
+        layer = _replacement(bnb, record, linear.weight.data, linear.bias, compute_dtype)
         mark_replaced([linear.weight], "lt.quantize")
         _set_submodule(model, name, layer)
+    return model
+
+
+def _quantize_from(source: Any, model: torch.nn.Module, targets: list[tuple[str, torch.nn.Linear]],
+                   bnb: Any, record: Quantization, compute_dtype: torch.dtype | None,
+                   device: str | torch.device | None) -> torch.nn.Module:
+    """Load, quantize and place one linear layer at a time, then load everything else."""
+    device = torch.device(device) if device is not None else None
+    tied = aliases(model)
+    done, missing = set(), []
+    with open_weights(source, call="quantize") as stored:
+        for name, linear in targets:
+            prefix = f"{name}." if name else ""
+            weight = read(stored, prefix + "weight", tied)
+            bias = None if linear.bias is None else read(stored, prefix + "bias", tied)
+            if weight is None or (linear.bias is not None and bias is None):
+                missing.append(prefix + ("weight" if weight is None else "bias"))
+                continue
+            weight = placed(weight, linear.weight, prefix + "weight", device, "quantize")
+            if bias is not None:
+                bias = torch.nn.Parameter(placed(bias, linear.bias, prefix + "bias", device, "quantize"),
+                                          requires_grad=linear.bias.requires_grad)
+            _set_submodule(model, name, _replacement(bnb, record, weight, bias, compute_dtype))
+            mark_replaced([linear.weight], "lt.quantize")
+            done |= {prefix + "weight", prefix + "bias"}
+            on_cpu = weight.device.type == "cpu"
+            del weight, bias  # the full-precision copy goes before the next layer is read
+            if on_cpu:
+                release_freed_memory()
+        if missing:
+            raise KeyError(f"quantize: the weights have no tensor for {', '.join(map(repr, missing[:8]))}; "
+                           f"the model's names and the file's must match")
+        quantized = {n for n, _ in model.named_parameters()} & done
+        fill(model, stored, device=device, call="quantize", done=quantized)
     return model
 
 
@@ -109,21 +162,22 @@ def resolve_quantization(mode: Any) -> Quantization:
     raise ValueError(f"quantize: unknown mode {mode!r}; expected one of: {', '.join(map(repr, QUANTIZATIONS))}")
 
 
-def _replacement(bnb: Any, q: Quantization, linear: torch.nn.Linear, compute_dtype: torch.dtype | None) -> torch.nn.Module:
-    weight = linear.weight.data
-    has_bias = linear.bias is not None
+def _replacement(bnb: Any, q: Quantization, weight: torch.Tensor, bias: torch.nn.Parameter | None,
+                 compute_dtype: torch.dtype | None) -> torch.nn.Module:
+    out_features, in_features = weight.shape
+    has_bias = bias is not None
     if q.bits == 4:
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=has_bias,
                                   compute_dtype=compute_dtype or weight.dtype,
                                   compress_statistics=q.double_quant, quant_type=q.quant_type, device="meta")
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=q.double_quant,
                                          quant_type=q.quant_type)
     else:
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=has_bias,
                                     has_fp16_weights=q.trainable, threshold=6.0, device="meta")
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=q.trainable, has_fp16_weights=q.trainable)
     if has_bias:
-        layer.bias = linear.bias
+        layer.bias = bias
     return layer.to(weight.device)  # moving the parameters is what quantizes them
 
 
