@@ -162,7 +162,8 @@ def test_aliases_resolve_to_lightning_names():
 
 def test_unknown_precision_lists_the_valid_names():
     with pytest.raises(ValueError, match=r"unknown precision 'bf17'; expected one of: '16-mixed', "
-                                         r"'16-true', '32-true', '64-true', 'bf16-mixed', 'bf16-true'"):
+                                         r"'16-true', '32-true', '64-true', 'bf16-mixed', 'bf16-true', "
+                                         r"'torchao-float8', 'transformer-engine', 'transformer-engine-float16'"):
         lt.with_precision("bf17")
 
 

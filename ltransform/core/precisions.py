@@ -17,12 +17,15 @@ class Precision:
         param_dtype: dtype of the weights (float32 for the mixed modes).
         autocast_dtype: dtype the forward autocasts to, None for the ``-true`` modes.
         scaler: whether losses are scaled with a ``torch.amp.GradScaler``.
+        fp8: which library's fp8 layers run the matmuls: ``"transformer-engine"`` (its layers
+            and fp8 autocast) or ``"torchao"`` (its ``Float8Linear``); None for none.
     """
 
     name: str
     param_dtype: torch.dtype
     autocast_dtype: torch.dtype | None = None
     scaler: bool = False
+    fp8: str | None = attrs.field(default=None, validator=attrs.validators.in_((None, "transformer-engine", "torchao")))
 
     @property
     def mixed(self) -> bool:
@@ -38,6 +41,12 @@ PRECISIONS: dict[str, Precision] = {
         Precision(name="64-true", param_dtype=torch.float64),
         Precision(name="bf16-mixed", param_dtype=torch.float32, autocast_dtype=torch.bfloat16),
         Precision(name="bf16-true", param_dtype=torch.bfloat16),
+        # Transformer Engine's layers keep weights in the 16-bit dtype and cast to fp8 inside
+        # their matmuls; torchao's Float8Linear does the same under bf16 autocast, with float32
+        # weights (as bf16-mixed).
+        Precision(name="transformer-engine", param_dtype=torch.bfloat16, fp8="transformer-engine"),
+        Precision(name="transformer-engine-float16", param_dtype=torch.float16, fp8="transformer-engine"),
+        Precision(name="torchao-float8", param_dtype=torch.float32, autocast_dtype=torch.bfloat16, fp8="torchao"),
     )
 }
 

@@ -1,9 +1,11 @@
-"""The one real order among model transforms: activation checkpointing → compile → shard.
+"""The real orders among model transforms: activation checkpointing → compile → shard, and
+fp8 layer swaps (``to_precision``) → compile → shard.
 
 Checkpointing must wrap the plain forward that compile traces, and FSDP2 must see the
-final module structure; applying them the other way round silently loses memory savings or
-breaks tracing. Each transform calls :func:`check_order` before it acts, so a violation is
-an error naming both transforms, raised here and nowhere else.
+final module structure (and sharded weights cannot move into new layers); applying them the
+other way round silently loses memory savings or breaks tracing. Checkpointing and the fp8
+swap may come in either order. Each transform calls :func:`check_order` before it acts, so a
+violation is an error naming both transforms, raised here and nowhere else.
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ from typing import Any
 
 import torch
 
-ORDER = ("checkpoint_activations", "torch.compile", "shard")
+from ltransform.models.fp8 import is_fp8_layer
+
+ORDER = ("checkpoint_activations", "to_precision", "torch.compile", "shard")  # as suggested in errors
+MUST_PRECEDE = {
+    "checkpoint_activations": ("torch.compile", "shard"),
+    "to_precision": ("torch.compile", "shard"),
+    "torch.compile": ("shard",),
+    "shard": (),
+}
 
 
 def applied(model: torch.nn.Module) -> set[str]:
@@ -30,6 +40,8 @@ def applied(model: torch.nn.Module) -> set[str]:
             found.add("torch.compile")
         if _has_checkpoint(module):
             found.add("checkpoint_activations")
+        if is_fp8_layer(module):
+            found.add("to_precision")
     return found
 
 
@@ -44,8 +56,7 @@ def check_order(model: Any, applying: str) -> None:
     """Raise if a transform that must come after ``applying`` was already applied to ``model``."""
     if not isinstance(model, torch.nn.Module):
         return
-    position = ORDER.index(applying)
-    later = [name for name in ORDER[position + 1:] if name in applied(model)]
+    later = [name for name in MUST_PRECEDE[applying] if name in applied(model)]
     if later:
         raise RuntimeError(
             f"{applying} must be applied before {later[0]}; reorder: "
@@ -56,7 +67,8 @@ def check_order(model: Any, applying: str) -> None:
 
 def _spelling(name: str) -> str:
     return {"checkpoint_activations": "lt.checkpoint_activations(policy=...)",
-            "torch.compile": "torch.compile", "shard": "lt.shard(policy=...)"}[name]
+            "to_precision": "lt.to_precision(fp8 name)", "torch.compile": "torch.compile",
+            "shard": "lt.shard(policy=...)"}[name]
 
 
 def check_compiled_before_shard(model: Any) -> None:

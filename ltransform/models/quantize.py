@@ -116,7 +116,7 @@ def quantize(model: Any = MISSING, /, mode: Any = MISSING, *, skip: Skip = None,
     for name, linear in targets:
         layer = _replacement(bnb, record, linear.weight.data, linear.bias, compute_dtype)
         mark_replaced([linear.weight], "lt.quantize")
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
     return model
 
 
@@ -139,7 +139,7 @@ def _quantize_from(source: Any, model: torch.nn.Module, targets: list[tuple[str,
             if bias is not None:
                 bias = torch.nn.Parameter(placed(bias, linear.bias, prefix + "bias", device, "quantize"),
                                           requires_grad=linear.bias.requires_grad)
-            _set_submodule(model, name, _replacement(bnb, record, weight, bias, compute_dtype))
+            model.set_submodule(name, _replacement(bnb, record, weight, bias, compute_dtype))
             mark_replaced([linear.weight], "lt.quantize")
             done |= {prefix + "weight", prefix + "bias"}
             on_cpu = weight.device.type == "cpu"
@@ -179,11 +179,6 @@ def _replacement(bnb: Any, q: Quantization, weight: torch.Tensor, bias: torch.nn
     if has_bias:
         layer.bias = bias
     return layer.to(weight.device)  # moving the parameters is what quantizes them
-
-
-def _set_submodule(model: torch.nn.Module, name: str, layer: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
 
 def _bitsandbytes() -> Any:

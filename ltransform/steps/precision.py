@@ -13,6 +13,7 @@ from ltransform.core.effects import Effect, Handler, Stage, When
 from ltransform.core.precisions import Precision, resolve_precision
 from ltransform.core.state import find_modules, get_extra, with_extra
 from ltransform.core.step import StepTransform, apply_step_transform
+from ltransform.models import fp8
 
 SCALER_KEY = "grad_scaler"
 
@@ -24,23 +25,39 @@ class _Runtime:
     device_type: str
     precision: Precision
     scaler: torch.amp.GradScaler | None
+    fp8_autocast: Any = None  # Transformer Engine's fp8 autocast, as a context factory
 
 
-def with_precision(step: Any = MISSING, /, precision: Any = MISSING) -> Any:
+def with_precision(step: Any = MISSING, /, precision: Any = MISSING, *, recipe: Any = None) -> Any:
     """Run ``step`` in a precision: ``"32-true"``, ``"64-true"``, ``"16-mixed"``,
-    ``"bf16-mixed"``, ``"16-true"``, ``"bf16-true"`` (or Lightning's ``"16"``, ``"bf16"``, 16, ...).
+    ``"bf16-mixed"``, ``"16-true"``, ``"bf16-true"`` (or Lightning's ``"16"``, ``"bf16"``, 16, ...),
+    or fp8: ``"transformer-engine"``, ``"transformer-engine-float16"``, ``"torchao-float8"``.
 
     Mixed modes keep float32 weights and autocast the forward; ``16-mixed`` also scales the
     loss with a ``torch.amp.GradScaler`` (kept in ``state.extra["grad_scaler"]`` so it is
     checkpointed), unscales before clipping, and skips the update on inf/NaN gradients.
     ``-true`` modes cast the weights (when the step is prepared) and floating inputs.
 
+    fp8: ``"transformer-engine"`` (bf16 weights) and ``"transformer-engine-float16"`` (fp16)
+    swap ``nn.Linear``/``nn.LayerNorm``/``nn.RMSNorm`` for Transformer Engine's layers when the
+    step is prepared and run the step under TE's fp8 autocast with ``recipe``.
+    ``"torchao-float8"`` swaps ``nn.Linear`` for torchao's ``Float8Linear`` (dynamic scaling) and
+    otherwise runs as ``"bf16-mixed"``. A model already converted by ``lt.to_precision`` (needed
+    before ``lt.shard``) is used as it is.
+
     Args:
         step: the step to transform; omit it for the partial form.
         precision: the precision name.
+        recipe: fp8 only. Transformer Engine: a recipe from ``transformer_engine.common.recipe``
+            (default: TE's, ``DelayedScaling`` on Hopper). torchao: a recipe name
+            (``"tensorwise"``, ``"rowwise"``, ``"rowwise_with_gw_hp"``) or a ``Float8LinearConfig``.
 
     Raises:
-        ValueError: unknown name (lists the valid ones); a second precision on one step.
+        ValueError: unknown name (lists the valid ones); a second precision on one step; a
+            recipe for a precision that is not fp8.
+        ImportError: the fp8 library is not installed (names the pip command).
+        RuntimeError: (when prepared) fp8 on a model not on a GPU of compute capability 8.9+
+            (torchao also runs on the CPU); a sharded or compiled model not converted first.
 
     Example:
         >>> import torch, ltransform as lt
@@ -58,11 +75,14 @@ def with_precision(step: Any = MISSING, /, precision: Any = MISSING) -> Any:
     if precision is MISSING and not callable(step):
         step, precision = MISSING, step
     record = resolve_precision(precision)
+    if recipe is not None and record.fp8 is None:
+        raise ValueError(f"with_precision: recipe applies to the fp8 precisions only, not {record.name!r}")
+    fp8.check_installed(record, "with_precision")
     transform = StepTransform(
         name=f"with_precision({record.name!r})",
         kind="precision",
         handlers=_handlers(record),
-        prepare=lambda state: _prepare(state, record),
+        prepare=lambda state: _prepare(state, record, recipe),
     )
     return apply_step_transform(step, transform, "with_precision")
 
@@ -71,7 +91,8 @@ def _handlers(p: Precision) -> tuple[Handler, ...]:
     if p.mixed:
         handlers = [
             Handler(effect=Effect.STEP, stage=Stage.AUTOCAST, fn=_autocast,
-                    label=f"precision: enter autocast to {_short(p.autocast_dtype)}",
+                    label=f"precision: enter autocast to {_short(p.autocast_dtype)}" + (
+                        " (torchao Float8Linear matmuls in fp8)" if p.fp8 else ""),
                     after="precision: leave autocast" + (
                         "; scaler.update() if an optimizer stepped" if p.scaler else "")),
             Handler(effect=Effect.BACKWARD, stage=Stage.LOSS_SCALE, fn=_scale_loss,
@@ -86,6 +107,10 @@ def _handlers(p: Precision) -> tuple[Handler, ...]:
                               "gradients hold inf/NaN", when=When.BOUNDARY, halts=True),
             ]
         return tuple(handlers)
+    if p.fp8 == fp8.TRANSFORMER_ENGINE:
+        return (Handler(effect=Effect.STEP, stage=Stage.AUTOCAST, fn=_te_autocast,
+                        label=f"precision: {_short(p.param_dtype)} inputs and default dtype; enter "
+                              f"Transformer Engine fp8 autocast"),)
     if p.param_dtype != torch.float32:
         return (Handler(effect=Effect.STEP, stage=Stage.AUTOCAST, fn=_true_dtype,
                         label=f"precision: {_short(p.param_dtype)} inputs and default dtype"),)
@@ -96,8 +121,10 @@ def _short(dtype: torch.dtype | None) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _prepare(state: Any, p: Precision) -> tuple[Any, _Runtime]:
+def _prepare(state: Any, p: Precision, recipe: Any) -> tuple[Any, _Runtime]:
     modules = find_modules(state)
+    if p.fp8:
+        _prepare_fp8(modules, p, recipe)
     params = [(n, q) for m in modules for n, q in m.named_parameters()]
     device_type = params[0][1].device.type if params else "cpu"
     if p.mixed:
@@ -123,7 +150,31 @@ def _prepare(state: Any, p: Precision) -> tuple[Any, _Runtime]:
         if scaler is None:
             scaler = torch.amp.GradScaler(device_type)
             state = with_extra(state, SCALER_KEY, scaler)
-    return state, _Runtime(device_type, p, scaler)
+    autocast = fp8.te_autocast(recipe) if p.fp8 == fp8.TRANSFORMER_ENGINE else None
+    return state, _Runtime(device_type, p, scaler, autocast)
+
+
+def _prepare_fp8(modules: list[torch.nn.Module], p: Precision, recipe: Any) -> None:
+    """Swap in the fp8 layers of models not converted by ``lt.to_precision``; the rest of
+    ``_prepare`` then casts as for any precision."""
+    from ltransform.models.order import check_order
+    from ltransform.distributed import wrappers
+
+    for module in modules:
+        fp8.check_device(module, p, "with_precision")
+        if fp8.converted(module, p):
+            if recipe is not None and p.fp8 == fp8.TORCHAO:
+                raise ValueError("with_precision: the model's layers were already converted (by "
+                                 "lt.to_precision), so a torchao recipe here would not apply; pass "
+                                 "it to lt.to_precision(model, 'torchao-float8', recipe=...)")
+            continue
+        if any(wrappers.is_sharded(m) for m in module.modules()):
+            raise RuntimeError(f"with_precision({p.name!r}): the model is sharded, and its layers can no "
+                               f"longer be swapped for fp8 ones; convert it before lt.shard: "
+                               f"lt.pipe(model, lt.to_precision({p.name!r}), lt.shard(policy=...))")
+        check_order(module, "to_precision")
+        fp8.convert(module, p, recipe=None if p.fp8 == fp8.TRANSFORMER_ENGINE else recipe,
+                    call="with_precision")
 
 
 def _shard_policy(modules: list[torch.nn.Module], p: Precision) -> None:
@@ -166,6 +217,11 @@ def _scaler_step(ctx: _Runtime, frame, optimizer, *, proceed):
     finally:
         handle.remove()
     return bool(applied)
+
+
+def _te_autocast(ctx: _Runtime, frame, value, *, proceed):
+    with ctx.fp8_autocast():
+        return _true_dtype(ctx, frame, value, proceed=proceed)
 
 
 def _true_dtype(ctx: _Runtime, frame, value, *, proceed):

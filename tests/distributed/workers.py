@@ -197,6 +197,61 @@ def precision_fsdp() -> dict[str, float]:
             "param_dtype": str(group.mp_policy.param_dtype)}
 
 
+def float8() -> dict[str, object] | None:
+    """torchao-float8, converted before shard: FSDP2 all-gathers the weights in fp8 and trains
+    as DDP does (both scale each rank's own batch dynamically, so neither is bitwise one
+    process with the double batch: that one is compared within a tolerance)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        return None
+
+    def wide():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
+
+    data = [(torch.randn(2 * B, 16, generator=torch.Generator().manual_seed(i)),
+             torch.randn(2 * B, 16, generator=torch.Generator().manual_seed(100 + i))) for i in range(3)]
+
+    def run(strategy):
+        model = lt.to_precision(wide(), "torchao-float8")
+        if strategy == "fsdp":
+            model = lt.shard(model, policy=lambda m: type(m).__name__ == "Float8Linear")
+        state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        step = lt.pipe(lt.train_step(mse), lt.with_precision("torchao-float8"), lt.distribute(strategy))
+        for batch in data:
+            state, _ = step(state, my_part(batch))
+        return model, full_params(model)
+
+    sharded, fsdp = run("fsdp")
+    _, ddp = run("ddp")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    def hand_written(sharded):  # torchao's recipe for FSDP2, and one process on the double batch
+        model = wide()
+        convert_to_float8_training(model, config=Float8LinearConfig(enable_fsdp_float8_all_gather=sharded))
+        if sharded:
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            for layer in (model[0], model[2], model):
+                fully_shard(layer, mp_policy=policy)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for batch in data:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = mse(model, my_part(batch) if sharded else batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return full_params(model)
+
+    one = hand_written(False)
+    unconverted = lt.shard(wide(), policy={torch.nn.Linear})
+    late = _error(lambda: lt.with_precision(lt.train_step(mse), "torchao-float8")(
+        lt.State(model=unconverted, optimizer=torch.optim.SGD(unconverted.parameters())), my_part(data[0])))
+    return {"late_error": late, "vs_hand_written": max_diff(fsdp, hand_written(True)), "vs_one_process": max_diff(fsdp, one),
+            "ddp_vs_one_process": max_diff(ddp, one), "local_weight": type(sharded[0].weight.to_local()).__name__}
+
+
 class Bumped(torch.nn.Linear):
     """A linear layer whose weight gradient gets inf in its last row when ``bump`` is set."""
 
@@ -424,7 +479,7 @@ def all_scenarios(tmp: str | None = None) -> dict[str, object]:
     if tmp is not None:
         results["checkpoints"] = checkpoints(tmp)
         results["exact_resume"] = exact_resume(tmp)
-    for fn in (meta_init_peak_memory, equivalence, clip_norm, no_sync_on_micro_steps, sharded_memory, precision_fsdp, fp16_inf_on_one_shard, errors, collectives,
+    for fn in (meta_init_peak_memory, equivalence, clip_norm, no_sync_on_micro_steps, sharded_memory, precision_fsdp, float8, fp16_inf_on_one_shard, errors, collectives,
                run_loader, uneven_data):
         results[fn.__name__] = fn()
     gathered = [None] * lt.world_size()
