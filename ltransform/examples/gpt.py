@@ -142,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default = GPTConfig()
     p = argparse.ArgumentParser(description="Train a character-level GPT on Python's own sources.")
     p.add_argument("--max-steps", type=int, default=800, help="optimizer steps")
-    p.add_argument("--precision", default="32-true", help="e.g. 32-true, bf16-mixed, 16-mixed, bf16-true")
+    p.add_argument("--precision", default="32-true", help="e.g. 32-true, bf16-mixed, 16-mixed, bf16-true, torchao-float8")
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0 disables)")
     p.add_argument("--batch", type=int, default=32, help="micro-batch size")
@@ -183,6 +183,8 @@ def train(args: argparse.Namespace) -> lt.State | None:
     cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, block=args.block)
 
     model = lt.init_module(GPT, cfg, precision=args.precision)
+    if lt.PRECISIONS.get(args.precision) is not None and lt.PRECISIONS[args.precision].fp8:
+        model = lt.to_precision(model, args.precision)  # fp8 layers go in before sharding
     if args.strategy in ("fsdp", "hsdp"):
         model = lt.shard(model, policy={Block}, mesh=(lt.world_size(), 1) if args.strategy == "hsdp" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
