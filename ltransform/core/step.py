@@ -36,6 +36,8 @@ class StepTransform:
         prepare: ``state -> (state, ctx)``, run once before the first step; ``ctx`` is
             passed to each of its handlers.
         every: an optimizer boundary every ``every`` micro-steps (accumulation).
+        setting: its main setting, for readers other than the handlers (the precision name,
+            which checkpoints record).
     """
 
     name: str
@@ -43,6 +45,7 @@ class StepTransform:
     handlers: tuple[Handler, ...] = ()
     prepare: Prepare | None = None
     every: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    setting: Any = None
 
 
 def _check_step(step: Any, transform: str) -> None:

@@ -317,7 +317,7 @@ def _epoch_of(state: Any) -> int:
 def _precision_name(step: TransformedStep) -> str | None:
     for transform in step.transforms:
         if transform.kind == "precision":
-            return transform.name.split("'")[1] if "'" in transform.name else transform.name
+            return transform.setting
     return None
 
 

@@ -83,6 +83,7 @@ def with_precision(step: Any = MISSING, /, precision: Any = MISSING, *, recipe: 
         kind="precision",
         handlers=_handlers(record),
         prepare=lambda state: _prepare(state, record, recipe),
+        setting=record.name,
     )
     return apply_step_transform(step, transform, "with_precision")
 
