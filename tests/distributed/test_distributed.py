@@ -216,3 +216,12 @@ def test_torchao_float8_converted_before_shard_all_gathers_fp8_weights(ranks):
         assert result["vs_one_process"] < 1e-2 and result["ddp_vs_one_process"] < 1e-2
         assert "the model is sharded, and its layers can no longer be swapped" in result["late_error"]
         assert "lt.pipe(model, lt.to_precision('torchao-float8'), lt.shard(policy=...))" in result["late_error"]
+
+
+def test_a_float8_model_sharded_with_fp8_all_gather_round_trips_checkpoints(ranks):
+    for results in ranks:
+        if results["float8_checkpoint"] is None:
+            pytest.skip("torchao is not installed (the dev extra installs it)")
+        result = results["float8_checkpoint"]
+        assert result["before"] > 0.01
+        assert result["float8"] == 0.0 and result["float8.pt"] == 0.0

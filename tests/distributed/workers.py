@@ -252,6 +252,29 @@ def float8() -> dict[str, object] | None:
             "ddp_vs_one_process": max_diff(ddp, one), "local_weight": type(sharded[0].weight.to_local()).__name__}
 
 
+def float8_checkpoint(tmp: str) -> dict[str, object] | None:
+    """A float8 model sharded with fp8 all-gather saves sharded and full; both load back."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        return None
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
+        model = lt.shard(lt.to_precision(model, "torchao-float8"), policy=lambda m: type(m).__name__ == "Float8Linear")
+        return lt.State(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1))
+
+    step = lt.pipe(lt.train_step(mse), lt.with_precision("torchao-float8"), lt.distribute("fsdp"))
+    state, _ = step(build(0), (torch.randn(B, 16), torch.randn(B, 16)))
+    lt.save(os.path.join(tmp, "float8"), state, sharded=True)
+    lt.save(os.path.join(tmp, "float8.pt"), state)
+    before = max_diff(full_params(build(1).model), full_params(state.model))  # another model: differs
+    loaded = {name: lt.load(os.path.join(tmp, name), build(1)) for name in ("float8", "float8.pt")}
+    return {"before": before, **{name: max_diff(full_params(s.model), full_params(state.model))
+                                 for name, s in loaded.items()}}
+
+
 class Bumped(torch.nn.Linear):
     """A linear layer whose weight gradient gets inf in its last row when ``bump`` is set."""
 
@@ -479,6 +502,7 @@ def all_scenarios(tmp: str | None = None) -> dict[str, object]:
     if tmp is not None:
         results["checkpoints"] = checkpoints(tmp)
         results["exact_resume"] = exact_resume(tmp)
+        results["float8_checkpoint"] = float8_checkpoint(tmp)
     for fn in (meta_init_peak_memory, equivalence, clip_norm, no_sync_on_micro_steps, sharded_memory, precision_fsdp, float8, fp16_inf_on_one_shard, errors, collectives,
                run_loader, uneven_data):
         results[fn.__name__] = fn()
