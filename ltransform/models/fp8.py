@@ -73,10 +73,10 @@ def check_one_device(device: torch.device, p: Precision, call: str) -> None:
 
 
 def convert(model: torch.nn.Module, p: Precision, *, recipe: Any = None, skip: Any = None,
-            call: str) -> list[str]:
-    """Swap ``model``'s eligible layers for ``p``'s fp8 layers, in place; return the names of the
-    linear layers left as they were because a dimension is not a multiple of 16 (the fp8 GEMMs'
-    requirement), after warning about them. The model is first cast to ``p``'s weight dtype."""
+            call: str) -> None:
+    """Swap ``model``'s eligible layers for ``p``'s fp8 layers, in place, after casting it to
+    ``p``'s weight dtype. Linear layers with a dimension that is not a multiple of 16 (the fp8
+    GEMMs' requirement) are left as they were, with a warning naming them."""
     check_device(model, p, call)
     skipped = selector(skip, call=call, option="skip", default=False)
     if p.fp8 == TRANSFORMER_ENGINE:
@@ -87,22 +87,25 @@ def convert(model: torch.nn.Module, p: Precision, *, recipe: Any = None, skip: A
     else:
         config = _torchao_config(recipe, call)
     # everything that can fail has; now the model changes
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and not skipped(n, m)]
-    eligible = [(n, m) for n, m in linears if m.in_features % 16 == 0 and m.out_features % 16 == 0]
-    misfit = [n for n, m in linears if (n, m) not in eligible]
+    eligible, misfit = {}, []
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear and not skipped(name, module):
+            if module.in_features % 16 == 0 and module.out_features % 16 == 0:
+                eligible[name] = module
+            else:
+                misfit.append(name)
     if misfit:
         warnings.warn(f"{call}({p.name!r}): {len(misfit)} linear layer(s) keep their precision because "
                       f"a dimension is not a multiple of 16, which fp8 matmuls need: {', '.join(misfit[:6])}",
                       stacklevel=3)
     model.to(p.param_dtype)
     if p.fp8 == TRANSFORMER_ENGINE:
-        _to_transformer_engine(te, model, dict(eligible), skipped, p.param_dtype)
+        _to_transformer_engine(te, model, eligible, skipped, p.param_dtype)
     else:
         from torchao.float8 import convert_to_float8_training
 
-        chosen = {id(m) for _, m in eligible}
+        chosen = {id(m) for m in eligible.values()}
         convert_to_float8_training(model, config=config, module_filter_fn=lambda m, _: id(m) in chosen)
-    return misfit
 
 
 def _to_transformer_engine(te: Any, model: torch.nn.Module, linears: dict[str, torch.nn.Linear],

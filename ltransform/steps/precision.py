@@ -162,8 +162,8 @@ def _prepare_fp8(modules: list[torch.nn.Module], p: Precision, recipe: Any) -> N
     from ltransform.distributed import wrappers
 
     for module in modules:
-        fp8.check_device(module, p, "with_precision")
         if fp8.converted(module, p):
+            fp8.check_device(module, p, "with_precision")  # convert checks the others
             if recipe is not None and p.fp8 == fp8.TORCHAO:
                 raise ValueError("with_precision: the model's layers were already converted (by "
                                  "lt.to_precision), so a torchao recipe here would not apply; pass "
