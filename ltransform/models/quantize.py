@@ -9,7 +9,8 @@ import attrs
 import torch
 
 from ltransform.core.compose import MISSING, Partial
-from ltransform.models.weights import aliases, fill, open_weights, placed, read, release_freed_memory
+from ltransform.models.weights import (aliases, check_missing, fill, open_weights, placed, read,
+                                       release_freed_memory)
 from ltransform.models.adapters import LowRank
 from ltransform.models.select import selector
 from ltransform.core.state import mark_replaced
@@ -146,9 +147,7 @@ def _quantize_from(source: Any, model: torch.nn.Module, targets: list[tuple[str,
             del weight, bias  # the full-precision copy goes before the next layer is read
             if on_cpu:
                 release_freed_memory()
-        if missing:
-            raise KeyError(f"quantize: the weights have no tensor for {', '.join(map(repr, missing[:8]))}; "
-                           f"the model's names and the file's must match")
+        check_missing(missing, "quantize")
         quantized = {n for n, _ in model.named_parameters()} & done
         fill(model, stored, device=device, call="quantize", done=quantized)
     return model

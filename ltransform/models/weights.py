@@ -114,6 +114,11 @@ def fill(model: torch.nn.Module, weights: Weights, *, device: torch.device | Non
                 missing.append(name)
             continue
         _set(model, name, placed(tensor, buffer, name, device, call), parameter=False)
+    check_missing(missing, call)
+
+
+def check_missing(missing: list[str], call: str) -> None:
+    """KeyError naming the tensors the weights lack, if any."""
     if missing:
         raise KeyError(f"{call}: the weights have no tensor for {', '.join(map(repr, missing[:8]))}"
                        f"{f' (and {len(missing) - 8} more)' if len(missing) > 8 else ''}; the model's "
@@ -139,8 +144,7 @@ def placed(tensor: torch.Tensor, like: torch.Tensor, name: str, device: torch.de
 
 
 def _set(model: torch.nn.Module, name: str, value: torch.Tensor, *, parameter: bool) -> None:
-    owner_name, _, attribute = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
+    owner, attribute = _owner(model, name)
     if parameter:
         owner.register_parameter(attribute, value)
     else:
@@ -148,9 +152,13 @@ def _set(model: torch.nn.Module, name: str, value: torch.Tensor, *, parameter: b
 
 
 def _persistent(model: torch.nn.Module, name: str) -> bool:
-    owner_name, _, attribute = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
+    owner, attribute = _owner(model, name)
     return attribute not in owner._non_persistent_buffers_set  # no public accessor in torch
+
+
+def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    owner_name, _, attribute = name.rpartition(".")
+    return model.get_submodule(owner_name), attribute  # get_submodule("") is the model itself
 
 
 def release_freed_memory() -> None:
