@@ -8,6 +8,7 @@ The process group is created on first need from torchrun's environment variables
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any
 
@@ -34,7 +35,16 @@ def ensure_process_group() -> bool:
     if cuda:
         torch.cuda.set_device(device())
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=device() if cuda else None)
+    atexit.register(_destroy_process_group)
     return True
+
+
+def _destroy_process_group() -> None:
+    """Tear down the group we created before the interpreter exits. Left to the interpreter's
+    own teardown, gloo's threads sometimes die mid-destruction and abort the process
+    ("terminate called without an active exception", SIGABRT) after the script has finished."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
