@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
+
+from ltransform.seed import seed_worker, workers_seeded
 
 
 def per_rank(data: Iterable[Any], *, world: int, rank: int, shuffle_seed: int = 0) -> Iterable[Any]:
@@ -15,7 +18,8 @@ def per_rank(data: Iterable[Any], *, world: int, rank: int, shuffle_seed: int = 
     Anything else (a list, a generator, a loader over an ``IterableDataset`` or with its own
     ``DistributedSampler``) is taken as already per-rank. Every rank gets the same number of
     batches (the sampler pads by repeating a few samples), so collectives never wait on a rank
-    that ran out of data.
+    that ran out of data. With workers, each (rank, worker) gets its own seed (``seed_worker``,
+    before the loader's own ``worker_init_fn``) unless ``lt.seed_everything(workers=False)``.
     """
     if world <= 1 or not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
         return data
@@ -36,14 +40,26 @@ def per_rank(data: Iterable[Any], *, world: int, rank: int, shuffle_seed: int = 
     sampler = DistributedSampler(data.dataset, num_replicas=world, rank=rank,
                                  shuffle=isinstance(data.sampler, RandomSampler), seed=shuffle_seed,
                                  drop_last=data.drop_last)
+    worker_init_fn = data.worker_init_fn
+    if data.num_workers > 0 and workers_seeded():
+        # torch seeds worker k of every rank alike, so each rank would repeat the same augmentations
+        worker_init_fn = functools.partial(_seed_then, rank=rank, then=data.worker_init_fn)
     options = dict(batch_size=data.batch_size, sampler=sampler, num_workers=data.num_workers,
                    collate_fn=data.collate_fn, pin_memory=data.pin_memory, drop_last=data.drop_last,
-                   timeout=data.timeout, worker_init_fn=data.worker_init_fn,
+                   timeout=data.timeout, worker_init_fn=worker_init_fn,
                    multiprocessing_context=data.multiprocessing_context, generator=data.generator,
                    persistent_workers=data.persistent_workers)
     if data.num_workers > 0:
         options["prefetch_factor"] = data.prefetch_factor
     return DataLoader(data.dataset, **options)
+
+
+def _seed_then(worker_id: int, *, rank: int, then: Callable[[int], None] | None) -> None:
+    """Per-rank worker seeds, then the user's ``worker_init_fn`` (it may reseed on purpose); module-level,
+    so the partial pickles for spawn and forkserver workers."""
+    seed_worker(worker_id, rank=rank)
+    if then is not None:
+        then(worker_id)
 
 
 def check_same_length(data: Iterable[Any], name: str) -> None:

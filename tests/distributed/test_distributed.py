@@ -225,3 +225,11 @@ def test_a_float8_model_sharded_with_fp8_all_gather_round_trips_checkpoints(rank
         result = results["float8_checkpoint"]
         assert result["before"] > 0.01
         assert result["float8"] == 0.0 and result["float8.pt"] == 0.0
+
+
+@pytest.mark.timeout(120)
+def test_dataloader_workers_draw_differently_on_each_rank_and_alike_on_a_rerun():
+    first = lt.launch(workers.worker_seeds, devices=2)
+    assert len(first[0]) == len(first[1]) == 4
+    assert not set(first[0]) & set(first[1])  # worker k of rank 0 no longer repeats worker k of rank 1
+    assert lt.launch(workers.worker_seeds, devices=2) == first  # seed_everything(0): reproducible

@@ -519,3 +519,33 @@ def pid() -> int:
     return os.getpid()
 
 
+class Noise(torch.utils.data.Dataset):
+    """A random augmentation's stand-in: every item is a fresh draw from the worker's torch RNG."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(1)
+
+
+def worker_seeds() -> list[list[float]]:
+    """lt.run on 2 ranks over a DataLoader with 2 workers, after seed_everything(0) on each rank:
+    the numbers each rank's step saw, per rank."""
+    from torch.utils.data import DataLoader
+
+    lt.seed_everything(0)
+    seen: list[float] = []
+
+    def record(m, batch):
+        seen.extend(batch.flatten().tolist())
+        return m(batch).pow(2).mean()
+
+    model = torch.nn.Linear(1, 1)
+    lt.run(lt.pipe(lt.train_step(record), lt.distribute("ddp")),
+           lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0)),
+           DataLoader(Noise(), batch_size=2, num_workers=2), distributed_sampler=True, progress=False,
+           log_every=None)
+    gathered = [None] * lt.world_size()
+    dist.all_gather_object(gathered, seen)
+    return gathered
