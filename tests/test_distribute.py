@@ -190,7 +190,7 @@ def test_collectives_are_the_identity_in_one_process():
 
 
 def test_to_device_moves_every_tensor_in_a_nested_batch():
-    from ltransform.steps.distribute import to_device
+    from ltransform.distributed.env import to_device
 
     batch = {"x": torch.ones(2), "pair": (torch.zeros(1), "label"), "n": 3}
     moved = to_device(batch, torch.device("meta"))

@@ -1,4 +1,4 @@
-"""State: the frozen record and finding torch objects in any state."""
+"""State: the frozen record, and the one inventory of torch objects in any state."""
 
 import dataclasses
 
@@ -8,7 +8,8 @@ import torch
 
 import ltransform as lt
 from helpers import make_model, sgd
-from ltransform.core.state import advance, find_modules, find_optimizers, read_counters
+from ltransform.core.inventory import inventory
+from ltransform.core.state import advance, read_counters
 
 
 def test_state_is_frozen_and_validated():
@@ -34,8 +35,9 @@ def test_modules_and_optimizers_are_found_in_attrs_dataclass_and_dict_states():
         opt: torch.optim.Optimizer
 
     for state in (A({"g": a, "d": b}, opt), D((a, b), opt), {"x": [a, {"y": b}], "o": opt}):
-        assert find_modules(state) == [a, b]
-        assert find_optimizers(state) == [opt]
+        inv = inventory(state)
+        assert list(inv.models.values()) == [a, b]
+        assert list(inv.optimizers.values()) == [opt]
 
 
 def test_counters_are_replaced_not_edited():

@@ -1,14 +1,14 @@
-"""Training state: a frozen record, and helpers that find torch objects in any state.
+"""Training state: a frozen record, its counters and extras, in any kind of state.
 
 The record is replaced, never edited; the torch objects inside it are mutable. Any attrs
-class, dataclass or dict also works as state: modules and optimizers are found by walking
-its fields.
+class, dataclass or dict also works as state: ``core/inventory.py`` finds the torch objects
+in it, in one walk.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -54,65 +54,6 @@ def _copy_state(state: State, **changes: Any) -> State:
     new = _new(State)
     _set(new, "__dict__", {**state.__dict__, **changes})
     return new
-
-
-def _children(node: Any) -> Iterator[tuple[str, Any]]:
-    if isinstance(node, Mapping):
-        yield from ((str(k), v) for k, v in node.items())
-    elif attrs.has(type(node)):
-        yield from ((a.name, getattr(node, a.name)) for a in attrs.fields(type(node)))
-    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
-        yield from ((f.name, getattr(node, f.name)) for f in dataclasses.fields(node))
-    elif isinstance(node, (list, tuple)):
-        yield from ((str(i), v) for i, v in enumerate(node))
-
-
-def walk(state: Any, kind: type | tuple[type, ...], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Yield ``(path, obj)`` for every object of ``kind`` inside ``state``, depth first."""
-    for name, value in _children(state):
-        path = f"{prefix}.{name}" if prefix else name
-        if isinstance(value, kind):
-            yield path, value
-        elif not isinstance(value, (torch.Tensor, torch.nn.Module, str, bytes)):
-            yield from walk(value, kind, path)
-
-
-def find_modules(state: Any) -> list[torch.nn.Module]:
-    """Every ``nn.Module`` held by ``state`` (not nested submodules)."""
-    if isinstance(state, torch.nn.Module):
-        return [state]
-    return [m for _, m in walk(state, torch.nn.Module)]
-
-
-def find_optimizers(state: Any) -> list[torch.optim.Optimizer]:
-    """Every ``torch.optim.Optimizer`` held by ``state``."""
-    return [o for _, o in walk(state, torch.optim.Optimizer)]
-
-
-_KINDS = {
-    "model": torch.nn.Module,
-    "optimizer": torch.optim.Optimizer,
-    "scheduler": torch.optim.lr_scheduler.LRScheduler,
-}
-
-
-def the_one(state: Any, kind: str) -> Any:
-    """The single model / optimizer / scheduler in ``state``; scheduler may be None."""
-    cls = _KINDS[kind]
-    if isinstance(state, State):  # the per-step fast path
-        value = getattr(state, kind)
-        if isinstance(value, cls) or (value is None and kind == "scheduler"):
-            return value
-    found = [state] if isinstance(state, cls) else [obj for _, obj in walk(state, cls)]
-    if len(found) == 1:
-        return found[0]
-    if not found and kind == "scheduler":
-        return None
-    raise TypeError(
-        f"train_step: expected exactly one {kind} in the state, found {len(found)}; "
-        f"with several models or optimizers write the step by hand, calling "
-        f"lt.backward(loss) and lt.optimizer_step(optimizer) for each"
-    )
 
 
 # --- extras (a grad scaler, ...) -------------------------------------------------------
@@ -178,6 +119,22 @@ def advance(state: Any, applied: bool) -> Any:
         return new
     step, micro = read_counters(state)
     return _replace(state, step=step + applied, micro_step=micro + 1)
+
+
+def with_counters(state: Any, step: int, micro_step: int) -> Any:
+    """``state`` carrying these counters (itself if it already does): how the runner, which
+    keeps the counters in plain ints while it runs, materialises the state where it is looked at."""
+    if type(state) is State:
+        if state.step == step and state.micro_step == micro_step:
+            return state
+        fields = state.__dict__.copy()
+        fields["step"], fields["micro_step"] = step, micro_step
+        new = _new(State)
+        _set(new, "__dict__", fields)
+        return new
+    if read_counters(state) == (step, micro_step):
+        return state
+    return _replace(state, step=step, micro_step=micro_step)
 
 
 def set_field(state: Any, name: str, value: Any) -> Any:

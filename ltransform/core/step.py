@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from contextvars import Token
 from typing import Any
 
 import attrs
 import torch
 
+from ltransform.core.binding import BoundStep, bind, lookup
 from ltransform.core import effects
 from ltransform.core.compose import MISSING, Partial
-from ltransform.core.effects import ACTIVE, Frame, Handler, build_pipelines
-from ltransform.core.state import State, advance, check_optimizers, find_optimizers, read_counters, the_one
+from ltransform.core.effects import ACTIVE, Frame, Handler
+from ltransform.core.inventory import inventory
+from ltransform.core.state import State, advance, read_counters
 
 Prepare = Callable[[Any], tuple[Any, Any]]
 
@@ -61,7 +62,7 @@ def _check_step(step: Any, transform: str) -> None:
         )
 
 
-def _check_result(result: Any, base: Callable[..., Any]) -> tuple[Any, Mapping[str, Any]]:
+def check_result(result: Any, base: Callable[..., Any]) -> tuple[Any, Mapping[str, Any]]:
     if type(result) is tuple and len(result) == 2 and (
         type(result[1]) is dict or isinstance(result[1], Mapping)  # `is dict` first: ABC checks are slow
     ):
@@ -75,8 +76,22 @@ def _check_result(result: Any, base: Callable[..., Any]) -> tuple[Any, Mapping[s
     )
 
 
+@attrs.frozen
+class Body:
+    """What ``train_step`` / ``eval_step`` built a step from, so a binding can inline it."""
+
+    kind: str  # "train" or "eval"
+    fn: Callable[..., Any]
+
+
 class TransformedStep:
-    """A user's step plus the step transforms applied to it; callable as the step itself."""
+    """A user's step plus the step transforms applied to it; callable as the step itself.
+
+    It is a value: its base function, its transform records and nothing else that changes.
+    Preparing it for a state (:meth:`prepare`) yields the prepared state and a
+    :class:`~ltransform.core.binding.BoundStep`, which is kept with that state's models, so a
+    direct call ``step(state, batch)`` finds its own state's binding (preparing lazily, once).
+    """
 
     def __init__(
         self,
@@ -85,16 +100,27 @@ class TransformedStep:
         *,
         counts: bool = True,
         trusted: bool = False,
+        body: Body | None = None,
     ) -> None:
-        self.base = base
-        self.transforms = transforms
-        self.counts = counts  # train steps advance state.step / micro_step; eval steps do not
-        self.trusted = trusted  # built by train_step/eval_step: its result needs no check
-        self.every = max((t.every for t in transforms), default=1)
-        self._pipelines: effects.Pipelines | None = None
+        fields = {
+            "base": base,
+            "transforms": transforms,
+            "counts": counts,  # train steps advance state.step / micro_step; eval steps do not
+            "trusted": trusted,  # built by train_step/eval_step: its result needs no check
+            "body": body,
+            "every": max((t.every for t in transforms), default=1),
+            "unanchored": {},  # the binding of states holding no torch object to keep it with
+        }
+        self.__dict__.update(fields)
         # Name, doc and __wrapped__ (so inspect.signature follows it), but not base's
         # __dict__: a user wrapper made with functools.wraps(our_step) carries our fields.
-        functools.update_wrapper(self, base, updated=())
+        for name in functools.WRAPPER_ASSIGNMENTS:
+            if hasattr(base, name):
+                self.__dict__[name] = getattr(base, name)
+        self.__dict__["__wrapped__"] = base
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"a transformed step is immutable (setting {name!r}); transforms return new steps")
 
     def __repr__(self) -> str:
         inner = ", ".join(t.name for t in self.transforms)
@@ -108,56 +134,44 @@ class TransformedStep:
                     f"{transform.name} cannot be combined with {existing.name}: a step takes "
                     f"one {transform.kind} transform; remove one of them"
                 )
-        return TransformedStep(
-            self.base, (*self.transforms, transform), counts=self.counts, trusted=self.trusted
-        )
+        return TransformedStep(self.base, (*self.transforms, transform), counts=self.counts,
+                               trusted=self.trusted, body=self.body)
 
     def ordered(self) -> list[StepTransform]:
         """The transforms in the order their prepares run and same-stage handlers nest: by
         kind, so that this too is independent of the composition order."""
         return sorted(self.transforms, key=lambda t: t.kind)
 
-    def prepare(self, state: Any) -> Any:
-        """Run every transform's ``prepare`` and bind the pipelines; returns the new state."""
-        check_optimizers(find_optimizers(state))
-        bound: list[tuple[Handler, Any]] = []
-        for transform in self.ordered():
-            ctx = None
-            if transform.prepare is not None:
-                state, ctx = transform.prepare(state)
-            bound.extend((h, ctx) for h in transform.handlers)
-        base = self.base
-        self._pipelines = build_pipelines(bound, lambda frame, value: base(*value))
-        return state
+    def prepare(self, state: Any) -> tuple[Any, BoundStep]:
+        """Run every transform's ``prepare`` for ``state`` and bind the chains.
+
+        Returns:
+            ``(prepared_state, bound_step)``; use the prepared state from here on.
+        """
+        return bind(self, state)
 
     def __call__(self, state: Any, batch: Any) -> tuple[Any, Mapping[str, Any]]:
-        # The hot path: every line here runs once per micro-step (see tests/benchmarks).
-        pipelines = self._pipelines
-        if pipelines is None:
-            state = self.prepare(state)
-            pipelines = self._pipelines
+        bound = lookup(self, state)
+        if bound is None:
+            state, bound = bind(self, state)
+        return self.call_bound(bound, state, batch)
+
+    def call_bound(self, bound: BoundStep, state: Any, batch: Any) -> tuple[Any, Mapping[str, Any]]:
+        """One direct call through ``bound``: counters read from the state and advanced on it."""
         if not self.counts:
             micro = 0
         elif type(state) is State:
             micro = state.micro_step
         else:
             micro = read_counters(state)[1]
-        frame = Frame(pipelines, (micro + 1) % self.every == 0, micro, self)
-        token = ACTIVE.set(frame)
-        try:
-            if token.old_value is not Token.MISSING and token.old_value is not None and self.counts:
-                _enter_nested(token.old_value, self)
-            if pipelines.step is None:
-                result = self.base(state, batch)
-            else:
-                result = pipelines.step(frame, (state, batch))
-        finally:
-            ACTIVE.reset(token)
-        new_state, metrics = result if self.trusted else _check_result(result, self.base)
-        if frame.metrics:
-            metrics = {**metrics, **frame.metrics}
-        if self.counts and not frame.counted_inside:
-            new_state = advance(new_state, frame.applied > 0)
+        outer = ACTIVE.get()
+        if outer is not None and self.counts:
+            _enter_nested(outer, self)
+        new_state, metrics, applied = bound.run(state, batch, micro)
+        if self.counts and applied >= 0:
+            new_state = advance(new_state, applied > 0)
+        if self.body is not None and type(metrics.get("loss")) is torch.Tensor:
+            metrics = {**metrics, "loss": metrics["loss"].detach()}  # the runner detaches at log time
         return new_state, metrics
 
 
@@ -214,7 +228,9 @@ def prepare(step: Any, state: Any) -> Any:
     """Prepare ``step``'s transforms for ``state`` (cast weights, create a grad scaler, ...).
 
     ``lt.run`` calls it before the first step; a step called directly prepares itself on its
-    first call. Call it again after swapping in a new model or state.
+    first call. The binding it makes belongs to this state's models: one step can be prepared
+    for two states and train both, each with its own grad scaler and contexts. A state whose
+    model, optimizer or scheduler is swapped is prepared anew at its next call.
 
     Returns:
         The prepared state; use it (not the old one) from here on.
@@ -226,10 +242,10 @@ def prepare(step: Any, state: Any) -> Any:
         >>> state.model.weight.dtype
         torch.float64
     """
-    return step.prepare(state) if isinstance(step, TransformedStep) else state
+    return step.prepare(state)[0] if isinstance(step, TransformedStep) else state
 
 
-def _split_loss(out: Any, fn: Callable[..., Any]) -> tuple[torch.Tensor, Mapping[str, Any]]:
+def split_loss(out: Any, fn: Callable[..., Any]) -> tuple[torch.Tensor, Mapping[str, Any]]:
     if isinstance(out, torch.Tensor):
         return out, {}
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
@@ -259,20 +275,16 @@ def train_step(loss_fn: Callable[..., Any], /) -> TransformedStep:
 
     @functools.wraps(loss_fn)
     def step(state: Any, batch: Any) -> tuple[Any, Mapping[str, Any]]:
-        if (type(state) is State and isinstance(state.model, torch.nn.Module)
-                and isinstance(state.optimizer, torch.optim.Optimizer)):
-            model, optimizer, scheduler = state.model, state.optimizer, state.scheduler  # fast path
-        else:
-            model, optimizer = the_one(state, "model"), the_one(state, "optimizer")
-            scheduler = the_one(state, "scheduler")
-        out = loss_fn(model, batch)
-        loss, metrics = (out, None) if type(out) is torch.Tensor else _split_loss(out, loss_fn)
+        # What the body does written with the effects; a binding runs it inlined instead.
+        inv = inventory(state)
+        model, optimizer, scheduler = (inv.the_one(k) for k in ("model", "optimizer", "scheduler"))
+        loss, metrics = split_loss(loss_fn(model, batch), loss_fn)
         effects.backward(loss)
         if effects.optimizer_step(optimizer) and scheduler is not None:
             scheduler.step()
-        return state, {"loss": loss.detach(), **metrics} if metrics else {"loss": loss.detach()}
+        return state, {"loss": loss.detach(), **metrics}
 
-    return TransformedStep(step, (), trusted=True)
+    return TransformedStep(step, (), trusted=True, body=Body("train", loss_fn))
 
 
 def eval_step(fn: Callable[..., Any], /) -> TransformedStep:
@@ -293,10 +305,10 @@ def eval_step(fn: Callable[..., Any], /) -> TransformedStep:
     @functools.wraps(fn)
     def step(state: Any, batch: Any) -> tuple[Any, Mapping[str, Any]]:
         with torch.no_grad():
-            out = fn(the_one(state, "model"), batch)
+            out = fn(inventory(state).the_one("model", "eval_step"), batch)
         if isinstance(out, Mapping):
             return state, out
-        loss, metrics = _split_loss(out, fn)
+        loss, metrics = split_loss(out, fn)
         return state, {"loss": loss, **metrics}
 
     return TransformedStep(step, (), counts=False, trusted=True)

@@ -85,6 +85,13 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (nested lists, tuples, dicts) moved to ``device``."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x, batch)
+
+
 def _group_size() -> int:
     return dist.get_world_size() if ensure_process_group() else 1
 

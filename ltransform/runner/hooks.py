@@ -69,6 +69,7 @@ def every(n: int, fn: Hook, /) -> Callable[[Any, Mapping[str, Any]], Any]:
         return None
 
     hook.__name__ = f"every({n}, {getattr(fn, '__name__', repr(fn))})"
+    hook.cadence = n  # lt.run calls it only at multiples of n
     hook.checkpoint_dir = getattr(fn, "checkpoint_dir", None)  # for lt.run(resume="latest")
     return hook
 

@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from ltransform.core.state import find_modules
+from ltransform.core.inventory import inventory
 from ltransform.distributed import env
 
 
 def evaluate_all(eval_step: Any, state: Any, data: Iterable[Any]) -> dict[str, float]:
     """Average ``eval_step``'s metrics over ``data`` with every model in eval mode."""
-    modules = find_modules(state)
+    modules = list(inventory(state).models.values())
     modes = [m.training for m in modules]
     for module in modules:
         module.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -12,8 +13,9 @@ from typing import Any
 
 import torch
 
-from ltransform.core import effects
-from ltransform.core.state import State, find_modules, find_optimizers, read_counters, set_field
+from ltransform.core.binding import sees_counters, signature
+from ltransform.core.inventory import inventory
+from ltransform.core.state import read_counters, set_field, with_counters
 from ltransform.core.step import TransformedStep, as_step
 from ltransform.distributed import env
 from ltransform.runner.data import check_same_length, per_rank, set_epoch
@@ -96,7 +98,8 @@ def run(
     if max_steps is None and max_epochs is None:
         max_epochs = 1
     loggers = _check_loggers(loggers)
-    bound_hooks = [bind_hook(h) for h in hooks]
+    hooks = list(hooks)
+    bound_hooks = [(bind_hook(h), getattr(h, "cadence", 1)) for h in hooks]
     distributed = env.ensure_process_group() and env.world_size() > 1
     if distributed:
         if distributed_sampler:
@@ -109,36 +112,38 @@ def run(
             check_same_length(eval_data, "eval_data")
         if env.rank() != 0:
             loggers, progress = [], False
-    state = step.prepare(state)
+    state, bound = step.prepare(state)
     evaluate = None
     if eval_step is not None:
         if eval_data is None:
             raise ValueError("lt.run: eval_step given without eval_data; pass eval_data=...")
         eval_step = as_step(eval_step, "lt.run(eval_step=...)")
-        state = eval_step.prepare(state)
+        state, _ = eval_step.prepare(state)
         evaluate = lambda s: evaluate_all(eval_step, s, eval_data)  # noqa: E731
     position = None
     if resume is not None:
         state, position = _resume(resume, hooks, state)
-    for module in find_modules(state):
+        if signature(state) != bound.signature:
+            state, bound = step.prepare(state)
+    for module in inventory(state).models.values():
         module.train()
-    loop = _Loop(step, data, max_steps, max_epochs, log_every, loggers, evaluate, eval_every, bound_hooks)
+    loop = _Loop(bound, data, max_steps, max_epochs, log_every, loggers, evaluate, eval_every, bound_hooks)
     loop.average = distributed
     loop.resume_at = position
-    bar = _progress_bar(progress, _total(step, data, max_steps, max_epochs), read_counters(state)[0])
-    loop.bar = bar
-    loop.bar_at = read_counters(state)[0]
+    start = read_counters(state)[0]
+    loop.bar = _progress_bar(progress, _total(step, data, max_steps, max_epochs), start)
+    loop.bar_at = start
     try:
         state = loop.train(state)
     except KeyboardInterrupt:
-        print(f"\nlt.run: interrupted at step {read_counters(loop.state)[0]}; returning the state so far")
-        state = loop.state
+        state = loop.current()
+        print(f"\nlt.run: interrupted at step {loop.step}; returning the state so far")
     finally:
-        for finish in list(effects.BEFORE_UPDATE):  # e.g. an async checkpoint still being written
-            finish()
-        if bar is not None:
-            bar.update(read_counters(loop.state)[0] - loop.bar_at)
-            bar.close()
+        if "ltransform.checkpoint.api" in sys.modules:  # no save can be pending if it was never imported
+            sys.modules["ltransform.checkpoint.api"].finish_pending(loop.state)
+        if loop.bar is not None:
+            loop.bar.update(loop.step - loop.bar_at)
+            loop.bar.close()
         for logger in loggers:
             if callable(getattr(logger, "flush", None)):
                 logger.flush()
@@ -146,27 +151,39 @@ def run(
 
 
 class _Loop:
-    """The loop's settings and its position; one per ``run`` call."""
+    """The loop's settings and its position; one per ``run`` call.
 
-    def __init__(self, step, data, max_steps, max_epochs, log_every, loggers, evaluate, eval_every, hooks):
-        self.step, self.data = step, data
+    While it runs, the step and micro-step counters are the plain ints ``step`` and ``micro``;
+    the state is given them (:meth:`current`) only where someone looks at it: at an event
+    (logging, evaluation, a hook, the progress bar, ``max_steps``), at an epoch's end, on
+    interrupt and on return. The next event is computed once after each event, so a step
+    costs the call, a counter and one comparison.
+    """
+
+    def __init__(self, bound, data, max_steps, max_epochs, log_every, loggers, evaluate, eval_every, hooks):
+        self.bound, self.data = bound, data
         self.max_steps, self.max_epochs = max_steps, max_epochs
         self.log_every, self.loggers = log_every, loggers
         self.evaluate, self.eval_every = evaluate, eval_every
-        self.hooks = hooks
+        self.hooks = hooks  # (hook(state, metrics), cadence in optimizer steps)
         self.average = False  # average metrics across ranks at log points
-        self.position = Position(_precision_name(step))  # where checkpoints see the data position
+        self.position = Position(_precision_name(bound.step))  # where checkpoints see the data position
         self.resume_at: dict[str, Any] | None = None  # a loaded checkpoint's data position
         self.bar = None
-        self.state: Any = None
+        self.state: Any = None  # the state as last returned by the step (its counters may lag)
+        self.step = self.micro = 0
         self.logged_at = -1
         self.last_eval: dict[str, float] = {}
         self._train_shown: dict[str, str] = {}
         # The bar advances every `bar_stride` steps, the stride adapting to ~10 redraws a
-        # second, so that a step usually costs one integer comparison, not a tqdm call.
+        # second, so that it is usually not the next event.
         self.bar_at = 0
         self.bar_stride = 1
         self._bar_time = time.monotonic()
+
+    def current(self) -> Any:
+        """The state with the run's counters (materialised for whoever looks at it)."""
+        return with_counters(self.state, self.step, self.micro)
 
     def train(self, state: Any) -> Any:
         token = RUNNING.set(self.position)
@@ -177,25 +194,25 @@ class _Loop:
 
     def _train(self, state: Any) -> Any:
         self.state = state
+        self.step, self.micro = read_counters(state)
         epoch = _epoch_of(state)
-        now = read_counters(state)[0]
         metrics: Mapping[str, Any] = {}
-        while (self.max_epochs is None or epoch < self.max_epochs) and not self._done(now):
+        while (self.max_epochs is None or epoch < self.max_epochs) and not self._done():
             set_epoch(self.data, epoch)
             batches, skip = self._batches(epoch)
-            state, now, metrics, outcome = self._epoch(state, now, batches, skip)
+            metrics, outcome = self._epoch(batches, skip, metrics)
             if outcome == "empty":
                 _warn_empty(epoch)
                 break
-            if outcome == "stop" or self._done(now):
+            if outcome == "stop" or self._done():
                 break
             epoch += 1
-            state = self.state = set_field(state, "epoch", epoch)
+            self.state = set_field(self.current(), "epoch", epoch)
             if self.evaluate is not None and self.eval_every is None:
-                self._run_eval(state)
-        if self.log_every and metrics and self.logged_at != now:
-            self._log(state, metrics)
-        return state
+                self._run_eval(self.current())
+        if self.log_every and metrics and self.logged_at != self.step:
+            self._log(self.current(), metrics)
+        return self.current()
 
     def _batches(self, epoch: int) -> tuple[Iterator[Any], int]:
         """This epoch's batch iterator, and how many of its batches a resumed run already did.
@@ -219,36 +236,58 @@ class _Loop:
         self.position.batches = skip
         return batches, skip
 
-    def _epoch(self, state: Any, now: int, batches: Iterator[Any], done: int) -> tuple[Any, int, Mapping[str, Any], str]:
-        """One pass over the data; the hot loop, so names it uses every step are locals."""
-        step, max_steps, log_every, eval_every = self.step, self.max_steps, self.log_every, self.eval_every
-        hooks, bar = bool(self.hooks), self.bar is not None
-        metrics: Mapping[str, Any] = {}
-        outcome = "empty" if not done else "end"
-        for i, batch in enumerate(batches, start=done + 1):
-            outcome = "end"
-            state, metrics = step(state, batch)
-            self.state = state
-            after = state.step if type(state) is State else read_counters(state)[0]
-            if after == now:
-                continue  # a non-boundary micro-step: no update happened
-            if (hooks or (bar and after - self.bar_at >= self.bar_stride)
-                    or (log_every and after % log_every == 0) or (eval_every and after % eval_every == 0)):
-                self.position.batches = i
-                state, stopped = self._after_update(state, metrics, after)
-                self.state = state
-                after = read_counters(state)[0]
-                if stopped:
-                    return state, after, metrics, "stop"
-            now = after
-            if max_steps is not None and now >= max_steps:
-                break
-        return state, now, metrics, outcome
+    def _epoch(self, batches: Iterator[Any], done: int,
+               metrics: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+        """One pass over the data: the hot loop, so what it uses every step is a local."""
+        state, step, micro = self.state, self.step, self.micro
+        first = micro - done  # the micro-step this epoch's first batch had
+        looks = sees_counters(self.bound)
+        run, next_event = self.bound.run, self._next_event(step)
+        outcome = "end"
+        try:
+            for batch in batches:
+                if looks:  # a hand-written step may read its counters: give it them
+                    state = with_counters(state, step, micro)
+                state, metrics, applied = run(state, batch, micro)
+                micro += 1
+                if not applied:
+                    continue  # a non-boundary micro-step (or an update skipped on inf)
+                if applied < 0:  # a step called inside advanced the counters itself
+                    step, micro = read_counters(state)
+                else:
+                    step += 1
+                if step >= next_event:
+                    self.state, self.step, self.micro = state, step, micro
+                    self.position.batches = micro - first
+                    if self._event(metrics):
+                        outcome = "stop"
+                        break
+                    state, step, micro = self.state, self.step, self.micro
+                    run, next_event = self.bound.run, self._next_event(step)
+                    if self._done():
+                        break
+        finally:  # also on KeyboardInterrupt: the state so far
+            self.state, self.step, self.micro = state, step, micro
+        if micro == first + done and not done:
+            outcome = "empty"
+        return metrics, outcome
 
-    def _done(self, step: int) -> bool:
-        return self.max_steps is not None and step >= self.max_steps
+    def _done(self) -> bool:
+        return self.max_steps is not None and self.step >= self.max_steps
 
-    def _after_update(self, state: Any, metrics: Mapping[str, Any], now: int) -> tuple[Any, bool]:
+    def _next_event(self, step: int) -> float:
+        """The step at which someone next looks: a log, an evaluation, a hook, the bar, the end."""
+        due = [self.max_steps] if self.max_steps is not None else []
+        due += [(step // n + 1) * n for n in (self.log_every, self.eval_every) if n]
+        due += [(step // n + 1) * n for _, n in self.hooks]
+        if self.bar is not None:
+            due.append(self.bar_at + self.bar_stride)
+        return min(due, default=math.inf)
+
+    def _event(self, metrics: Mapping[str, Any]) -> bool:
+        """What is due at this step; True to stop. Hooks may return a new state (which is
+        bound anew if its torch objects changed)."""
+        state, now = self.current(), self.step
         if self.bar is not None and now - self.bar_at >= self.bar_stride:
             self._advance_bar(now)
         if self.log_every and now % self.log_every == 0:
@@ -256,12 +295,18 @@ class _Loop:
         if self.evaluate is not None and self.eval_every and now % self.eval_every == 0:
             self._run_eval(state)
         stopped = False
-        if self.hooks:
-            merged = {**metrics, **self.last_eval}
-            for hook in self.hooks:
+        due = [hook for hook, n in self.hooks if now % n == 0]
+        if due:
+            merged = {**{k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()},
+                      **self.last_eval}
+            for hook in due:
                 state, stop = apply_hook(hook, state, merged)
                 stopped = stopped or stop
-        return state, stopped
+            self.step, self.micro = read_counters(state)
+            if signature(state) != self.bound.signature:  # a hook swapped a model or optimizer
+                state, self.bound = self.bound.step.prepare(state)
+        self.state = state
+        return stopped
 
     def _log(self, state: Any, metrics: Mapping[str, Any]) -> None:
         now = read_counters(state)[0]
@@ -272,7 +317,7 @@ class _Loop:
             values = to_floats(metrics)
         if not self.loggers and self.bar is None:
             return  # nobody reads them: no host sync at all on one rank
-        optimizers = find_optimizers(state)
+        optimizers = list(inventory(state).optimizers.values())
         if optimizers:
             values["lr"] = float(optimizers[0].param_groups[0]["lr"])
         values["epoch"] = _epoch_of(state)
@@ -351,7 +396,7 @@ def _warn_if_not_distributed(step: TransformedStep, state: Any) -> None:
         return
     from ltransform.distributed import wrappers
 
-    if any(wrappers.is_sharded(m) or wrappers.is_replicated(m) or wrappers.is_ddp(m) for m in find_modules(state)):
+    if any(wrappers.is_sharded(m) or wrappers.is_replicated(m) or wrappers.is_ddp(m) for m in inventory(state).models.values()):
         return
     warnings.warn(
         f"lt.run: running on {env.world_size()} ranks, but the step has no lt.distribute(...) and "

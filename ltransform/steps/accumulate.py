@@ -62,6 +62,4 @@ def _normalize(n: int, frame, loss, *, proceed):
 
 
 def _gate(n: int, frame, optimizer, *, proceed):
-    if not frame.boundary:
-        return False
-    return proceed(frame, optimizer)
+    return False  # in the non-boundary chain only, where it ends the chain

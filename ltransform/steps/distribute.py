@@ -6,11 +6,10 @@ from typing import Any
 
 import attrs
 import torch
-from torch.utils._pytree import tree_map
 
 from ltransform.core.compose import MISSING
 from ltransform.core.effects import Effect, Handler, Stage, When
-from ltransform.core.state import find_modules
+from ltransform.core.inventory import inventory
 from ltransform.core.step import StepTransform, apply_step_transform
 from ltransform.distributed import env, wrappers
 from ltransform.distributed.strategies import Strategy, resolve_strategy
@@ -19,12 +18,11 @@ from ltransform.models.order import check_compiled_before_shard
 
 @attrs.frozen
 class _Sync:
-    """What the handlers need: the modules whose gradient sync is switched off on non-boundary
-    micro-steps, and the device batches go to (None: leave them where they are, on CPU)."""
+    """What the handler needs: the modules whose gradient sync is switched off on non-boundary
+    micro-steps (none in one process)."""
 
     strategy: Strategy
     modules: tuple[torch.nn.Module, ...]
-    device: torch.device | None = None
 
 
 def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
@@ -37,7 +35,8 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
     ``accumulate``, non-boundary micro-steps do not synchronise gradients (forward and
     backward run with ``set_requires_gradient_sync(False)``, restored afterwards) unless the
     strategy has ``sync_micro_steps=True``. In a single process every strategy trains as one.
-    On GPUs the models (for ``"ddp"``) and each batch's tensors are moved to ``lt.device()``.
+    (On GPUs every prepared step, distributed or not, puts the models and batches on
+    ``lt.device()``.)
 
     Args:
         step: the step to transform; omit it for the partial form.
@@ -65,14 +64,15 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
     if step is not MISSING and not callable(step):
         step, strategy = MISSING, step
     record = resolve_strategy(strategy)
+    no_sync = () if record.sync_micro_steps else (  # then every micro-step synchronises: no handler
+        Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_no_sync,
+                label="distribute: set_requires_gradient_sync(False) for forward and backward",
+                after="distribute: restore gradient sync", when=When.NON_BOUNDARY,
+                needed=lambda ctx: bool(ctx.modules), needed_text="on several ranks"),)
     transform = StepTransform(
         name=f"distribute({record.name!r})",
         kind="distribute",
-        handlers=(Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_to_device,
-                          label="distribute: batch tensors to lt.device() (when that is not the CPU)"),
-                  Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_no_sync,
-                          label="distribute: set_requires_gradient_sync(False) for forward and backward",
-                          after="distribute: restore gradient sync", when=When.NON_BOUNDARY)),
+        handlers=no_sync,
         prepare=lambda state: _prepare(state, record),
     )
     return apply_step_transform(step, transform, "distribute")
@@ -80,7 +80,7 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
 
 def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
     distributed = env.ensure_process_group()
-    modules = [m for m in find_modules(state) if any(p.requires_grad for p in m.parameters())]
+    modules = [m for m in inventory(state).models.values() if any(p.requires_grad for p in m.parameters())]
     for module in modules:
         check_compiled_before_shard(module)
     name = _resolve_auto(strategy.name, distributed, modules)
@@ -89,17 +89,15 @@ def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
             f"distribute('single') in a world of {env.world_size()} ranks would train each rank "
             f"alone; use 'auto', 'ddp' or 'fsdp'"
         )
-    device = env.device()
-    device = None if device.type == "cpu" else device
     if not distributed or name == "single":
-        return state, _Sync(strategy, (), device)
+        return state, _Sync(strategy, ())
     if name == "ddp":
         for module in modules:
             _replicate(module)
     else:
         for module in modules:
             _check_sharded(module, name)
-    return state, _Sync(strategy, tuple(modules), device)
+    return state, _Sync(strategy, tuple(modules))
 
 
 def _resolve_auto(name: str, distributed: bool, modules: list[torch.nn.Module]) -> str:
@@ -147,21 +145,7 @@ def _check_sharded(module: torch.nn.Module, name: str) -> None:
         )
 
 
-def _to_device(ctx: _Sync, frame, value, *, proceed):
-    if ctx.device is None:
-        return proceed(frame, value)
-    state, batch = value
-    return proceed(frame, (state, to_device(batch, ctx.device)))
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor in it (nested lists, tuples, dicts) moved to ``device``."""
-    return tree_map(lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x, batch)
-
-
 def _no_sync(ctx: _Sync, frame, value, *, proceed):
-    if frame.boundary or ctx.strategy.sync_micro_steps or not ctx.modules:
-        return proceed(frame, value)
     previous = [wrappers.gradient_sync(m) for m in ctx.modules]
     for module in ctx.modules:
         module.set_requires_gradient_sync(False)

@@ -11,7 +11,8 @@ from torch.utils._pytree import tree_map
 from ltransform.core.compose import MISSING
 from ltransform.core.effects import Effect, Handler, Stage, When
 from ltransform.core.precisions import Precision, resolve_precision
-from ltransform.core.state import find_modules, get_extra, with_extra
+from ltransform.core.inventory import inventory
+from ltransform.core.state import get_extra, with_extra
 from ltransform.core.step import StepTransform, apply_step_transform
 from ltransform.models import fp8
 
@@ -123,7 +124,7 @@ def _short(dtype: torch.dtype | None) -> str:
 
 
 def _prepare(state: Any, p: Precision, recipe: Any) -> tuple[Any, _Runtime]:
-    modules = find_modules(state)
+    modules = list(inventory(state).models.values())
     if p.fp8:
         _prepare_fp8(modules, p, recipe)
     params = [(n, q) for m in modules for n, q in m.named_parameters()]

@@ -1,0 +1,280 @@
+"""Bindings: a transformed step prepared for one state.
+
+Preparing a step for a state runs the transforms' ``prepare`` and yields the prepared state and
+a :class:`BoundStep`: the composed chains of a boundary and of a non-boundary micro-step, the
+handlers' contexts, one reusable frame for each, and a call path specialised when it is bound
+(the plain ``train_step`` with no handler calls ``loss.backward()`` and ``optimizer.step()``
+inline, with no frame and no context variable). The step object itself stays immutable: the
+binding is kept with the state's own objects (its first model or optimizer), so one step can
+train two states side by side, each with its own scaler, models and contexts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ltransform.core.effects import (ACTIVE, Effect, Frame, Handler, Pipelines, build_pipelines, not_a_scalar,
+                                     run_backward)
+from ltransform.core.inventory import Inventory, anchor, inventory
+from ltransform.core.state import State, check_optimizers
+from ltransform.distributed import env
+
+if TYPE_CHECKING:
+    from ltransform.core.step import TransformedStep
+
+_BINDINGS = "_ltransform_bindings"
+
+
+class BoundStep:
+    """A step bound to one state's objects.
+
+    ``bound(state, batch)`` is the step itself (counters advanced); ``bound.run(state, batch,
+    micro_step)`` is what ``lt.run`` calls: it leaves the counters to the caller and returns
+    ``(state, metrics, applied)``, ``applied`` being the number of optimizer updates (-1 when a
+    step called inside advanced the counters itself). Metrics are not detached on that path.
+    """
+
+    __slots__ = ("step", "signature", "boundary", "inner", "device", "run", "_frames")
+
+    def __init__(self, step: TransformedStep, signature: tuple[int, ...], boundary: Pipelines,
+                 inner: Pipelines, device: torch.device | None,
+                 terminal: Callable[[Frame, Any], Any], fast: Callable[..., Any] | None) -> None:
+        self.step = step
+        self.signature = signature  # ids of the state's torch objects it was bound to
+        self.boundary, self.inner = boundary, inner
+        self.device = device  # where batches go (None: leave them, on the CPU)
+        self._frames = (Frame(inner, False, owner=step), Frame(boundary, True, owner=step))
+        self.run = fast if fast is not None else self._make_run(terminal)
+
+    def __repr__(self) -> str:
+        return f"<bound {self.step!r}>"
+
+    def __call__(self, state: Any, batch: Any) -> tuple[Any, Mapping[str, Any]]:
+        return self.step.call_bound(self, state, batch)
+
+    def _make_run(self, terminal: Callable[[Frame, Any], Any]) -> Callable[..., Any]:
+        step, frames, device = self.step, self._frames, self.device
+        every, trusted, base = step.every, step.trusted, step.base
+        from ltransform.core.step import check_result
+
+        def run(state: Any, batch: Any, micro: int) -> tuple[Any, Mapping[str, Any], int]:
+            if device is not None:
+                batch = env.to_device(batch, device)
+            frame = frames[every == 1 or (micro + 1) % every == 0]
+            if frame.busy:  # a re-entrant call (a step calling itself): its own frame
+                frame = Frame(frame._pipelines, frame.boundary, owner=step)
+            frame.busy, frame.micro_step, frame.attempted, frame.applied = True, micro, 0, 0
+            frame.metrics, frame.counted_inside = None, False
+            chain = frame._pipelines.step
+            try:
+                if trusted:  # our own body calls the chains directly: no context variable
+                    result = terminal(frame, (state, batch)) if chain is None else chain(frame, (state, batch))
+                else:
+                    token = ACTIVE.set(frame)
+                    try:
+                        result = base(state, batch) if chain is None else chain(frame, (state, batch))
+                    finally:
+                        ACTIVE.reset(token)
+            finally:
+                frame.busy = False
+            new_state, metrics = result if trusted else check_result(result, base)
+            if frame.metrics:
+                metrics = {**metrics, **frame.metrics}
+            return new_state, metrics, -1 if frame.counted_inside else frame.applied
+
+        return run
+
+
+def bind(step: TransformedStep, state: Any) -> tuple[Any, BoundStep]:
+    """Prepare ``step`` for ``state``: place its models, run every transform's ``prepare``,
+    compose the chains; the binding is kept with the state's objects for direct calls."""
+    inv = inventory(state)
+    check_optimizers(inv.optimizers.values())
+    device = _place(inv)
+    bound: list[tuple[Handler, Any]] = []
+    for transform in step.ordered():
+        ctx = None
+        if transform.prepare is not None:
+            state, ctx = transform.prepare(state)
+        bound.extend((h, ctx) for h in transform.handlers)
+    if step.body is not None:
+        inv = inventory(state)  # a prepare may have added extras; the objects are the same
+    terminal = _terminal(step, inv)
+    boundary = build_pipelines(bound, True, terminal)
+    inner = build_pipelines(bound, False, terminal) if step.every > 1 else boundary
+    fast = None
+    if step.body is not None and step.body.kind == "train" and device is None and not bound:
+        fast = _fast_train(step, inv) if (len(inv.optimizers), len(inv.models)) == (1, 1) and len(
+            inv.schedulers) <= 1 else None
+    binding = BoundStep(step, signature(state), boundary, inner, device, terminal, fast)
+    _remember(state, step, binding)
+    return state, binding
+
+
+def sees_counters(bound: BoundStep) -> bool:
+    """Whether code that is not ltransform's reads the state inside the step (a hand-written
+    step, or a user's handler of the step call): the runner then passes it the state with
+    its counters on every call; otherwise the counters are materialised only where looked at."""
+    step = bound.step
+    if not step.trusted:
+        return True
+    return any(not getattr(h.fn, "__module__", "").startswith("ltransform.")
+               for t in step.transforms for h in t.handlers if h.effect is Effect.STEP)
+
+
+def signature(state: Any) -> tuple[int, ...]:
+    """Identities of the torch objects a binding captured: a state whose model, optimizer or
+    scheduler has been swapped is bound anew."""
+    if type(state) is State:
+        return (id(state.model), id(state.optimizer), id(state.scheduler))
+    inv = inventory(state)
+    return tuple(id(o) for group in (inv.models, inv.optimizers, inv.schedulers) for o in group.values())
+
+
+def lookup(step: TransformedStep, state: Any) -> BoundStep | None:
+    """The binding of ``step`` made for this state's objects, if there is one."""
+    key = anchor(state)
+    holder = step.unanchored if key is None else getattr(key, _BINDINGS, None)
+    binding = holder.get(step) if holder is not None else None
+    if binding is not None and binding.signature == signature(state):
+        return binding
+    return None
+
+
+def _remember(state: Any, step: TransformedStep, binding: BoundStep) -> None:
+    key = anchor(state)
+    if key is None:
+        step.unanchored[step] = binding
+        return
+    holder = getattr(key, _BINDINGS, None)
+    if holder is None:
+        holder = _Bindings()
+        object.__setattr__(key, _BINDINGS, holder)  # not Module.__setattr__: no submodule, no buffer
+    holder[step] = binding
+
+
+class _Bindings(dict):  # type: ignore[type-arg]
+    """The bindings kept with a model or optimizer. They are runtime objects: a copy or a pickle
+    of the model carries none (a copied model is bound anew when a step meets it)."""
+
+    def __reduce__(self) -> Any:
+        return (_Bindings, ())
+
+    def __deepcopy__(self, memo: Any) -> _Bindings:
+        return _Bindings()
+
+    def __copy__(self) -> _Bindings:
+        return _Bindings()
+
+
+def _place(inv: Inventory) -> torch.device | None:
+    """Move the state's models to ``lt.device()`` when that is an accelerator; the device
+    batches go to then (None on the CPU: nothing moves). ``Module.to`` keeps the Parameter
+    objects, so an optimizer built before stays valid. Models on ``meta`` (not materialized
+    yet) and sharded ones (on their mesh's devices) are left where they are."""
+    device = env.device()
+    if device.type == "cpu":
+        return None
+    for module in inv.models.values():
+        tensors = [*module.parameters(), *module.buffers()]
+        if any(t.is_meta or hasattr(t, "device_mesh") for t in tensors):
+            continue
+        if any(t.device != device for t in tensors):
+            module.to(device)
+    return device
+
+
+def _terminal(step: TransformedStep, inv: Inventory) -> Callable[[Frame, Any], Any]:
+    """What the step chain calls last: the user's step, or our body with the chains inlined."""
+    body = step.body
+    if body is None:
+        base = step.base
+        return lambda frame, value: base(*value)
+    try:
+        if body.kind == "eval":
+            return _eval_terminal(body.fn, inv.the_one("model", "eval_step"))
+        return _train_terminal(body.fn, inv)
+    except TypeError as error:  # e.g. a state prepared only to be loaded into: fail when called
+        message = str(error)
+
+        def missing(frame: Frame, value: Any) -> Any:
+            raise TypeError(message)
+
+        return missing
+
+
+def _train_terminal(loss_fn: Callable[..., Any], inv: Inventory) -> Callable[[Frame, Any], Any]:
+    from ltransform.core.step import split_loss
+
+    model, optimizer = inv.the_one("model"), inv.the_one("optimizer")
+    scheduler = inv.the_one("scheduler")
+
+    def train(frame: Frame, value: Any) -> tuple[Any, Mapping[str, Any]]:
+        state, batch = value
+        out = loss_fn(model, batch)
+        loss, metrics = (out, None) if type(out) is torch.Tensor else split_loss(out, loss_fn)
+        pipelines = frame._pipelines
+        if pipelines.backward is None:
+            run_backward(loss)
+        else:
+            pipelines.backward(frame, loss)
+        if pipelines.optimizer_step is None:
+            frame.attempted += 1
+            try:
+                optimizer.step()
+            finally:
+                optimizer.zero_grad(set_to_none=True)
+            frame.applied += 1
+            applied = True
+        else:
+            applied = pipelines.optimizer_step(frame, optimizer)
+        if applied and scheduler is not None:
+            scheduler.step()
+        return state, {"loss": loss, **metrics} if metrics else {"loss": loss}
+
+    return train
+
+
+def _fast_train(step: TransformedStep, inv: Inventory) -> Callable[..., Any]:
+    """The plain train step with no handler: what a hand-written loop does, and nothing else."""
+    from ltransform.core.step import split_loss
+
+    loss_fn = step.body.fn
+    model, optimizer = inv.the_one("model"), inv.the_one("optimizer")
+    scheduler = inv.the_one("scheduler")  # several: the general path raises when called
+    tensor = torch.Tensor
+
+    def run(state: Any, batch: Any, micro: int) -> tuple[Any, Mapping[str, Any], int]:
+        out = loss_fn(model, batch)
+        loss, metrics = (out, None) if type(out) is tensor else split_loss(out, loss_fn)
+        try:
+            loss.backward()
+        except RuntimeError as error:
+            raise not_a_scalar(loss, error) or error from None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        return state, {"loss": loss, **metrics} if metrics else {"loss": loss}, 1
+
+    return run
+
+
+def _eval_terminal(fn: Callable[..., Any], model: Any) -> Callable[[Frame, Any], Any]:
+    from ltransform.core.step import split_loss
+
+    def evaluate(frame: Frame, value: Any) -> tuple[Any, Mapping[str, Any]]:
+        state, batch = value
+        with torch.no_grad():
+            out = fn(model, batch)
+        if isinstance(out, Mapping):
+            return state, out
+        loss, metrics = split_loss(out, fn)
+        return state, {"loss": loss, **metrics}
+
+    return evaluate
+
+
