@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ltransform.core.state import _replace, read_counters, walk
+from ltransform.core.inventory import Inventory
+from ltransform.core.state import _replace
 
 FORMAT = "ltransform-checkpoint"
 VERSION = 1
@@ -37,29 +38,17 @@ def check_metadata(meta: Any, where: str) -> None:
                          f"ltransform ({VERSION}) reads; upgrade ltransform")
 
 
-def modules(state: Any) -> dict[str, torch.nn.Module]:
-    """The state's modules by their path in it (``"model"``, ``"model.g"``, ...)."""
-    if isinstance(state, torch.nn.Module):
-        return {"model": state}
-    return dict(walk(state, torch.nn.Module))
-
-
-def optimizers(state: Any) -> dict[str, tuple[torch.optim.Optimizer, str, torch.nn.Module]]:
-    """Each optimizer by path, with the path and module its parameters belong to."""
-    mods = modules(state)
-    owner = {id(p): name for name, m in mods.items() for p in m.parameters()}
-    found = {}
-    for name, opt in walk(state, torch.optim.Optimizer):
-        params = [p for g in opt.param_groups for p in g["params"]]
-        module_name = owner.get(id(params[0])) if params else None
-        if module_name is None:
-            raise ValueError(f"checkpoint: optimizer {name!r} holds no parameter of any model in the state")
-        found[name] = (opt, module_name, mods[module_name])
-    return found
-
-
-def schedulers(state: Any) -> dict[str, Any]:
-    return dict(walk(state, torch.optim.lr_scheduler.LRScheduler))
+def optimizers(inv: Inventory) -> dict[str, tuple[torch.optim.Optimizer, torch.nn.Module, list[str]]]:
+    """Each optimizer by path, with the module its parameters are named in (its model, or a
+    ``ModuleDict`` of the models it spans) and each parameter's name."""
+    out = {}
+    for path, optimizer in inv.optimizers.items():
+        try:
+            module, names = inv.parameter_names(path)
+        except ValueError as error:
+            raise ValueError(f"checkpoint: {error}") from None
+        out[path] = (optimizer, module, names)
+    return out
 
 
 def capture_rng() -> dict[str, Any]:
@@ -93,11 +82,11 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def capture_extras(state: Any) -> dict[str, Any]:
-    """``state.extra``: objects with ``state_dict`` by their state, plain data as it is."""
-    extra = _extra(state)
+def capture_extras(inv: Inventory) -> dict[str, Any]:
+    """``state.extra``: objects with ``state_dict`` by their state, plain data as it is. Models,
+    optimizers and schedulers kept in extra are saved with the others, not here again."""
     out = {}
-    for key, value in extra.items():
+    for key, value in inv.extras.items():
         if callable(getattr(value, "state_dict", None)):
             out[key] = {"stateful": value.state_dict()}
         elif _plain(value):
@@ -143,10 +132,8 @@ def _plain(value: Any) -> bool:
     return False
 
 
-def counters(state: Any) -> dict[str, int]:
-    step, micro = read_counters(state)
-    epoch = state.get("epoch", 0) if isinstance(state, Mapping) else getattr(state, "epoch", 0)
-    return {"step": step, "micro_step": micro, "epoch": epoch}
+def counters(inv: Inventory) -> dict[str, int]:
+    return {"step": inv.step, "micro_step": inv.micro_step, "epoch": inv.epoch}
 
 
 def restore_counters(state: Any, saved: Mapping[str, int]) -> Any:
@@ -155,20 +142,18 @@ def restore_counters(state: Any, saved: Mapping[str, int]) -> Any:
     return _replace(state, **changes)
 
 
-def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """A plain (unsharded) optimizer's state keyed by parameter names, in the format of torch's
-    ``get_optimizer_state_dict``, without its trick of a zero step to create missing state
-    (which allocates a gradient for every parameter)."""
-    names = _param_names(module, optimizer)
+def optimizer_state(names: list[str], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A plain (unsharded) optimizer's state keyed by parameter names (:func:`optimizers`), in
+    the format of torch's ``get_optimizer_state_dict``, without its trick of a zero step to
+    create missing state (which allocates a gradient for every parameter)."""
     saved = optimizer.state_dict()
     return {"state": {names[i]: v for i, v in saved["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
 
 
-def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+def load_optimizer_state(names: list[str], optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
     """Load a state saved by :func:`optimizer_state` (or torch's FQN format) into a plain optimizer."""
-    names = _param_names(module, optimizer)
-    index = {name: i for i, name in names.items()}
+    index = {name: i for i, name in enumerate(names)}
     groups = optimizer.state_dict()["param_groups"]
     if len(groups) != len(saved["param_groups"]):
         raise ValueError(f"lt.load: the optimizer has {len(groups)} parameter groups, the checkpoint "
@@ -177,10 +162,3 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
         "state": {index[name]: v for name, v in saved.get("state", {}).items() if name in index},
         "param_groups": [{**g, "params": live["params"]} for g, live in zip(saved["param_groups"], groups)],
     })
-
-
-def _param_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
-    """Optimizer parameter index (as in its state_dict) -> parameter name in ``module``."""
-    by_id = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    return {i: by_id[id(p)] for i, p in enumerate(params)}

@@ -1,11 +1,12 @@
-"""``explain``: print the resolved pipeline of a step, as it will run."""
+"""``explain``: print the composed chains of a step, the ones that run."""
 
 from __future__ import annotations
 
 import sys
 from typing import Any, TextIO
 
-from ltransform.core.effects import ZERO_GRAD, Effect, Handler, When
+from ltransform.core.binding import lookup
+from ltransform.core.effects import ZERO_GRAD, Chain, Effect, Pipelines, build_pipelines
 from ltransform.core.step import TransformedStep, as_step, step_name
 
 _TERMINALS = {
@@ -15,8 +16,14 @@ _TERMINALS = {
 }
 
 
-def explain(step: Any, *, file: TextIO | None = None) -> None:
+def explain(step: Any, state: Any = None, *, file: TextIO | None = None) -> None:
     """Print what ``step`` runs, stage by stage, on a boundary and a non-boundary micro-step.
+
+    The lines are read from the composed chains themselves, so they cannot disagree with what
+    runs. Given a ``state``, they are the chains bound to it (the step is prepared for it, as
+    ``lt.prepare`` would, unless it already was): handlers the state does not need are left
+    out (e.g. switching off gradient sync in one process). Without one, such handlers are
+    shown with when they apply.
 
     Example:
         >>> import ltransform as lt
@@ -41,43 +48,54 @@ def explain(step: Any, *, file: TextIO | None = None) -> None:
           optimizer_step:
             1. [GATE] accumulate: return False, keep gradients
     """
-    print(explanation(as_step(step, "explain")), file=file or sys.stdout)
+    print(explanation(as_step(step, "explain"), state), file=file or sys.stdout)
 
 
-def explanation(step: TransformedStep) -> str:
+def explanation(step: TransformedStep, state: Any = None) -> str:
     """The text :func:`explain` prints."""
+    if state is None:
+        bound_to = None
+        handlers = [(h, None) for t in step.ordered() for h in t.handlers]
+        boundary = build_pipelines(handlers, True, _unbound, resolve=False)
+        inner = build_pipelines(handlers, False, _unbound, resolve=False)
+    else:
+        bound = lookup(step, state)
+        if bound is None:
+            _, bound = step.prepare(state)
+        bound_to, boundary, inner = bound, bound.boundary, bound.inner
     name = step_name(step)
     transforms = ", ".join(t.name for t in step.transforms) or "no transforms"
-    handlers = [h for t in step.ordered() for h in t.handlers] + [ZERO_GRAD]
-    lines = [f"step {name!r} with {transforms}"]
-    cases = [(True, "boundary micro-step (the optimizer updates)")]
+    lines = [f"step {name!r} with {transforms}" + ("" if bound_to is None else ", bound to its state")]
+    cases: list[tuple[Pipelines, str]] = [(boundary, "boundary micro-step (the optimizer updates)")]
     if step.every > 1:
-        cases[0] = (True, f"boundary micro-step (micro_step % {step.every} == {step.every - 1})")
-        cases.append((False, "non-boundary micro-step (gradients accumulate)"))
-    for boundary, title in cases:
+        cases = [(boundary, f"boundary micro-step (micro_step % {step.every} == {step.every - 1})"),
+                 (inner, "non-boundary micro-step (gradients accumulate)")]
+    for pipelines, title in cases:
         lines.append(f"{title}:")
-        for effect in Effect:
-            lines.append(f"  {effect.value}:")
-            lines.extend(_effect_lines(handlers, effect, boundary, name))
+        for chain in pipelines.chains:
+            lines.append(f"  {chain.effect.value}:")
+            lines.extend(f"    {i}. {text}" for i, text in enumerate(chain_lines(chain, name, bound_to is None), 1))
     return "\n".join(lines)
 
 
-def _effect_lines(handlers: list[Handler], effect: Effect, boundary: bool, name: str) -> list[str]:
+def _unbound(frame: Any, value: Any) -> Any:
+    raise RuntimeError("an unbound chain (composed for explain) cannot run")
+
+
+def chain_lines(chain: Chain, name: str, unbound: bool = False) -> list[str]:
+    """One line per action of ``chain``, in the order they happen."""
+    handlers = chain.handlers
+    if chain.effect is Effect.OPTIMIZER_STEP and not handlers:
+        handlers = (ZERO_GRAD,)  # the inline path zeroes gradients after the step, as ZERO_GRAD does
     steps: list[str] = []
     unwind: list[str] = []
-    skip = When.NON_BOUNDARY if boundary else When.BOUNDARY
-    halted = False
-    for h in sorted((h for h in handlers if h.effect is effect), key=lambda h: h.stage):
-        if h.when is skip:
-            continue
+    for h in handlers:
+        when = f" (only {h.needed_text})" if unbound and h.needed is not None and h.needed_text else ""
         if h.label:
-            steps.append(f"[{h.stage.name}] {h.label}")
+            steps.append(f"[{h.stage.name}] {h.label}{when}")
         if h.after:
-            unwind.append(f"[{h.stage.name}] {h.after}")
-        if h.halts:
-            halted = True  # it acts here: the inner stages and the terminal do not run
-            break
-    if not halted:
-        steps.append(_TERMINALS[effect].format(name=name))
+            unwind.append(f"[{h.stage.name}] {h.after}{when if not h.label else ''}")
+    if not chain.halted:
+        steps.append(_TERMINALS[chain.effect].format(name=name))
     steps.extend(reversed(unwind))
-    return [f"    {i}. {text}" for i, text in enumerate(steps, 1)]
+    return steps
