@@ -39,7 +39,7 @@ def init_module(
     Args:
         build: a function returning the module (e.g. the class); omit for the partial form.
         *args: passed to ``build``.
-        device: where to allocate (default: the current default device).
+        device: where to allocate (default: ``lt.device()``, this rank's accelerator, else the CPU).
         precision: a precision name; ``-true`` modes build in their dtype directly.
         empty: build on the meta device, allocating nothing.
 
@@ -57,8 +57,13 @@ def init_module(
         )
     if not callable(build):
         raise TypeError(f"init_module: expected a function that builds the model, got {build!r}")
-    target = torch.device("meta") if empty else device
-    with _default_dtype(record.param_dtype), torch.device(target) if target else contextlib.nullcontext():
+    if empty:
+        target = torch.device("meta")
+    else:
+        from ltransform.distributed import env
+
+        target = device if device is not None else env.device()
+    with _default_dtype(record.param_dtype), torch.device(target):
         return build(*args)
 
 
