@@ -75,6 +75,21 @@ def test_copies_and_pickles_of_a_bound_model_carry_no_binding(tmp_path):
     assert not getattr(torch.load(tmp_path / "m.pt", weights_only=False), binding._BINDINGS)
 
 
+def test_a_dropped_model_is_freed_at_once_though_its_binding_is_kept_with_it():
+    import gc
+    import weakref
+
+    step = lt.pipe(lt.train_step(mse), lt.with_precision("16-mixed"), lt.accumulate(2))
+    state = lt.run(step, _scaled_state(0), make_data(2), progress=False)
+    ref = weakref.ref(state.model)
+    gc.disable()
+    try:
+        del state
+        assert ref() is None  # no reference cycle through the binding: freed without the collector
+    finally:
+        gc.enable()
+
+
 # --- 2 / 5. one inventory -------------------------------------------------------------------
 
 

@@ -115,6 +115,42 @@ def test_a_quantized_model_saves_and_loads_with_its_quantization_state(tmp_path,
     assert torch.equal(other(x), quantized(x))
 
 
+@pytest.mark.parametrize("mode", ["nf4", "nf4-dq", "int8"])
+def test_load_state_dict_of_a_quantized_models_state_dict_is_exact(mode):
+    # the layers lt.quantize makes load their packed weights and quantization state themselves, so
+    # plain torch (strict) loading round-trips; lt.load relies on it
+    # (train mode: in eval mode on a CPU with AVX512-BF16, bitsandbytes 0.50.2 repacks 4-bit weights in
+    # the forward, and a state_dict() after that changes the layer's outputs by itself)
+    source = lt.quantize(model(), mode)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(5))
+    source(x)  # a forward first: int8 layers move their scales from the weight into their state
+    saved = source.state_dict()
+    keys = set(saved)
+    torch.manual_seed(42)  # another base model
+    target = lt.quantize(torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                                             torch.nn.ReLU(), torch.nn.Linear(64, 8)), mode)
+    copied = copy.deepcopy(target)  # the load hooks follow a copy
+    assert not torch.equal(target(x), source(x))
+    for loaded in (target, copied):
+        result = loaded.load_state_dict(saved, strict=True)
+        assert result.missing_keys == [] and result.unexpected_keys == []
+        assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
+        assert torch.equal(loaded(x), source(x))
+        assert loaded[0].weight.data_ptr() != source[0].weight.data_ptr()  # copied, not shared
+    assert set(saved) == keys  # the caller's dict is left as it was
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_loading_another_layers_size_fails_and_leaves_the_layer_as_it_was(mode):
+    layer = lt.quantize(torch.nn.Sequential(torch.nn.Linear(256, 128)), mode)
+    x = torch.randn(4, 256)
+    expected = layer(x)
+    smaller = lt.quantize(torch.nn.Sequential(torch.nn.Linear(128, 64)), mode).state_dict()
+    with pytest.raises(RuntimeError, match="size mismatch for 0.weight"):
+        layer.load_state_dict(smaller)
+    assert torch.equal(layer(x), expected)
+
+
 def test_bitsandbytes_8bit_optimizer_steps_through_lt_and_round_trips_a_checkpoint(tmp_path):
     def setup():
         m = model()

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
+from ltransform import io
 from ltransform.checkpoint import contents, files, sharded
-from ltransform.core import effects
+from ltransform.core.inventory import Inventory, inventory
 from ltransform.distributed import env
 
 Filter = Callable[[str, torch.Tensor], bool]
@@ -52,11 +53,12 @@ def save(path: str | os.PathLike[str], state: Any, *, sharded: bool = False, fil
     path = Path(path)
     if async_save and not sharded:
         raise ValueError("lt.save: async_save=True needs sharded=True (a full save gathers on rank 0)")
-    wait_pending()
-    filters = _filters(filter, contents.modules(state))
+    inv = inventory(state)
+    finish_pending(inv)
+    filters = _filters(filter, inv.models)
     if sharded:
-        return _save_sharded(path, state, filters, async_save)
-    return _save_full(path, state, filters)
+        return _save_sharded(path, inv, filters, async_save)
+    return _save_full(path, inv, filters)
 
 
 def _filters(filter: Any, modules: Mapping[str, torch.nn.Module]) -> dict[str, Filter]:
@@ -73,24 +75,24 @@ def _filters(filter: Any, modules: Mapping[str, torch.nn.Module]) -> dict[str, F
     raise TypeError(f"lt.save: filter must be fn(name, tensor) -> bool or {{model: fn}}, got {filter!r}")
 
 
-def _common(state: Any, sharded_: bool) -> dict[str, Any]:
-    from ltransform.runner.position import RUNNING
+def _common(inv: Inventory, sharded_: bool) -> dict[str, Any]:
+    from ltransform.core.position import RUNNING
 
     running = RUNNING.get()
     precision = running.precision if running is not None else None
     return {"meta": contents.metadata(sharded=sharded_, precision=precision),
-            "counters": contents.counters(state),
-            "schedulers": {n: s.state_dict() for n, s in contents.schedulers(state).items()},
-            "extra": contents.capture_extras(state)}
+            "counters": contents.counters(inv),
+            "schedulers": {n: s.state_dict() for n, s in inv.schedulers.items()},
+            "extra": contents.capture_extras(inv)}
 
 
 def _per_rank() -> dict[str, Any]:
-    from ltransform.runner.position import current
+    from ltransform.core.position import current
 
     return {"rng": contents.capture_rng(), "data": current()}
 
 
-def _tensors(state: Any, filters: Mapping[str, Filter], *, full: bool) -> dict[str, Any]:
+def _tensors(inv: Inventory, filters: Mapping[str, Filter], *, full: bool) -> dict[str, Any]:
     """Every model's and optimizer's state dict, keyed by parameter names: gathered to rank 0
     on the CPU (``full``), or each rank's shards (DCP's form). Plain optimizers are read
     directly (torch's helper would allocate a gradient per parameter to create missing state)."""
@@ -98,40 +100,38 @@ def _tensors(state: Any, filters: Mapping[str, Filter], *, full: bool) -> dict[s
 
     options = StateDictOptions(full_state_dict=full, cpu_offload=full)
     models = {}
-    for name, module in contents.modules(state).items():
+    for name, module in inv.models.items():
         keep = filters.get(name)
         models[name] = {k: v for k, v in _model_state(module, options).items() if keep is None or keep(k, v)}
     optimizers = {name: get_optimizer_state_dict(module, opt, options=options) if _has_dtensors(module)
-                  else contents.optimizer_state(module, opt)
-                  for name, (opt, _, module) in contents.optimizers(state).items()}
+                  else contents.optimizer_state(names, opt)
+                  for name, (opt, module, names) in contents.optimizers(inv).items()}
     return {"models": models, "optimizers": optimizers}
 
 
-def _save_full(path: Path, state: Any, filters: Mapping[str, Filter]) -> Path:
-    tensors = _tensors(state, filters, full=True)
+def _save_full(path: Path, inv: Inventory, filters: Mapping[str, Filter]) -> Path:
+    tensors = _tensors(inv, filters, full=True)
     per_rank = env.all_gather_objects(_per_rank())
     if env.rank() == 0:
-        files.write_file(path, {**_common(state, False), **tensors, "ranks": per_rank})
+        io.write_file(path, {**_common(inv, False), **tensors, "ranks": per_rank})
     env.barrier()
     return path
 
 
-def _save_sharded(path: Path, state: Any, filters: Mapping[str, Filter], async_save: bool) -> Path:
+def _save_sharded(path: Path, inv: Inventory, filters: Mapping[str, Filter], async_save: bool) -> Path:
     if env.rank() == 0:
-        shutil.rmtree(files.partial_path(path), ignore_errors=True)
+        shutil.rmtree(io.partial_path(path), ignore_errors=True)
     env.barrier()
-    future = sharded.save_tensors(_tensors(state, filters, full=False), path, async_save=async_save)
-    tmp = files.partial_path(path)
+    future = sharded.save_tensors(_tensors(inv, filters, full=False), path, async_save=async_save)
+    tmp = io.partial_path(path)
     tmp.mkdir(parents=True, exist_ok=True)
-    files.write_file(tmp / f"rank-{env.rank()}.pt", _per_rank())
+    io.write_file(tmp / f"rank-{env.rank()}.pt", _per_rank())
     if env.rank() == 0:
-        files.write_file(tmp / "common.pt", _common(state, True))
+        io.write_file(tmp / "common.pt", _common(inv, True))
     if future is None:
         _publish(path)
     else:
-        _PENDING.append((future, path))
-        if wait_pending not in effects.BEFORE_UPDATE:
-            effects.BEFORE_UPDATE.append(wait_pending)
+        _PendingSave(future, path, inv)
     return path
 
 
@@ -142,16 +142,48 @@ def _publish(path: Path) -> None:
     env.barrier()
 
 
-_PENDING: list[tuple[Future, Path]] = []
+_PENDING = "_ltransform_pending_saves"
 
 
-def wait_pending() -> None:
-    """Finish async saves in progress: wait for their writes, then publish their directories."""
-    while _PENDING:
-        future, path = _PENDING.pop(0)
-        future.result()
-        _publish(path)
-    effects.BEFORE_UPDATE[:] = [f for f in effects.BEFORE_UPDATE if f is not wait_pending]
+class _PendingSave:
+    """An async sharded save still being written. The optimizers of the saved state wait for it
+    before their next update (``Optimizer.register_step_pre_hook``: a user's own
+    ``optimizer.step()`` waits too), since the writer is still reading the parameters; the hooks
+    are removed once the save is published. It is also kept with the state's models and
+    optimizers, so a later save or load of that state, or the end of ``lt.run``, finishes it."""
+
+    def __init__(self, future: Future, path: Path, inv: Inventory) -> None:
+        self.future, self.path, self.done = future, path, False
+        self.owners = [*inv.models.values(), *inv.optimizers.values()]
+        self.handles = [o.register_step_pre_hook(self._before_update) for o in inv.optimizers.values()]
+        for owner in self.owners:
+            object.__setattr__(owner, _PENDING, [*getattr(owner, _PENDING, ()), self])
+        if not self.handles:  # nothing would wait for it before parameters change: finish now
+            self.finish()
+
+    def _before_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.finish()
+
+    def finish(self) -> None:
+        """Wait for the writes, then publish the directory (on every rank together)."""
+        if self.done:
+            return
+        self.done = True
+        for handle in self.handles:
+            handle.remove()
+        for owner in self.owners:
+            left = [p for p in getattr(owner, _PENDING, ()) if p is not self]
+            object.__setattr__(owner, _PENDING, left)
+        self.future.result()
+        _publish(self.path)
+
+
+def finish_pending(state: Any) -> None:
+    """Finish the async saves of ``state`` (or of an inventory of it) still in progress."""
+    inv = state if isinstance(state, Inventory) else inventory(state)
+    for owner in [*inv.models.values(), *inv.optimizers.values()]:
+        for pending in list(getattr(owner, _PENDING, ())):
+            pending.finish()
 
 
 def load(path: str | os.PathLike[str], state: Any, *, strict: bool = True) -> Any:
@@ -174,8 +206,11 @@ def load(path: str | os.PathLike[str], state: Any, *, strict: bool = True) -> An
         The state with the checkpoint's counters (and extras).
 
     Raises:
-        FileNotFoundError / RuntimeError / pickle.UnpicklingError: a missing, truncated or
-            corrupt file, or one holding arbitrary Python objects; each names the file.
+        FileNotFoundError: no such file or directory.
+        ltransform.io.FileFormatError (a ValueError and a RuntimeError): an empty, truncated or
+            corrupt file, or one that is not a checkpoint at all; ValueError: a file torch.save
+            wrote that is not an ltransform checkpoint. Each names the file.
+        pickle.UnpicklingError: a file holding arbitrary Python objects (not unpickled).
         KeyError: with ``strict``, names the missing and unexpected keys.
     """
     return load_with_position(path, state, strict=strict)[0]
@@ -183,18 +218,19 @@ def load(path: str | os.PathLike[str], state: Any, *, strict: bool = True) -> An
 
 def load_with_position(path: str | os.PathLike[str], state: Any, *, strict: bool = True) -> tuple[Any, Any]:
     """``load``, also returning this rank's saved data position (None if saved outside lt.run)."""
-    wait_pending()
+    inv = inventory(state)
+    finish_pending(inv)
     path = files.resolve(path)
     if path.is_dir():
-        return _load_sharded(path, state, strict)
-    payload = files.read_file(path)
+        return _load_sharded(path, state, inv, strict)
+    payload = io.read_file(path)
     contents.check_metadata(payload.get("meta") if isinstance(payload, Mapping) else None, repr(str(path)))
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     # Sharded models go through torch's full-state-dict loaders (which reshard); plain ones load
     # directly from the mapped file (torch's helpers would allocate a gradient per parameter)
     options = StateDictOptions(full_state_dict=True, strict=strict)
-    for name, module in contents.modules(state).items():
+    for name, module in inv.models.items():
         saved = payload["models"].get(name)
         if saved is None:
             raise KeyError(f"lt.load({str(path)!r}): the checkpoint has no model {name!r}; it has "
@@ -202,16 +238,16 @@ def load_with_position(path: str | os.PathLike[str], state: Any, *, strict: bool
         if strict:
             check_keys(path, name, set(module.state_dict()), set(saved))
         _load_module(module, saved, options)
-    for name, (opt, _, module) in contents.optimizers(state).items():
+    for name, (opt, module, names) in contents.optimizers(inv).items():
         if name in payload["optimizers"]:
             if _has_dtensors(module):
                 set_optimizer_state_dict(module, opt, payload["optimizers"][name], options=options)
             else:
-                contents.load_optimizer_state(module, opt, payload["optimizers"][name])
+                contents.load_optimizer_state(names, opt, payload["optimizers"][name])
         elif strict:
             raise KeyError(f"lt.load({str(path)!r}): the checkpoint has no optimizer {name!r}")
     ranks = payload["ranks"]
-    return _restore_common(state, payload, ranks[env.rank() % len(ranks)])
+    return _restore_common(state, inv, payload, ranks[env.rank() % len(ranks)])
 
 
 def _model_state(module: torch.nn.Module, options: Any) -> dict[str, Any]:
@@ -228,16 +264,14 @@ def _model_state(module: torch.nn.Module, options: Any) -> dict[str, Any]:
 
 def _load_module(module: torch.nn.Module, saved: dict[str, Any], options: Any) -> None:
     """Load a model's state dict: sharded models through torch's loader (which reshards), plain
-    ones directly (from the mapped file), 4-bit quantized layers from their packed state."""
+    ones directly (from the mapped file). Quantized layers load their packed state themselves
+    (``lt.quantize`` gives them a load hook)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     if _has_dtensors(module):
         set_model_state_dict(module, saved, options=options)
         return
-    from ltransform.models.quantize import load_quantized
-
-    rest = load_quantized(module, saved)
-    module.load_state_dict(rest, strict=options.strict and rest is saved)  # keys were checked already
+    module.load_state_dict(saved, strict=options.strict)
 
 
 def _is_quantized(module: torch.nn.Module) -> bool:
@@ -261,8 +295,9 @@ def check_keys(path: Path, name: str, expected: set[str], saved: set[str]) -> No
         )
 
 
-def _restore_common(state: Any, common: Mapping[str, Any], mine: Mapping[str, Any]) -> tuple[Any, Any]:
-    for name, scheduler in contents.schedulers(state).items():
+def _restore_common(state: Any, inv: Inventory, common: Mapping[str, Any],
+                    mine: Mapping[str, Any]) -> tuple[Any, Any]:
+    for name, scheduler in inv.schedulers.items():
         if name in common["schedulers"]:
             scheduler.load_state_dict(common["schedulers"][name])
     state = contents.restore_counters(state, common["counters"])
@@ -271,22 +306,22 @@ def _restore_common(state: Any, common: Mapping[str, Any], mine: Mapping[str, An
     return state, mine.get("data")
 
 
-def _load_sharded(path: Path, state: Any, strict: bool) -> tuple[Any, Any]:
+def _load_sharded(path: Path, state: Any, inv: Inventory, strict: bool) -> tuple[Any, Any]:
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
 
-    common = files.read_file(path / "common.pt")
+    common = io.read_file(path / "common.pt")
     contents.check_metadata(common.get("meta"), repr(str(path)))
-    mods, opts = contents.modules(state), contents.optimizers(state)
+    mods, opts = inv.models, contents.optimizers(inv)
     # Models and sharded optimizers load in place into a template of their state. Two kinds
     # are read as saved instead (the subtree rebuilt from the metadata) and loaded directly:
     # plain optimizers, whose template would first create every missing state tensor with a
     # zero step (a gradient per parameter: most of the load time measured), and quantized
     # models, whose packed quantization state varies in size and cannot be a template.
-    plain = {n for n, (_, _, m) in opts.items() if not _has_dtensors(m)}
+    plain = {n for n, (_, m, _) in opts.items() if not _has_dtensors(m)}
     quantized = {n for n, m in mods.items() if _is_quantized(m)}
     tensors = {"models": {n: _model_state(m, StateDictOptions()) for n, m in mods.items() if n not in quantized},
-               "optimizers": {n: get_optimizer_state_dict(m, o) for n, (o, _, m) in opts.items() if n not in plain}}
+               "optimizers": {n: get_optimizer_state_dict(m, o) for n, (o, m, _) in opts.items() if n not in plain}}
     if strict:
         stored = sharded.checkpoint_keys(path)
         for name, module in mods.items():
@@ -303,14 +338,14 @@ def _load_sharded(path: Path, state: Any, strict: bool) -> tuple[Any, Any]:
         if name not in source:
             raise KeyError(f"lt.load({str(path)!r}): the checkpoint has no model {name!r}")
         _load_module(module, source[name], StateDictOptions(strict=strict))
-    for name, (opt, _, module) in opts.items():
+    for name, (opt, module, names) in opts.items():
         if name not in plain:
             set_optimizer_state_dict(module, opt, tensors["optimizers"][name])
         elif name in saved.get("optimizers", {}):
-            contents.load_optimizer_state(module, opt, saved["optimizers"][name])
+            contents.load_optimizer_state(names, opt, saved["optimizers"][name])
         else:
             raise KeyError(f"lt.load({str(path)!r}): the checkpoint has no optimizer {name!r}")
     rank_files = sorted(path.glob("rank-*.pt"))
     mine = path / f"rank-{env.rank()}.pt"
-    per_rank = files.read_file(mine if mine.exists() else rank_files[env.rank() % len(rank_files)])
-    return _restore_common(state, common, per_rank)
+    per_rank = io.read_file(mine if mine.exists() else rank_files[env.rank() % len(rank_files)])
+    return _restore_common(state, inv, common, per_rank)

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ltransform.checkpoint import contents, files, sharded
+from ltransform import io
+from ltransform.checkpoint import contents, sharded
 from ltransform.checkpoint.api import check_keys
 
 
@@ -31,7 +32,7 @@ def consolidate(sharded_dir: str | os.PathLike[str], out: str | os.PathLike[str]
     if not (source / "common.pt").is_file():
         raise FileNotFoundError(f"consolidate: {str(source)!r} is not a complete sharded ltransform checkpoint "
                                 f"(no common.pt)")
-    common = files.read_file(source / "common.pt")
+    common = io.read_file(source / "common.pt")
     contents.check_metadata(common.get("meta"), repr(str(source)))
     tensors: dict[str, Any] = {}
     sharded.load_tensors(tensors, source, rebuild=True)
@@ -40,11 +41,11 @@ def consolidate(sharded_dir: str | os.PathLike[str], out: str | os.PathLike[str]
         if len(tensors["models"]) != 1:
             raise ValueError(f"consolidate: the checkpoint has models {sorted(tensors['models'])}; a "
                              f"safetensors file holds one: export each with lt.export_safetensors")
-        return write_safetensors(next(iter(tensors["models"].values())), out)
-    ranks = [files.read_file(p) for p in sorted(source.glob("rank-*.pt"), key=_rank_number)]
+        return io.write_safetensors(next(iter(tensors["models"].values())), out)
+    ranks = [io.read_file(p) for p in sorted(source.glob("rank-*.pt"), key=_rank_number)]
     meta = {**common["meta"], "sharded": False}
-    return files.write_file(out, {**common, "meta": meta, "models": tensors["models"],
-                                  "optimizers": tensors.get("optimizers", {}), "ranks": ranks})
+    return io.write_file(out, {**common, "meta": meta, "models": tensors["models"],
+                               "optimizers": tensors.get("optimizers", {}), "ranks": ranks})
 
 
 def _rank_number(path: Path) -> int:
@@ -70,41 +71,13 @@ def export_safetensors(source: Any, out: str | os.PathLike[str], *, model: str =
             sharded.load_tensors(tensors, path, rebuild=True)
             models = tensors["models"]
         else:
-            payload = files.read_file(path)
+            payload = io.read_file(path)
             contents.check_metadata(payload.get("meta"), repr(str(path)))
             models = payload["models"]
         if model not in models:
             raise KeyError(f"export_safetensors: no model {model!r} in {str(path)!r}; it has {sorted(models)}")
         weights = models[model]
-    return write_safetensors(weights, Path(out))
-
-
-def write_safetensors(weights: dict[str, torch.Tensor], out: Path) -> Path:
-    safetensors_torch = _safetensors()
-    tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-    tmp = files.partial_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    safetensors_torch.save_file(tensors, str(tmp), metadata={"format": "pt", "writer": "ltransform"})
-    os.replace(tmp, out)
-    return out
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return _safetensors().load_file(str(path))
-    except Exception as error:  # safetensors raises its own SafetensorError on a bad header
-        if isinstance(error, ImportError):
-            raise
-        raise RuntimeError(f"safetensors file {str(path)!r} is truncated or corrupt ({error})") from error
-
-
-def _safetensors() -> Any:
-    try:
-        import safetensors.torch
-    except ImportError as error:
-        raise ImportError("safetensors files need the safetensors package: pip install 'ltransform[safetensors]' "
-                          "(or pip install safetensors)") from error
-    return safetensors.torch
+    return io.write_safetensors(weights, Path(out))
 
 
 def load_raw(path: str | os.PathLike[str], target: Any, *, strict: bool = True) -> Any:
@@ -119,9 +92,9 @@ def load_raw(path: str | os.PathLike[str], target: Any, *, strict: bool = True) 
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        sd = read_safetensors(path)
+        sd = io.read_safetensors(path)
     else:
-        sd = files.read_file(path)
+        sd = io.read_file(path)
     if isinstance(sd, Mapping) and isinstance(sd.get("meta"), Mapping) and sd["meta"].get("format") == contents.FORMAT:
         raise ValueError(f"lt.load_raw: {str(path)!r} is an ltransform checkpoint; use lt.load(path, state)")
     if isinstance(target, torch.nn.Module):

@@ -1,48 +1,19 @@
-"""Checkpoint files on disk: written aside then renamed (atomic), read back safely.
+"""Checkpoint paths on disk: publishing a sharded directory atomically, finding the latest ``step-N``.
 
 A save never overwrites the last good checkpoint in place: it writes ``.name.partial`` next to
 the target and renames it over the target only when complete, so a process killed mid-save
-leaves the previous file (or directory) as it was. Loading uses ``weights_only=True``: a file
-carrying anything but tensors and plain data executes nothing and raises a clear error.
+leaves the previous file (or directory) as it was. Files themselves are read and written by
+``ltransform.io``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import pickle
 import re
 import shutil
-import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import torch
-
-
-def partial_path(path: Path) -> Path:
-    """Where a save of ``path`` is written before it is published."""
-    return path.with_name(f".{path.name}.partial")
-
-
-def write_file(path: str | os.PathLike[str], payload: Any) -> Path:
-    """``torch.save`` ``payload`` to ``path`` atomically (write aside, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(path)
-    try:
-        with open(tmp, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-    return path
+from ltransform.io import fsync_dir, partial_path
 
 
 def publish_directory(path: Path) -> None:
@@ -55,51 +26,7 @@ def publish_directory(path: Path) -> None:
         os.replace(path, old)  # keep the previous until the new one is in place
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def read_file(path: str | os.PathLike[str], *, mmap: bool = True) -> Any:
-    """``torch.load`` with ``weights_only=True`` and ``mmap`` (tensors paged in lazily), with
-    errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        raise pickle.UnpicklingError(
-            f"refusing to load {str(path)!r}: it holds Python objects other than tensors and plain "
-            f"data, which could run code when unpickled (loaded with weights_only=True). Only load "
-            f"it if you trust its source, with torch.load(path, weights_only=False). ({error})"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        if mmap and "mmap" in str(error):  # an old-format (not zip) file cannot be mapped
-            return read_file(path, mmap=False)
-        raise RuntimeError(
-            f"checkpoint file {str(path)!r} is truncated or corrupt and cannot be read ({error}); "
-            f"load an earlier checkpoint"
-        ) from error
-
-
-def safe_unpickler(allowed: Callable[[str, str], bool]) -> type[pickle.Unpickler]:
-    """An ``Unpickler`` class that refuses any global ``allowed(module, name)`` rejects."""
-
-    class Restricted(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            if not allowed(module, name):
-                raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
-            return super().find_class(module, name)
-
-    return Restricted
+    fsync_dir(path.parent)
 
 
 STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ltransform.checkpoint.files import partial_path, safe_unpickler
+from ltransform.io import partial_path, safe_unpickler
 
 _DCP_META = "torch.distributed.checkpoint."
 # DCP warns on every call without a process group, which is what a one-process save means here

@@ -11,6 +11,7 @@ train two states side by side, each with its own scaler, models and contexts.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -209,12 +210,11 @@ def _terminal(step: TransformedStep, inv: Inventory) -> Callable[[Frame, Any], A
 def _train_terminal(loss_fn: Callable[..., Any], inv: Inventory) -> Callable[[Frame, Any], Any]:
     from ltransform.core.step import split_loss
 
-    model, optimizer = inv.the_one("model"), inv.the_one("optimizer")
-    scheduler = inv.the_one("scheduler")
+    model, optimizer, scheduler = _weak(inv.the_one("model"), inv.the_one("optimizer"), inv.the_one("scheduler"))
 
     def train(frame: Frame, value: Any) -> tuple[Any, Mapping[str, Any]]:
         state, batch = value
-        out = loss_fn(model, batch)
+        out = loss_fn(model(), batch)
         loss, metrics = (out, None) if type(out) is torch.Tensor else split_loss(out, loss_fn)
         pipelines = frame._pipelines
         if pipelines.backward is None:
@@ -224,15 +224,15 @@ def _train_terminal(loss_fn: Callable[..., Any], inv: Inventory) -> Callable[[Fr
         if pipelines.optimizer_step is None:
             frame.attempted += 1
             try:
-                optimizer.step()
+                optimizer().step()
             finally:
-                optimizer.zero_grad(set_to_none=True)
+                optimizer().zero_grad(set_to_none=True)
             frame.applied += 1
             applied = True
         else:
-            applied = pipelines.optimizer_step(frame, optimizer)
+            applied = pipelines.optimizer_step(frame, optimizer())
         if applied and scheduler is not None:
-            scheduler.step()
+            scheduler().step()
         return state, {"loss": loss, **metrics} if metrics else {"loss": loss}
 
     return train
@@ -243,33 +243,42 @@ def _fast_train(step: TransformedStep, inv: Inventory) -> Callable[..., Any]:
     from ltransform.core.step import split_loss
 
     loss_fn = step.body.fn
-    model, optimizer = inv.the_one("model"), inv.the_one("optimizer")
-    scheduler = inv.the_one("scheduler")  # several: the general path raises when called
+    model, optimizer, scheduler = _weak(inv.the_one("model"), inv.the_one("optimizer"), inv.the_one("scheduler"))
     tensor = torch.Tensor
 
     def run(state: Any, batch: Any, micro: int) -> tuple[Any, Mapping[str, Any], int]:
-        out = loss_fn(model, batch)
+        out = loss_fn(model(), batch)
         loss, metrics = (out, None) if type(out) is tensor else split_loss(out, loss_fn)
         try:
             loss.backward()
         except RuntimeError as error:
             raise not_a_scalar(loss, error) or error from None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        opt = optimizer()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         if scheduler is not None:
-            scheduler.step()
+            scheduler().step()
         return state, {"loss": loss, **metrics} if metrics else {"loss": loss}, 1
 
     return run
 
 
+def _weak(*objects: Any) -> list[Any]:
+    """Weak references (None stays None): the binding is kept with the model, so holding it
+    strongly would make a cycle, and a dropped model would wait for the garbage collector
+    instead of being freed at once (GPU memory a notebook expects back)."""
+    return [None if o is None else weakref.ref(o) for o in objects]
+
+
 def _eval_terminal(fn: Callable[..., Any], model: Any) -> Callable[[Frame, Any], Any]:
     from ltransform.core.step import split_loss
+
+    (model,) = _weak(model)
 
     def evaluate(frame: Frame, value: Any) -> tuple[Any, Mapping[str, Any]]:
         state, batch = value
         with torch.no_grad():
-            out = fn(model, batch)
+            out = fn(model(), batch)
         if isinstance(out, Mapping):
             return state, out
         loss, metrics = split_loss(out, fn)

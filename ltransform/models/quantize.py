@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import attrs
@@ -177,7 +176,54 @@ def _replacement(bnb: Any, q: Quantization, weight: torch.Tensor, bias: torch.nn
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=q.trainable, has_fp16_weights=q.trainable)
     if has_bias:
         layer.bias = bias
+    if q.bits == 4:
+        layer.register_load_state_dict_pre_hook(_load_4bit)
+    elif not q.trainable:
+        layer.register_load_state_dict_pre_hook(_load_int8)
     return layer.to(weight.device)  # moving the parameters is what quantizes them
+
+
+# Load hooks of the quantized layers, so that ``layer.load_state_dict(layer.state_dict())``
+# round-trips (torch's ``register_load_state_dict_pre_hook``: they run before the layer's own
+# loader, and what they pop from the state dict it never sees). They are module-level functions
+# so that a quantized model can still be deep-copied and pickled.
+
+def _load_4bit(layer: Any, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Packed 4-bit weights and their quantization state (``weight.absmax``, ``weight.quant_map``,
+    ...), which the default loader cannot read: the weight is rebuilt from them
+    (``Params4bit.from_prequantized``), then the loader copies the packed data into it."""
+    key = f"{prefix}weight"
+    stats = [k for k in state_dict if k.startswith(f"{key}.")]
+    if key not in state_dict or not stats:  # e.g. a file holding only adapters
+        return
+    packed = state_dict[key]
+    if packed.numel() * packed.element_size() * 2 != layer.in_features * layer.out_features:
+        return  # another layer's size: left to the loader, which reports it and changes nothing
+    bnb = _bitsandbytes()
+    device = layer.weight.device
+    layer.weight = bnb.nn.Params4bit.from_prequantized(  # filled by the loader, right after this hook
+        data=torch.empty_like(packed, device=device),
+        quantized_stats={k[len(key) + 1:]: _copied(state_dict.pop(k), device) for k in stats},
+        requires_grad=False, device=device, module=layer)
+
+
+def _copied(value: Any, device: torch.device) -> Any:
+    return value.to(device, copy=True) if isinstance(value, torch.Tensor) else value
+
+
+def _load_int8(layer: Any, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Frozen int8 weights: their row scales (``SCB``) are copied in place here, the weight by the
+    default loader. bitsandbytes' own loader refuses once a forward has moved the scales from the
+    weight into the layer's state."""
+    if f"{prefix}weight" not in state_dict or f"{prefix}SCB" not in state_dict:
+        return
+    saved_scales = state_dict.pop(f"{prefix}SCB")
+    state_dict.pop(f"{prefix}weight_format", None)
+    if state_dict[f"{prefix}weight"].shape != layer.weight.shape:
+        return  # another layer's size: the loader reports it and changes nothing
+    scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+    with torch.no_grad():
+        scales.copy_(saved_scales)
 
 
 def _bitsandbytes() -> Any:
@@ -187,36 +233,3 @@ def _bitsandbytes() -> Any:
         raise ImportError("quantize needs bitsandbytes: pip install 'ltransform[quant]' "
                           "(or pip install bitsandbytes)") from error
     return bitsandbytes
-
-
-def load_quantized(module: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Load the 4-bit weights of ``module``'s ``Linear4bit`` layers from ``state_dict`` (their
-    packed data and quantization state, which ``load_state_dict`` alone ignores); return the
-    entries left for ``load_state_dict``. A no-op unless bitsandbytes is in use."""
-    bnb = sys.modules.get("bitsandbytes")
-    if bnb is None:
-        return state_dict
-    rest = dict(state_dict)
-    for name, layer in module.named_modules():
-        if isinstance(layer, bnb.nn.Linear8bitLt) and not layer.state.has_fp16_weights:
-            _load_int8(layer, f"{name}." if name else "", rest)
-        if not isinstance(layer, bnb.nn.Linear4bit):
-            continue
-        key = f"{name}.weight" if name else "weight"
-        stats = {k[len(key) + 1:]: rest.pop(k) for k in list(rest) if k.startswith(key + ".")}
-        if stats and key in rest:
-            layer.weight = bnb.nn.Params4bit.from_prequantized(
-                data=rest.pop(key), quantized_stats=stats, requires_grad=False,
-                device=layer.weight.device, module=layer)
-    return rest if len(rest) != len(state_dict) else state_dict
-
-
-def _load_int8(layer: Any, prefix: str, rest: dict[str, Any]) -> None:
-    """Frozen int8 weights and their row scales, copied in place. bitsandbytes' own loader
-    refuses once a forward has moved the scales from the weight into the layer's state."""
-    if f"{prefix}weight" not in rest or f"{prefix}SCB" not in rest:
-        return
-    layer.weight.data.copy_(rest.pop(f"{prefix}weight"))
-    scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
-    scales.copy_(rest.pop(f"{prefix}SCB"))
-    rest.pop(f"{prefix}weight_format", None)

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ltransform import io
+
 
 class Weights(Protocol):
     def keys(self) -> Any: ...
@@ -49,14 +51,10 @@ def open_weights(source: Any, *, call: str) -> Iterator[Weights]:
     if not path.is_file():
         raise FileNotFoundError(f"{call}: weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        from ltransform.checkpoint.convert import _safetensors
-
-        with _safetensors().safe_open(str(path), framework="pt", device="cpu") as handle:
+        with io.open_safetensors(path) as handle:
             yield _SafetensorsFile(handle)
         return
-    from ltransform.checkpoint.files import read_file
-
-    loaded = read_file(path)
+    loaded = io.read_file(path)
     if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ValueError(f"{call}: {str(path)!r} is not a state dict (a mapping of names to tensors); "
                          f"for an lt.save checkpoint, lt.load it into the built model instead")

@@ -20,7 +20,7 @@ from ltransform.core.step import TransformedStep, as_step
 from ltransform.distributed import env
 from ltransform.runner.data import check_same_length, per_rank, set_epoch
 from ltransform.runner.metrics import evaluate_all, mean_across_ranks, to_floats
-from ltransform.runner.position import RUNNING, Position
+from ltransform.core.position import RUNNING, Position
 from ltransform.runner.hooks import apply_hook, bind_hook
 
 Logger = Callable[[Mapping[str, float], int], Any]

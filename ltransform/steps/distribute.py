@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import attrs
@@ -22,7 +23,7 @@ class _Sync:
     micro-steps (none in one process)."""
 
     strategy: Strategy
-    modules: tuple[torch.nn.Module, ...]
+    modules: tuple[weakref.ref, ...]  # weak: the binding lives with the model (no cycle)
 
 
 def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
@@ -97,7 +98,7 @@ def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
     else:
         for module in modules:
             _check_sharded(module, name)
-    return state, _Sync(strategy, tuple(modules))
+    return state, _Sync(strategy, tuple(weakref.ref(m) for m in modules))
 
 
 def _resolve_auto(name: str, distributed: bool, modules: list[torch.nn.Module]) -> str:
@@ -146,11 +147,12 @@ def _check_sharded(module: torch.nn.Module, name: str) -> None:
 
 
 def _no_sync(ctx: _Sync, frame, value, *, proceed):
-    previous = [wrappers.gradient_sync(m) for m in ctx.modules]
-    for module in ctx.modules:
+    modules = [ref() for ref in ctx.modules]
+    previous = [wrappers.gradient_sync(m) for m in modules]
+    for module in modules:
         module.set_requires_gradient_sync(False)
     try:
         return proceed(frame, value)
     finally:
-        for module, sync in zip(ctx.modules, previous):
+        for module, sync in zip(modules, previous):
             module.set_requires_gradient_sync(sync)

@@ -1,6 +1,9 @@
 """Where ``lt.run`` is in its data, for checkpoints: the epoch, the batches of it consumed, and
 the torch RNG state its data iterator was created with (a shuffling ``DataLoader`` draws its
-order from it), so a resumed run replays the same order and skips what was done."""
+order from it), so a resumed run replays the same order and skips what was done.
+
+It lives in ``core`` because checkpoints read what the runner writes here: the run's context
+sits below both."""
 
 from __future__ import annotations
 
