@@ -207,6 +207,25 @@ def test_async_save_equals_a_sync_save_and_is_waited_for_before_the_next_update(
         lt.save(tmp_path / "x.pt", state, async_save=True)
 
 
+def test_a_raw_optimizer_step_waits_for_an_async_save_and_the_wait_is_removed_once_published(tmp_path, monkeypatch):
+    """The wait is an optimizer step pre-hook on the saved state's optimizers (no global list)."""
+    import ltransform.checkpoint.api as api
+
+    model = make_model()
+    state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
+    published = []
+    real = api._publish
+    monkeypatch.setattr(api, "_publish", lambda path: published.append(path) or real(path))
+    lt.save(tmp_path / "async", state, sharded=True, async_save=True)
+    assert published == [] and getattr(model, api._PENDING)
+    model(torch.ones(2, 4)).sum().backward()
+    state.optimizer.step()  # the user's own step(), not lt.optimizer_step
+    assert published == [tmp_path / "async"] and (tmp_path / "async" / "common.pt").exists()
+    state.optimizer.step()
+    assert published == [tmp_path / "async"]  # the hook removed itself
+    assert not getattr(model, api._PENDING) and not getattr(state.optimizer, api._PENDING)
+
+
 def test_an_async_save_from_a_hook_is_published_when_the_run_ends(tmp_path):
     lt.run(STEP, fresh_state(), loader(), max_steps=3, progress=False,
            hooks=[lt.every(3, lt.checkpoint_sharded(dir=tmp_path, async_save=True))])
