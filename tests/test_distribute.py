@@ -111,18 +111,6 @@ def test_optimizer_built_before_shard_is_caught_before_training(one_rank_group):
         step(lt.State(model=model, optimizer=optimizer), make_data(1)[0])
 
 
-def test_mixed_precision_sets_fsdp_policy_and_is_too_late_after_a_forward(one_rank_group):
-    model = lt.shard(make_model(), policy={torch.nn.Linear})
-    step = lt.pipe(lt.train_step(mse), lt.with_precision("bf16-mixed"), lt.distribute("fsdp"))
-    state = train(step, model, make_data(2))
-    policy = model[0]._get_fsdp_state()._fsdp_param_group.mp_policy
-    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
-    assert model[0].weight.dtype == torch.float32  # sharded master weights stay fp32
-    late = lt.pipe(lt.train_step(mse), lt.with_precision("16-mixed"))
-    with pytest.raises(RuntimeError, match="already ran a forward pass"):
-        lt.prepare(late, state)
-
-
 class Counting(torch.nn.Linear):
     calls = 0
 

@@ -202,3 +202,75 @@ def test_16_mixed_on_a_state_without_room_for_the_scaler():
 
     with pytest.raises(TypeError, match="cannot store 'grad_scaler' in a state of type Bare"):
         lt.with_precision(lt.train_step(mse), "16-mixed")(Bare(make_model()), make_data(1)[0])
+
+
+# --- a sharded model: lt.shard decided FSDP2's policy, with_precision checks it ----------------
+
+@pytest.fixture
+def one_rank_group():
+    """A real gloo process group of one rank, in this process: lt.shard really shards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _full(model):
+    return [p.full_tensor().detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("how", ["shard", "to_precision"])
+def test_bf16_mixed_on_a_sharded_model_equals_fully_shard_with_the_policy_bitwise(one_rank_group, how):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    data = make_data(3)
+    ref = make_model()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for module in (ref[0], ref[2], ref):
+        fully_shard(module, mp_policy=policy)
+    opt = sgd(ref)
+    for batch in data:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = mse(ref, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    decide = ([lt.shard(policy={torch.nn.Linear}, precision="bf16-mixed")] if how == "shard"
+              else [lt.to_precision("bf16-mixed"), lt.shard(policy={torch.nn.Linear})])
+    model = lt.pipe(make_model(), *decide)
+    step = lt.pipe(lt.train_step(mse), lt.with_precision("bf16"), lt.distribute("fsdp"))
+    lt.run(step, lt.State(model=model, optimizer=sgd(model)), data, progress=False)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # sharded master weights stay fp32
+    assert all(torch.equal(a, b) for a, b in zip(_full(model), _full(ref)))
+
+
+MISMATCH = (r"with_precision\('bf16-mixed'\): the model was sharded without a mixed-precision policy \(lt.shard "
+            r"decided '32-true'\); FSDP2 takes its MixedPrecisionPolicy when sharding: lt.pipe\(model, "
+            r"lt.shard\(policy=..., precision='bf16-mixed'\)\) or lt.pipe\(model, lt.to_precision\('bf16-mixed'\), "
+            r"lt.shard\(policy=...\)\)")
+
+
+def test_a_precision_the_sharding_did_not_decide_is_an_error_naming_the_fix(one_rank_group):
+    from torch.distributed.fsdp import fully_shard
+
+    def prepare(model, precision):
+        step = lt.pipe(lt.train_step(mse), lt.with_precision(precision), lt.distribute("fsdp"))
+        return lt.prepare(step, lt.State(model=model, optimizer=sgd(model)))
+
+    with pytest.raises(ValueError, match=MISMATCH):
+        prepare(lt.shard(make_model(), policy={torch.nn.Linear}), "bf16-mixed")
+    with pytest.raises(ValueError, match=r"with_precision\('16-mixed'\): the model was sharded with a bfloat16 "
+                                         r"mixed-precision policy \(lt.shard decided 'bf16-mixed'\); .* "
+                                         r"lt.shard\(policy=..., precision='16-mixed'\)\)"):
+        prepare(lt.shard(make_model(), precision="bf16-mixed"), "16-mixed")
+    sharded = lt.shard(make_model(), precision="bf16-mixed")
+    with pytest.raises(ValueError, match=r"with_precision\('bf16-true'\): the model was sharded with a bfloat16 "
+                                         r"mixed-precision policy \(lt.shard decided 'bf16-mixed'\)"):
+        prepare(sharded, "bf16-true")
+    assert {p.dtype for p in sharded.parameters()} == {torch.float32}  # checked before anything is cast
+    prepare(lt.shard(make_model(), precision="16-mixed"), "16")  # they agree
+    prepare(lt.shard(make_model()), "64-true")  # neither has a policy
+    own = make_model()
+    fully_shard(own)  # sharded by the user: their policy, not checked
+    prepare(own, "bf16-mixed")

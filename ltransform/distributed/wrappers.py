@@ -1,7 +1,27 @@
-"""What ``distribute`` and ``with_precision`` need to know of torch's DDP and FSDP2 modules.
+"""What ltransform needs to know of torch's wrapped modules: FSDP2, composable ``replicate``
+and ``checkpoint``, ``torch.compile``.
 
-The few reads of torch internals live here, each with the public setter it pairs with, so
-a torch upgrade that moves them breaks one file (and ``tests/distributed``), not the library.
+Every read of torch internals that ltransform's model and step transforms make lives here,
+one small function each, so a torch upgrade that moves one breaks this file (and
+``tests/test_wrappers.py``, which pins each of them), not the library:
+
+- ``torch.distributed._composable.contract._get_registry(module)``: which composable APIs
+  (``"replicate"``, ``"checkpoint"``, ``"fully_shard"``) were applied to a module
+  (:func:`composable_apis`); torch has no public query.
+- ``torch.distributed._composable.checkpoint``: activation checkpointing applied in place, the
+  composable form (:func:`checkpoint`); ``torch.utils.checkpoint`` only wraps a function.
+- ``FSDPModule._get_fsdp_state()._fsdp_param_group.reduce_grads`` and
+  ``replicate.state(module)._no_sync``: what ``set_requires_gradient_sync`` last set
+  (:func:`gradient_sync`), so a caller can restore it; torch has setters but no getters.
+- ``OptimizedModule._orig_mod``: the module ``torch.compile(model)`` wraps (:func:`compiled_original`).
+- ``Module._compiled_call_impl``: set by ``module.compile()`` (:func:`is_compiled_in_place`).
+
+Everything else ltransform does with these modules is torch's public API: FSDP2's
+``MixedPrecisionPolicy`` in particular is a ``fully_shard`` argument, decided by ``lt.shard``.
+Not here (yet): ``torch.utils._pytree.tree_map`` (``distributed/env.py``, ``steps/precision.py``),
+``torch.distributed._composable.replicate`` applied by ``steps/distribute.py``,
+``Module._non_persistent_buffers_set`` (``models/weights.py``), and the DCP internals the
+checkpoint package reads (``checkpoint/sharded.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +33,7 @@ import torch
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
+    """A module ``fully_shard`` was applied to (FSDP2's public ``FSDPModule``)."""
     if "torch.distributed.fsdp" not in sys.modules:
         return False  # nothing can be sharded; and importing FSDP costs ~0.1 s
     from torch.distributed.fsdp import FSDPModule
@@ -20,13 +41,32 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def is_replicated(module: torch.nn.Module) -> bool:
-    if "torch.distributed._composable" not in sys.modules:
-        return False
+def composable_apis(module: torch.nn.Module) -> frozenset[str]:
+    """The names of torch's composable APIs applied to ``module`` itself (``"replicate"``,
+    ``"checkpoint"``, ``"fully_shard"``), read from torch's private registry."""
+    if "torch.distributed._composable.contract" not in sys.modules:
+        return frozenset()  # no composable API was imported, so none was applied
     from torch.distributed._composable.contract import _get_registry
 
     registry = _get_registry(module)
-    return registry is not None and "replicate" in registry
+    return frozenset(registry or ())
+
+
+def is_replicated(module: torch.nn.Module) -> bool:
+    """A module torch's composable ``replicate`` (DDP) was applied to."""
+    return "replicate" in composable_apis(module)
+
+
+def is_checkpointed(module: torch.nn.Module) -> bool:
+    """A module composable activation checkpointing was applied to."""
+    return "checkpoint" in composable_apis(module)
+
+
+def checkpoint(module: torch.nn.Module) -> None:
+    """Recompute ``module``'s activations in backward (composable ``checkpoint``, in place)."""
+    from torch.distributed._composable import checkpoint as composable_checkpoint
+
+    composable_checkpoint(module)
 
 
 def is_ddp(module: torch.nn.Module) -> bool:
@@ -35,7 +75,7 @@ def is_ddp(module: torch.nn.Module) -> bool:
 
 
 def mesh_of(module: torch.nn.Module) -> Any:
-    """The device mesh a sharded module's parameters live on."""
+    """The device mesh a sharded module's parameters live on (DTensor's public ``device_mesh``)."""
     for param in module.parameters():
         mesh = getattr(param, "device_mesh", None)
         if mesh is not None:
@@ -47,8 +87,12 @@ def gradient_sync(module: torch.nn.Module) -> bool:
     """Whether ``module`` reduces gradients in backward (what
     ``set_requires_gradient_sync`` last set; True by default)."""
     if is_sharded(module):
-        group = module._get_fsdp_state()._fsdp_param_group
-        return True if group is None else bool(group.reduce_grads)
+        # the root may hold no parameters of its own (no group): ask the first unit that does
+        for unit in module.modules():
+            group = unit._get_fsdp_state()._fsdp_param_group if is_sharded(unit) else None
+            if group is not None:
+                return bool(group.reduce_grads)
+        return True
     if is_replicated(module):
         from torch.distributed._composable import replicate
 
@@ -56,26 +100,13 @@ def gradient_sync(module: torch.nn.Module) -> bool:
     return True
 
 
-def set_mixed_precision(module: torch.nn.Module, param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> None:
-    """Give every FSDP unit of ``module`` a ``MixedPrecisionPolicy``, before its first forward.
+def compiled_original(model: Any) -> torch.nn.Module | None:
+    """The module ``torch.compile(module)`` wrapped, or None when ``model`` is not such a wrapper."""
+    if type(model).__name__ != "OptimizedModule":  # torch._dynamo's class; importing dynamo is slow
+        return None
+    return getattr(model, "_orig_mod", None)
 
-    FSDP2 takes the policy in ``fully_shard`` and reads it at its lazy initialisation (the
-    first forward); ``lt.shard`` runs before the precision is known, so the policy is set in
-    between. After the first forward it is too late, which is an error, not a silent no-op.
-    """
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for unit in module.modules():
-        if not isinstance(unit, FSDPModule):
-            continue
-        state = unit._get_fsdp_state()
-        if state._is_root is not None:  # set by FSDP2's lazy init
-            raise RuntimeError(
-                "with_precision: the sharded model already ran a forward pass, so FSDP2 has fixed "
-                "its dtypes; prepare the step (lt.run does, or lt.prepare(step, state)) before the "
-                "model's first forward"
-            )
-        state._mp_policy = policy
-        if state._fsdp_param_group is not None:
-            state._fsdp_param_group.mp_policy = policy
+def is_compiled_in_place(module: torch.nn.Module) -> bool:
+    """A module whose own ``module.compile()`` was called."""
+    return getattr(module, "_compiled_call_impl", None) is not None

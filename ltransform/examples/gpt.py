@@ -185,8 +185,9 @@ def train(args: argparse.Namespace) -> lt.State | None:
     model = lt.init_module(GPT, cfg, precision=args.precision)
     if lt.PRECISIONS.get(args.precision) is not None and lt.PRECISIONS[args.precision].fp8:
         model = lt.to_precision(model, args.precision)  # fp8 layers go in before sharding
-    if args.strategy in ("fsdp", "hsdp"):
-        model = lt.shard(model, policy={Block}, mesh=(lt.world_size(), 1) if args.strategy == "hsdp" else None)
+    if args.strategy in ("fsdp", "hsdp"):  # FSDP2 takes its mixed-precision policy when sharding
+        model = lt.shard(model, policy={Block}, mesh=(lt.world_size(), 1) if args.strategy == "hsdp" else None,
+                         precision=args.precision)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(30, args.max_steps))
     state = lt.State(model=model, optimizer=optimizer, scheduler=scheduler)

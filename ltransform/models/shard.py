@@ -8,9 +8,11 @@ from typing import Any
 import torch
 
 from ltransform.core.compose import MISSING, Partial
+from ltransform.core.precisions import PRECISIONS, Precision, resolve_precision
 from ltransform.core.state import mark_replaced
-from ltransform.distributed import env
+from ltransform.distributed import env, wrappers
 from ltransform.models.order import applied, check_order
+from ltransform.models.precision import record_shard_precision, recorded_precision
 
 Policy = Any  # a set of module classes, a predicate module -> bool, or a minimum parameter count
 
@@ -23,6 +25,7 @@ def shard(
     mesh: Any = None,
     reshard_after_forward: bool = True,
     offload: bool = False,
+    precision: Any = None,
 ) -> Any:
     """Shard ``model``'s parameters across ranks with FSDP2 (``fully_shard``).
 
@@ -44,6 +47,12 @@ def shard(
             more all-gather in backward).
         offload: keep sharded parameters and gradients on the CPU (``CPUOffloadPolicy``);
             on a CPU-only mesh they are there already.
+        precision: the precision the model will train in (a name or record, as for
+            ``with_precision``). A mixed one (``"bf16-mixed"``, ``"16-mixed"``,
+            ``"torchao-float8"``) gives every FSDP unit
+            ``MixedPrecisionPolicy(param_dtype=<its autocast dtype>, reduce_dtype=torch.float32)``:
+            parameters all-gather in that dtype, gradients reduce in float32. Default: the
+            precision ``lt.to_precision`` gave the model, else ``"32-true"`` (no policy).
 
     Returns:
         The same module, sharded in place.
@@ -51,7 +60,8 @@ def shard(
     Raises:
         RuntimeError: applied after it already was, or in the wrong order with
             ``torch.compile`` / ``checkpoint_activations``.
-        TypeError / ValueError: a policy or mesh of the wrong kind.
+        TypeError / ValueError: a policy or mesh of the wrong kind; an unknown precision
+            name (the message lists the valid ones).
 
     Example:
         >>> import torch, ltransform as lt
@@ -60,14 +70,18 @@ def shard(
         <class 'torch.nn.parameter.Parameter'>
 
     Note:
-        Apply ``lt.checkpoint_activations`` and ``torch.compile`` before ``shard``.
-        ``with_precision``'s mixed modes set FSDP2's ``MixedPrecisionPolicy`` for the sharded
-        model when the step is prepared (before its first forward).
+        Apply ``lt.checkpoint_activations``, ``lt.to_precision`` and ``torch.compile`` before
+        ``shard``. FSDP2 takes its ``MixedPrecisionPolicy`` when sharding, so a mixed precision
+        is decided here: ``lt.pipe(model, lt.shard(policy={Block}, precision="bf16-mixed"))``
+        or ``lt.pipe(model, lt.to_precision("bf16-mixed"), lt.shard(policy={Block}))``; the
+        step's ``with_precision`` checks that it agrees.
     """
     match = _policy(policy)
+    record = None if precision is None else resolve_precision(precision, "shard")
     if model is MISSING:
+        text = f"shard(policy={policy!r}" + ("" if record is None else f", precision={record.name!r}") + ")"
         return Partial(lambda m: shard(m, policy, mesh=mesh, reshard_after_forward=reshard_after_forward,
-                                       offload=offload), f"shard(policy={policy!r})")
+                                       offload=offload, precision=record), text)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"shard: expected a torch.nn.Module, got {type(model).__name__}")
     check_order(model, "shard")
@@ -79,18 +93,30 @@ def shard(
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise RuntimeError("shard: the model is already sharded; apply lt.shard once, to the whole model")
     device_mesh = resolve_mesh(mesh)
+    record = record or recorded_precision(model) or PRECISIONS["32-true"]
     old = list(model.parameters())
     # On a CPU mesh the sharded parameters already live in host memory: offloading is what
     # happens anyway (and FSDP2's offload path would pin memory for a device there is not).
     cpu_offload = offload and device_mesh.device_type != "cpu"
-    options = dict(mesh=device_mesh, reshard_after_forward=reshard_after_forward,
+    options = dict(mesh=device_mesh, reshard_after_forward=reshard_after_forward, mp_policy=_mp_policy(record),
                    offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     for module in _matches(model, match):
         fully_shard(module, **options)
     fully_shard(model, **options)
+    record_shard_precision(model, record)  # with_precision checks the step's precision against it
     new = {id(p) for p in model.parameters()}
     mark_replaced((p for p in old if id(p) not in new), "lt.shard")
     return model
+
+
+def _mp_policy(record: Precision) -> Any:
+    """FSDP2's policy for a precision: a mixed one all-gathers parameters in its autocast dtype
+    and reduces gradients in float32 (torchtitan's choice); the others change nothing."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if record.autocast_dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=record.autocast_dtype, reduce_dtype=torch.float32)
 
 
 def _device_mesh_type() -> type:
@@ -170,8 +196,7 @@ def _matches(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool] | 
 
 def checkpoint_activations(model: Any = MISSING, /, policy: Policy = MISSING) -> Any:
     """Recompute the activations of the submodules ``policy`` matches in backward, instead of
-    keeping them (``torch.distributed._composable.checkpoint``, in place; parameter names do
-    not change).
+    keeping them (torch's composable ``checkpoint``, in place; parameter names do not change).
 
     Args:
         model: the module; omit it for the partial form.
@@ -201,14 +226,12 @@ def checkpoint_activations(model: Any = MISSING, /, policy: Policy = MISSING) ->
     if "checkpoint_activations" in applied(model):
         raise RuntimeError("checkpoint_activations: already applied to this model; apply it once, "
                            "with one policy covering every submodule to recompute")
-    from torch.distributed._composable import checkpoint
-
     targets = _matches(model, match) or ([model] if match(model) else [])
     if not targets:
         raise ValueError(f"checkpoint_activations: policy {policy!r} matches no submodule of "
                          f"{type(model).__name__}")
     for module in _outermost(targets):
-        checkpoint(module)
+        wrappers.checkpoint(module)
     return model
 
 

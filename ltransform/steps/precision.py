@@ -14,7 +14,9 @@ from ltransform.core.precisions import Precision, resolve_precision
 from ltransform.core.inventory import inventory
 from ltransform.core.state import get_extra, with_extra
 from ltransform.core.step import StepTransform, apply_step_transform
+from ltransform.distributed import wrappers
 from ltransform.models import fp8
+from ltransform.models.precision import apply_precision, shard_precision
 
 SCALER_KEY = "grad_scaler"
 
@@ -55,7 +57,8 @@ def with_precision(step: Any = MISSING, /, precision: Any = MISSING, *, recipe: 
 
     Raises:
         ValueError: unknown name (lists the valid ones); a second precision on one step; a
-            recipe for a precision that is not fp8.
+            recipe for a precision that is not fp8; (when prepared) a model ``lt.shard``
+            sharded with another FSDP2 mixed-precision policy than this precision's.
         ImportError: the fp8 library is not installed (names the pip command).
         RuntimeError: (when prepared) fp8 on a model not on a GPU of compute capability 8.9+
             (torchao also runs on the CPU); a sharded or compiled model not converted first.
@@ -72,6 +75,9 @@ def with_precision(step: Any = MISSING, /, precision: Any = MISSING, *, recipe: 
     Note:
         Build the optimizer after ``lt.to_precision`` for ``-true`` modes. ``16-mixed`` needs
         float32 weights: a float16 model with a grad scaler is rejected with a clear error.
+        FSDP2 takes its ``MixedPrecisionPolicy`` when sharding, so for a sharded model the mixed
+        precision is chosen before ``lt.shard``: ``lt.shard(policy=..., precision="bf16-mixed")``
+        or ``lt.to_precision(model, "bf16-mixed")`` first; ``with_precision`` checks that it agrees.
     """
     if precision is MISSING and not callable(step):
         step, precision = MISSING, step
@@ -125,8 +131,11 @@ def _short(dtype: torch.dtype | None) -> str:
 
 def _prepare(state: Any, p: Precision, recipe: Any) -> tuple[Any, _Runtime]:
     modules = list(inventory(state).models.values())
-    if p.fp8:
-        _prepare_fp8(modules, p, recipe)
+    for module in modules:  # everything that can fail first; then the models change
+        _check_fp8(module, p, recipe)
+        _check_shard_policy(module, p)
+    for module in modules:
+        _prepare_weights(module, p, recipe)
     params = [(n, q) for m in modules for n, q in m.named_parameters()]
     device_type = params[0][1].device.type if params else "cpu"
     if p.mixed:
@@ -142,10 +151,6 @@ def _prepare(state: Any, p: Precision, recipe: Any) -> tuple[Any, _Runtime]:
                 f"parameters (e.g. {low[0][0]!r}); use {true_name!r}, or "
                 f"lt.to_precision(model, {p.name!r}) before building the optimizer"
             )
-        _shard_policy(modules, p)
-    else:
-        for module in modules:
-            module.to(p.param_dtype)
     scaler = None
     if p.scaler:
         scaler = get_extra(state, SCALER_KEY)
@@ -156,37 +161,47 @@ def _prepare(state: Any, p: Precision, recipe: Any) -> tuple[Any, _Runtime]:
     return state, _Runtime(device_type, p, scaler, autocast)
 
 
-def _prepare_fp8(modules: list[torch.nn.Module], p: Precision, recipe: Any) -> None:
-    """Swap in the fp8 layers of models not converted by ``lt.to_precision``; the rest of
-    ``_prepare`` then casts as for any precision."""
-    from ltransform.models.order import check_order
-    from ltransform.distributed import wrappers
-
-    for module in modules:
-        if fp8.converted(module, p):
-            fp8.check_device(module, p, "with_precision")  # convert checks the others
-            if recipe is not None and p.fp8 == fp8.TORCHAO:
-                raise ValueError("with_precision: the model's layers were already converted (by "
-                                 "lt.to_precision), so a torchao recipe here would not apply; pass "
-                                 "it to lt.to_precision(model, 'torchao-float8', recipe=...)")
-            continue
-        if any(wrappers.is_sharded(m) for m in module.modules()):
-            raise RuntimeError(f"with_precision({p.name!r}): the model is sharded, and its layers can no "
-                               f"longer be swapped for fp8 ones; convert it before lt.shard: "
-                               f"lt.pipe(model, lt.to_precision({p.name!r}), lt.shard(policy=...))")
-        check_order(module, "to_precision")
-        fp8.convert(module, p, recipe=None if p.fp8 == fp8.TRANSFORMER_ENGINE else recipe,
-                    call="with_precision")
+def _check_fp8(module: torch.nn.Module, p: Precision, recipe: Any) -> None:
+    if not p.fp8:
+        return
+    if fp8.converted(module, p):
+        fp8.check_device(module, p, "with_precision")  # converting checks the others
+        if recipe is not None and p.fp8 == fp8.TORCHAO:
+            raise ValueError("with_precision: the model's layers were already converted (by "
+                             "lt.to_precision), so a torchao recipe here would not apply; pass "
+                             "it to lt.to_precision(model, 'torchao-float8', recipe=...)")
+    elif any(wrappers.is_sharded(m) for m in module.modules()):
+        raise RuntimeError(f"with_precision({p.name!r}): the model is sharded, and its layers can no "
+                           f"longer be swapped for fp8 ones; convert it before lt.shard: "
+                           f"lt.pipe(model, lt.to_precision({p.name!r}), lt.shard(policy=...))")
 
 
-def _shard_policy(modules: list[torch.nn.Module], p: Precision) -> None:
-    """Sharded models all-gather parameters in the autocast dtype and reduce gradients in
-    float32 (FSDP2's ``MixedPrecisionPolicy``); autocast still covers the forward."""
-    from ltransform.distributed import wrappers
+def _prepare_weights(module: torch.nn.Module, p: Precision, recipe: Any) -> None:
+    """What ``lt.to_precision`` does, for a model it was not applied to: swap in the fp8 layers
+    (unless they are there already) and cast to the weight dtype. Mixed modes keep float32
+    weights, which ``_prepare`` checks rather than casts."""
+    swap = bool(p.fp8) and not fp8.converted(module, p)
+    if swap or not p.mixed:
+        apply_precision(module, p, recipe=None if p.fp8 == fp8.TRANSFORMER_ENGINE else recipe,
+                        swap=swap, call="with_precision")
 
-    for module in modules:
-        if wrappers.is_sharded(module):
-            wrappers.set_mixed_precision(module, p.autocast_dtype, torch.float32)
+
+def _check_shard_policy(module: torch.nn.Module, p: Precision) -> None:
+    """FSDP2 took its ``MixedPrecisionPolicy`` when ``lt.shard`` sharded the model; it must be
+    the one ``p`` implies (parameters gathered in the autocast dtype of a mixed precision, else
+    left as they are). A model sharded with ``fully_shard`` directly carries no record: the
+    user chose its policy."""
+    decided = shard_precision(module) if wrappers.is_sharded(module) else None
+    if decided is None or decided.autocast_dtype == p.autocast_dtype:
+        return
+    had = (f"with a {_short(decided.autocast_dtype)} mixed-precision policy" if decided.mixed
+           else "without a mixed-precision policy")
+    raise ValueError(
+        f"with_precision({p.name!r}): the model was sharded {had} (lt.shard decided "
+        f"{decided.name!r}); FSDP2 takes its MixedPrecisionPolicy when sharding: "
+        f"lt.pipe(model, lt.shard(policy=..., precision={p.name!r})) or "
+        f"lt.pipe(model, lt.to_precision({p.name!r}), lt.shard(policy=...))"
+    )
 
 
 def _autocast(ctx: _Runtime, frame, value, *, proceed):

@@ -102,8 +102,10 @@ def test_meta_init_then_shard_allocates_only_the_ranks_shard(ranks):
 def test_mixed_precision_on_a_sharded_model_is_fsdps_policy(ranks):
     for results in ranks:
         precision = results["precision_fsdp"]
-        assert precision["param_dtype"] == "torch.bfloat16"
+        assert precision["param_dtype"] == "torch.bfloat16"  # gathered for the forward in bf16
+        assert precision["weight_dtype"] == "torch.float32"  # sharded master weights stay fp32
         assert precision["vs_hand_written"] == 0.0  # fully_shard(mp_policy=...) + autocast, bitwise
+        assert precision["to_precision_vs_shard"] == 0.0  # lt.to_precision first decides the same policy
         assert precision["vs_single_process_bf16"] < 2e-3  # bf16 all-gathered weights vs autocast
 
 
@@ -123,6 +125,9 @@ def test_errors_name_the_fix(ranks):
     assert "apply lt.shard(model" in errors["fsdp_unsharded"]
     assert "would train each rank alone" in errors["single"]
     assert "needs 4 ranks, but the world size is 2" in errors["mesh"]
+    assert ("ValueError: with_precision('bf16-mixed'): the model was sharded without a mixed-precision policy "
+            "(lt.shard decided '32-true'); FSDP2 takes its MixedPrecisionPolicy when sharding: "
+            "lt.pipe(model, lt.shard(policy=..., precision='bf16-mixed'))") in errors["precision"]
 
 
 def test_collectives(ranks):

@@ -68,12 +68,15 @@ def max_diff(a, b) -> float:
 
 
 def train(strategy: str, *, steps=3, accumulate=1, clip=None, precision=None, mesh=None, policy=None,
-          checkpointed=False, **shard_options):
+          checkpointed=False, via_to_precision=False, **shard_options):
     model = make_model()
     if checkpointed:
         model = lt.checkpoint_activations(model, policy={torch.nn.Linear})
     if strategy in ("fsdp", "hsdp"):
-        model = lt.shard(model, policy=policy or {torch.nn.Linear}, mesh=mesh, **shard_options)
+        if via_to_precision:  # the precision recorded on the model decides FSDP2's policy
+            model = lt.to_precision(model, precision)
+        model = lt.shard(model, policy=policy or {torch.nn.Linear}, mesh=mesh,
+                         precision=None if via_to_precision else precision, **shard_options)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     step = lt.pipe(lt.train_step(mse), lt.distribute(strategy))
     if accumulate > 1:
@@ -173,11 +176,17 @@ def sharded_memory() -> dict[str, float]:
 
 
 def precision_fsdp() -> dict[str, float]:
-    """bf16-mixed on a sharded model sets FSDP2's MixedPrecisionPolicy; equals a hand-written
+    """bf16-mixed on a model lt.shard sharded with precision='bf16-mixed' (or after
+    lt.to_precision('bf16-mixed')) is FSDP2's MixedPrecisionPolicy; equals a hand-written
     fully_shard(mp_policy=...) + autocast loop bitwise."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    _, ours, _ = train("fsdp", precision="bf16-mixed")
+    sharded, ours, _ = train("fsdp", precision="bf16-mixed")
+    _, recorded, _ = train("fsdp", precision="bf16-mixed", via_to_precision=True)
+    gathered = []  # the weight FSDP2 all-gathered for the forward (its own pre-forward hook runs first)
+    sharded[0].register_forward_pre_hook(lambda module, args: gathered.append(module.weight.dtype))
+    with torch.no_grad():
+        sharded(my_part(batches(1, 2 * B)[0])[0])
     model = make_model()
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for m in model:
@@ -191,10 +200,9 @@ def precision_fsdp() -> dict[str, float]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    group = model[0]._get_fsdp_state()._fsdp_param_group
-    return {"vs_hand_written": max_diff(ours, full_params(model)),
+    return {"vs_hand_written": max_diff(ours, full_params(model)), "to_precision_vs_shard": max_diff(recorded, ours),
             "vs_single_process_bf16": max_diff(ours, reference(3, precision="bf16-mixed")),
-            "param_dtype": str(group.mp_policy.param_dtype)}
+            "param_dtype": str(gathered[0]), "weight_dtype": str(sharded[0].weight.dtype)}
 
 
 def float8() -> dict[str, object] | None:
@@ -303,7 +311,7 @@ def fp16_inf_on_one_shard() -> dict[str, object]:
         model[2].__class__ = Bumped  # its last weight row gets an inf gradient on rank 1 only
         model[2].bump = lt.rank() == 1
         if strategy == "fsdp":
-            model = lt.shard(model, policy={torch.nn.Linear})
+            model = lt.shard(model, policy={torch.nn.Linear}, precision="16-mixed")
         step = lt.pipe(lt.train_step(mse), lt.distribute(strategy), lt.with_precision("16-mixed"))
         state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
         before = full_params(model)
@@ -337,6 +345,10 @@ def errors() -> dict[str, str]:
     step = lt.pipe(lt.train_step(mse), lt.distribute("single"))
     out["single"] = _error(lambda: lt.prepare(step, lt.State(model=model, optimizer=opt)))
     out["mesh"] = _error(lambda: lt.shard(make_model(), mesh=(2, 2)))
+    model = lt.shard(make_model(), policy={torch.nn.Linear})  # no precision: no mixed-precision policy
+    step = lt.pipe(lt.train_step(mse), lt.with_precision("bf16-mixed"), lt.distribute("fsdp"))
+    out["precision"] = _error(lambda: lt.prepare(step, lt.State(model=model, optimizer=torch.optim.SGD(
+        model.parameters(), lr=0.1))))
     return out
 
 
