@@ -342,3 +342,32 @@ def test_an_unreduced_loss_says_to_reduce_it(transforms):
         step(_scaled_state(0), make_data(1)[0])
     with pytest.raises(ValueError, match=r"loss must be a scalar, got shape \(2,\)"):
         lt.backward(torch.ones(2, requires_grad=True) * 2)
+
+
+def test_the_data_position_counts_batches_when_a_nested_step_counts_micro_steps():
+    from ltransform.core import position
+
+    inner = lt.pipe(lt.train_step(mse), lt.accumulate(2))
+
+    def outer(state, batch):  # two micro-steps of the inner step per batch
+        x, y = batch
+        state, _ = inner(state, (x[:4], y[:4]))
+        return inner(state, (x[4:], y[4:]))
+
+    seen = []
+    lt.run(outer, _scaled_state(0), make_data(6), progress=False,
+           hooks=[lambda s: seen.append((s.step, s.micro_step, position.current()["batches"]))])
+    assert seen == [(i, 2 * i, i) for i in range(1, 7)]
+
+
+def test_a_user_handler_of_the_step_call_reaches_the_effects_of_the_train_step():
+    calls = []
+
+    def around(ctx, frame, value, *, proceed):
+        calls.append(effects.active_frame() is frame)
+        return proceed(frame, value)
+
+    t = lt.StepTransform(name="around()", kind="around", handlers=(
+        lt.Handler(effect=lt.Effect.STEP, stage=lt.Stage.SYNC, fn=around, label="around"),))
+    lt.run(lt.train_step(mse).with_transform(t), _scaled_state(0), make_data(2), progress=False)
+    assert calls == [True, True]

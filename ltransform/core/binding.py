@@ -38,13 +38,14 @@ class BoundStep:
     step called inside advanced the counters itself). Metrics are not detached on that path.
     """
 
-    __slots__ = ("step", "signature", "boundary", "inner", "device", "run", "_frames")
+    __slots__ = ("step", "signature", "alive", "boundary", "inner", "device", "run", "_frames")
 
     def __init__(self, step: TransformedStep, signature: tuple[int, ...], boundary: Pipelines,
                  inner: Pipelines, device: torch.device | None,
                  terminal: Callable[[Frame, Any], Any], fast: Callable[..., Any] | None) -> None:
         self.step = step
         self.signature = signature  # ids of the state's torch objects it was bound to
+        self.alive: tuple[Any, ...] = ()  # weak references to them: an id is only theirs while they live
         self.boundary, self.inner = boundary, inner
         self.device = device  # where batches go (None: leave them, on the CPU)
         self._frames = (Frame(inner, False, owner=step), Frame(boundary, True, owner=step))
@@ -59,6 +60,7 @@ class BoundStep:
     def _make_run(self, terminal: Callable[[Frame, Any], Any]) -> Callable[..., Any]:
         step, frames, device = self.step, self._frames, self.device
         every, trusted, base = step.every, step.trusted, step.base
+        context = not trusted or sees_counters(self)  # user code in the step call may call the effects
         from ltransform.core.step import check_result
 
         def run(state: Any, batch: Any, micro: int) -> tuple[Any, Mapping[str, Any], int]:
@@ -71,12 +73,16 @@ class BoundStep:
             frame.metrics, frame.counted_inside = None, False
             chain = frame._pipelines.step
             try:
-                if trusted:  # our own body calls the chains directly: no context variable
-                    result = terminal(frame, (state, batch)) if chain is None else chain(frame, (state, batch))
+                call = terminal if trusted and chain is None else base if chain is None else None
+                if not context:  # our own body calls the chains directly: no context variable
+                    result = chain(frame, (state, batch)) if call is None else call(frame, (state, batch))
                 else:
                     token = ACTIVE.set(frame)
                     try:
-                        result = base(state, batch) if chain is None else chain(frame, (state, batch))
+                        if call is None:
+                            result = chain(frame, (state, batch))
+                        else:
+                            result = call(frame, (state, batch)) if trusted else base(state, batch)
                     finally:
                         ACTIVE.reset(token)
             finally:
@@ -111,6 +117,8 @@ def bind(step: TransformedStep, state: Any) -> tuple[Any, BoundStep]:
         fast = _fast_train(step, inv) if (len(inv.optimizers), len(inv.models)) == (1, 1) and len(
             inv.schedulers) <= 1 else None
     binding = BoundStep(step, signature(state), boundary, inner, device, terminal, fast)
+    binding.alive = tuple(weakref.ref(o) for group in (inv.models, inv.optimizers, inv.schedulers)
+                          for o in group.values())
     _remember(state, step, binding)
     return state, binding
 
@@ -140,7 +148,7 @@ def lookup(step: TransformedStep, state: Any) -> BoundStep | None:
     key = anchor(state)
     holder = step.unanchored if key is None else getattr(key, _BINDINGS, None)
     binding = holder.get(step) if holder is not None else None
-    if binding is not None and binding.signature == signature(state):
+    if binding is not None and binding.signature == signature(state) and all(r() is not None for r in binding.alive):
         return binding
     return None
 
@@ -174,17 +182,16 @@ class _Bindings(dict):  # type: ignore[type-arg]
 def _place(inv: Inventory) -> torch.device | None:
     """Move the state's models to ``lt.device()`` when that is an accelerator; the device
     batches go to then (None on the CPU: nothing moves). ``Module.to`` keeps the Parameter
-    objects, so an optimizer built before stays valid. Models on ``meta`` (not materialized
-    yet) and sharded ones (on their mesh's devices) are left where they are."""
+    objects, so an optimizer built before stays valid. Only models entirely on the CPU move:
+    ones on ``meta`` (not materialized yet), sharded ones, and ones placed by hand on
+    accelerators are left where they are."""
     device = env.device()
     if device.type == "cpu":
         return None
     for module in inv.models.values():
         tensors = [*module.parameters(), *module.buffers()]
-        if any(t.is_meta or hasattr(t, "device_mesh") for t in tensors):
-            continue
-        if any(t.device != device for t in tensors):
-            module.to(device)
+        if tensors and all(t.device.type == "cpu" and not hasattr(t, "device_mesh") for t in tensors):
+            module.to(device)  # one placed by hand on accelerators (or split over several) stays
     return device
 
 
@@ -254,8 +261,10 @@ def _fast_train(step: TransformedStep, inv: Inventory) -> Callable[..., Any]:
         except RuntimeError as error:
             raise not_a_scalar(loss, error) or error from None
         opt = optimizer()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        try:
+            opt.step()
+        finally:
+            opt.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler().step()
         return state, {"loss": loss, **metrics} if metrics else {"loss": loss}, 1

@@ -240,7 +240,7 @@ class _Loop:
                metrics: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
         """One pass over the data: the hot loop, so what it uses every step is a local."""
         state, step, micro = self.state, self.step, self.micro
-        first = micro - done  # the micro-step this epoch's first batch had
+        seen = done  # batches of this epoch consumed (a nested step may count micro-steps otherwise)
         looks = sees_counters(self.bound)
         run, next_event = self.bound.run, self._next_event(step)
         outcome = "end"
@@ -250,6 +250,7 @@ class _Loop:
                     state = with_counters(state, step, micro)
                 state, metrics, applied = run(state, batch, micro)
                 micro += 1
+                seen += 1
                 if not applied:
                     continue  # a non-boundary micro-step (or an update skipped on inf)
                 if applied < 0:  # a step called inside advanced the counters itself
@@ -258,7 +259,7 @@ class _Loop:
                     step += 1
                 if step >= next_event:
                     self.state, self.step, self.micro = state, step, micro
-                    self.position.batches = micro - first
+                    self.position.batches = seen
                     if self._event(metrics):
                         outcome = "stop"
                         break
@@ -268,7 +269,7 @@ class _Loop:
                         break
         finally:  # also on KeyboardInterrupt: the state so far
             self.state, self.step, self.micro = state, step, micro
-        if micro == first + done and not done:
+        if seen == 0:
             outcome = "empty"
         return metrics, outcome
 
