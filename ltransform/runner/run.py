@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ltransform.core.binding import sees_counters, signature
+from ltransform.core.binding import lookup, sees_counters, signature
 from ltransform.core.inventory import inventory
 from ltransform.core.state import read_counters, set_field, with_counters
 from ltransform.core.step import TransformedStep, as_step
@@ -112,7 +112,9 @@ def run(
             check_same_length(eval_data, "eval_data")
         if env.rank() != 0:
             loggers, progress = [], False
-    state, bound = step.prepare(state)
+    bound = lookup(step, state)  # a state this step was bound to before (an earlier run) keeps its binding
+    if bound is None:
+        state, bound = step.prepare(state)
     evaluate = None
     if eval_step is not None:
         if eval_data is None:
