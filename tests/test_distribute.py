@@ -5,18 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import ltransform as lt
 from helpers import assert_same_params, make_data, make_model, mse, sgd
 
-
-@pytest.fixture
-def one_rank_group():
-    """A real gloo process group of one rank, in this process."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def plain_loop(model, data, accumulate=1, clip=None):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import ltransform as lt
 from helpers import make_model
@@ -59,13 +58,6 @@ def test_init_module_partial_form_and_errors():
 
 
 # --- shard's precision: FSDP2's MixedPrecisionPolicy is decided when sharding ------------------
-
-@pytest.fixture
-def one_rank_group():
-    """A real gloo process group of one rank, in this process: lt.shard really shards."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.fixture

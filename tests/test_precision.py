@@ -138,16 +138,21 @@ def test_bf16_mixed_keeps_fp32_weights_and_autocasts_the_forward():
     assert {p.grad for p in model.parameters()} == {None}
 
 
-def test_bf16_mixed_matches_a_hand_written_autocast_loop():
-    data = make_data(4)
-    ref = make_model()
-    opt = sgd(ref)
+def bf16_autocast_loop(model, data):
+    """bf16-mixed written by hand: the forward under CPU autocast, SGD with momentum."""
+    opt = sgd(model)
     for batch in data:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = mse(ref, batch)
+            loss = mse(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+
+def test_bf16_mixed_matches_a_hand_written_autocast_loop():
+    data = make_data(4)
+    ref = make_model()
+    bf16_autocast_loop(ref, data)
     model = make_model()
     lt.run(lt.with_precision(lt.train_step(mse), "bf16-mixed"), lt.State(model=model, optimizer=sgd(model)),
            data, progress=False)
@@ -206,15 +211,6 @@ def test_16_mixed_on_a_state_without_room_for_the_scaler():
 
 # --- a sharded model: lt.shard decided FSDP2's policy, with_precision checks it ----------------
 
-@pytest.fixture
-def one_rank_group():
-    """A real gloo process group of one rank, in this process: lt.shard really shards."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
 
 def _full(model):
     return [p.full_tensor().detach() for p in model.parameters()]
@@ -229,13 +225,7 @@ def test_bf16_mixed_on_a_sharded_model_equals_fully_shard_with_the_policy_bitwis
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for module in (ref[0], ref[2], ref):
         fully_shard(module, mp_policy=policy)
-    opt = sgd(ref)
-    for batch in data:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = mse(ref, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    bf16_autocast_loop(ref, data)
     decide = ([lt.shard(policy={torch.nn.Linear}, precision="bf16-mixed")] if how == "shard"
               else [lt.to_precision("bf16-mixed"), lt.shard(policy={torch.nn.Linear})])
     model = lt.pipe(make_model(), *decide)

@@ -3,20 +3,11 @@ torch upgrade that moves one fails here, by name, before it fails somewhere in t
 
 from __future__ import annotations
 
-import pytest
 import torch
-import torch.distributed as dist
 
 from ltransform.distributed import wrappers
 from helpers import make_data, make_model, mse
 
-
-@pytest.fixture
-def one_rank_group():
-    """A real gloo process group of one rank, in this process."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_get_registry_names_the_composable_apis_applied(one_rank_group):
