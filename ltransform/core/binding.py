@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ltransform.core.effects import (ACTIVE, Effect, Frame, Handler, Pipelines, build_pipelines, not_a_scalar,
-                                     run_backward)
+from ltransform.core.effects import (ACTIVE, Effect, Frame, Handler, Pipelines, backward_in, build_pipelines,
+                                     optimizer_step_in, run_backward)
 from ltransform.core.inventory import Inventory, anchor, inventory
 from ltransform.core.state import State, check_optimizers
 from ltransform.distributed import env
@@ -61,28 +61,25 @@ class BoundStep:
         step, frames, device = self.step, self._frames, self.device
         every, trusted, base = step.every, step.trusted, step.base
         context = not trusted or sees_counters(self)  # user code in the step call may call the effects
+        calls = (self.inner.step or terminal, self.boundary.step or terminal)  # as frames: by boundary
         from ltransform.core.step import check_result
 
         def run(state: Any, batch: Any, micro: int) -> tuple[Any, Mapping[str, Any], int]:
             if device is not None:
                 batch = env.to_device(batch, device)
-            frame = frames[every == 1 or (micro + 1) % every == 0]
+            boundary = every == 1 or (micro + 1) % every == 0
+            frame, call = frames[boundary], calls[boundary]
             if frame.busy:  # a re-entrant call (a step calling itself): its own frame
                 frame = Frame(frame._pipelines, frame.boundary, owner=step)
             frame.busy, frame.micro_step, frame.attempted, frame.applied = True, micro, 0, 0
             frame.metrics, frame.counted_inside = None, False
-            chain = frame._pipelines.step
             try:
-                call = terminal if trusted and chain is None else base if chain is None else None
                 if not context:  # our own body calls the chains directly: no context variable
-                    result = chain(frame, (state, batch)) if call is None else call(frame, (state, batch))
+                    result = call(frame, (state, batch))
                 else:
                     token = ACTIVE.set(frame)
                     try:
-                        if call is None:
-                            result = chain(frame, (state, batch))
-                        else:
-                            result = call(frame, (state, batch)) if trusted else base(state, batch)
+                        result = call(frame, (state, batch))
                     finally:
                         ACTIVE.reset(token)
             finally:
@@ -107,8 +104,7 @@ def bind(step: TransformedStep, state: Any) -> tuple[Any, BoundStep]:
         if transform.prepare is not None:
             state, ctx = transform.prepare(state)
         bound.extend((h, ctx) for h in transform.handlers)
-    if step.body is not None:
-        inv = inventory(state)  # a prepare may have added extras; the objects are the same
+    inv = inventory(state)  # as prepared (a transform's prepare returns a new state)
     terminal = _terminal(step, inv)
     boundary = build_pipelines(bound, True, terminal)
     inner = build_pipelines(bound, False, terminal) if step.every > 1 else boundary
@@ -116,10 +112,10 @@ def bind(step: TransformedStep, state: Any) -> tuple[Any, BoundStep]:
     if step.body is not None and step.body.kind == "train" and device is None and not bound:
         fast = _fast_train(step, inv) if (len(inv.optimizers), len(inv.models)) == (1, 1) and len(
             inv.schedulers) <= 1 else None
-    binding = BoundStep(step, signature(state), boundary, inner, device, terminal, fast)
+    binding = BoundStep(step, signature(state, inv), boundary, inner, device, terminal, fast)
     binding.alive = tuple(weakref.ref(o) for group in (inv.models, inv.optimizers, inv.schedulers)
                           for o in group.values())
-    _remember(state, step, binding)
+    _remember(anchor(state, inv), step, binding)
     return state, binding
 
 
@@ -134,27 +130,28 @@ def sees_counters(bound: BoundStep) -> bool:
                for t in step.transforms for h in t.handlers if h.effect is Effect.STEP)
 
 
-def signature(state: Any) -> tuple[int, ...]:
+def signature(state: Any, inv: Inventory | None = None) -> tuple[int, ...]:
     """Identities of the torch objects a binding captured: a state whose model, optimizer or
     scheduler has been swapped is bound anew."""
     if type(state) is State:
         return (id(state.model), id(state.optimizer), id(state.scheduler))
-    inv = inventory(state)
+    inv = inv or inventory(state)
     return tuple(id(o) for group in (inv.models, inv.optimizers, inv.schedulers) for o in group.values())
 
 
 def lookup(step: TransformedStep, state: Any) -> BoundStep | None:
     """The binding of ``step`` made for this state's objects, if there is one."""
-    key = anchor(state)
+    inv = None if type(state) is State else inventory(state)  # one walk for both, if any
+    key = anchor(state, inv)
     holder = step.unanchored if key is None else getattr(key, _BINDINGS, None)
     binding = holder.get(step) if holder is not None else None
-    if binding is not None and binding.signature == signature(state) and all(r() is not None for r in binding.alive):
+    if (binding is not None and binding.signature == signature(state, inv)
+            and all(r() is not None for r in binding.alive)):
         return binding
     return None
 
 
-def _remember(state: Any, step: TransformedStep, binding: BoundStep) -> None:
-    key = anchor(state)
+def _remember(key: Any, step: TransformedStep, binding: BoundStep) -> None:
     if key is None:
         step.unanchored[step] = binding
         return
@@ -223,22 +220,8 @@ def _train_terminal(loss_fn: Callable[..., Any], inv: Inventory) -> Callable[[Fr
         state, batch = value
         out = loss_fn(model(), batch)
         loss, metrics = (out, None) if type(out) is torch.Tensor else split_loss(out, loss_fn)
-        pipelines = frame._pipelines
-        if pipelines.backward is None:
-            run_backward(loss)
-        else:
-            pipelines.backward(frame, loss)
-        if pipelines.optimizer_step is None:
-            frame.attempted += 1
-            try:
-                optimizer().step()
-            finally:
-                optimizer().zero_grad(set_to_none=True)
-            frame.applied += 1
-            applied = True
-        else:
-            applied = pipelines.optimizer_step(frame, optimizer())
-        if applied and scheduler is not None:
+        backward_in(frame, loss)
+        if optimizer_step_in(frame, optimizer()) and scheduler is not None:
             scheduler().step()
         return state, {"loss": loss, **metrics} if metrics else {"loss": loss}
 
@@ -256,10 +239,7 @@ def _fast_train(step: TransformedStep, inv: Inventory) -> Callable[..., Any]:
     def run(state: Any, batch: Any, micro: int) -> tuple[Any, Mapping[str, Any], int]:
         out = loss_fn(model(), batch)
         loss, metrics = (out, None) if type(out) is tensor else split_loss(out, loss_fn)
-        try:
-            loss.backward()
-        except RuntimeError as error:
-            raise not_a_scalar(loss, error) or error from None
+        run_backward(loss)
         opt = optimizer()
         try:
             opt.step()
@@ -280,19 +260,9 @@ def _weak(*objects: Any) -> list[Any]:
 
 
 def _eval_terminal(fn: Callable[..., Any], model: Any) -> Callable[[Frame, Any], Any]:
-    from ltransform.core.step import split_loss
+    from ltransform.core.step import evaluate
 
     (model,) = _weak(model)
-
-    def evaluate(frame: Frame, value: Any) -> tuple[Any, Mapping[str, Any]]:
-        state, batch = value
-        with torch.no_grad():
-            out = fn(model(), batch)
-        if isinstance(out, Mapping):
-            return state, out
-        loss, metrics = split_loss(out, fn)
-        return state, {"loss": loss, **metrics}
-
-    return evaluate
+    return lambda frame, value: (value[0], evaluate(fn, model(), value[1]))
 
 

@@ -260,10 +260,19 @@ def backward(loss: torch.Tensor) -> None:
         tensor([3., 3.])
     """
     frame = ACTIVE.get()
-    if frame is None or frame._pipelines.backward is None:
+    if frame is None:
         run_backward(loss)
     else:
-        frame._pipelines.backward(frame, loss)
+        backward_in(frame, loss)
+
+
+def backward_in(frame: Frame, loss: torch.Tensor) -> None:
+    """``backward`` through ``frame``'s chain (what the effect does inside a step call)."""
+    chain = frame._pipelines.backward
+    if chain is None:
+        run_backward(loss)
+    else:
+        chain(frame, loss)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer) -> bool:
@@ -290,9 +299,14 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> bool:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return True
-    pipeline = frame._pipelines.optimizer_step
-    if pipeline is not None:
-        return pipeline(frame, optimizer)
+    return optimizer_step_in(frame, optimizer)
+
+
+def optimizer_step_in(frame: Frame, optimizer: torch.optim.Optimizer) -> bool:
+    """``optimizer_step`` through ``frame``'s chain (what the effect does inside a step call)."""
+    chain = frame._pipelines.optimizer_step
+    if chain is not None:
+        return chain(frame, optimizer)
     frame.attempted += 1  # what ZERO_GRAD around optimizer.step() does, inline
     try:
         optimizer.step()

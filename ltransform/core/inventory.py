@@ -152,7 +152,7 @@ def _extra(state: Any) -> Mapping[str, Any]:
     return extra if isinstance(extra, Mapping) else {}
 
 
-def anchor(state: Any) -> Any:
+def anchor(state: Any, inv: Inventory | None = None) -> Any:
     """The object a state's binding is found by: its (first) model, else its optimizer.
 
     The torch objects of a state outlive the frozen records that carry them from step to step,
@@ -160,7 +160,7 @@ def anchor(state: Any) -> Any:
     """
     if type(state) is State and isinstance(state.model, torch.nn.Module):
         return state.model  # the per-call fast path
-    inv = inventory(state)
+    inv = inv or inventory(state)
     for found in (inv.models, inv.optimizers):
         if found:
             return next(iter(found.values()))

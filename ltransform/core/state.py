@@ -124,14 +124,6 @@ def advance(state: Any, applied: bool) -> Any:
 def with_counters(state: Any, step: int, micro_step: int) -> Any:
     """``state`` carrying these counters (itself if it already does): how the runner, which
     keeps the counters in plain ints while it runs, materialises the state where it is looked at."""
-    if type(state) is State:
-        if state.step == step and state.micro_step == micro_step:
-            return state
-        fields = state.__dict__.copy()
-        fields["step"], fields["micro_step"] = step, micro_step
-        new = _new(State)
-        _set(new, "__dict__", fields)
-        return new
     if read_counters(state) == (step, micro_step):
         return state
     return _replace(state, step=step, micro_step=micro_step)

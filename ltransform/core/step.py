@@ -304,11 +304,17 @@ def eval_step(fn: Callable[..., Any], /) -> TransformedStep:
 
     @functools.wraps(fn)
     def step(state: Any, batch: Any) -> tuple[Any, Mapping[str, Any]]:
-        with torch.no_grad():
-            out = fn(inventory(state).the_one("model", "eval_step"), batch)
-        if isinstance(out, Mapping):
-            return state, out
-        loss, metrics = split_loss(out, fn)
-        return state, {"loss": loss, **metrics}
+        # A binding resolves the model once and runs evaluate() itself.
+        return state, evaluate(fn, inventory(state).the_one("model", "eval_step"), batch)
 
-    return TransformedStep(step, (), counts=False, trusted=True)
+    return TransformedStep(step, (), counts=False, trusted=True, body=Body("eval", fn))
+
+
+def evaluate(fn: Callable[..., Any], model: Any, batch: Any) -> Mapping[str, Any]:
+    """``eval_step``'s body: ``fn(model, batch)`` under ``no_grad``, as a metrics dict."""
+    with torch.no_grad():
+        out = fn(model, batch)
+    if isinstance(out, Mapping):
+        return out
+    loss, metrics = split_loss(out, fn)
+    return {"loss": loss, **metrics}
