@@ -151,6 +151,12 @@ def lookup(step: TransformedStep, state: Any) -> BoundStep | None:
     return None
 
 
+def bound_to(step: TransformedStep, state: Any) -> tuple[Any, BoundStep]:
+    """``state`` and its binding of ``step``: the one it has, else a new one (``bind``)."""
+    bound = lookup(step, state)
+    return (state, bound) if bound is not None else bind(step, state)
+
+
 def _remember(key: Any, step: TransformedStep, binding: BoundStep) -> None:
     if key is None:
         step.unanchored[step] = binding

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from ltransform.core.binding import lookup
+from ltransform.core.binding import bound_to
 from ltransform.core.effects import ZERO_GRAD, Chain, Effect, Pipelines, build_pipelines
 from ltransform.core.step import TransformedStep, as_step, step_name
 
@@ -54,18 +54,15 @@ def explain(step: Any, state: Any = None, *, file: TextIO | None = None) -> None
 def explanation(step: TransformedStep, state: Any = None) -> str:
     """The text :func:`explain` prints."""
     if state is None:
-        bound_to = None
         handlers = [(h, None) for t in step.ordered() for h in t.handlers]
         boundary = build_pipelines(handlers, True, _unbound, resolve=False)
         inner = build_pipelines(handlers, False, _unbound, resolve=False)
     else:
-        bound = lookup(step, state)
-        if bound is None:
-            _, bound = step.prepare(state)
-        bound_to, boundary, inner = bound, bound.boundary, bound.inner
+        _, bound = bound_to(step, state)
+        boundary, inner = bound.boundary, bound.inner
     name = step_name(step)
     transforms = ", ".join(t.name for t in step.transforms) or "no transforms"
-    lines = [f"step {name!r} with {transforms}" + ("" if bound_to is None else ", bound to its state")]
+    lines = [f"step {name!r} with {transforms}" + ("" if state is None else ", bound to its state")]
     cases: list[tuple[Pipelines, str]] = [(boundary, "boundary micro-step (the optimizer updates)")]
     if step.every > 1:
         cases = [(boundary, f"boundary micro-step (micro_step % {step.every} == {step.every - 1})"),
@@ -74,7 +71,7 @@ def explanation(step: TransformedStep, state: Any = None) -> str:
         lines.append(f"{title}:")
         for chain in pipelines.chains:
             lines.append(f"  {chain.effect.value}:")
-            lines.extend(f"    {i}. {text}" for i, text in enumerate(chain_lines(chain, name, bound_to is None), 1))
+            lines.extend(f"    {i}. {text}" for i, text in enumerate(chain_lines(chain, name, state is None), 1))
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import torch
 
-from ltransform.core.binding import BoundStep, bind, lookup
+from ltransform.core.binding import BoundStep, bind, bound_to
 from ltransform.core import effects
 from ltransform.core.compose import MISSING, Partial
 from ltransform.core.effects import ACTIVE, Frame, Handler
@@ -151,9 +151,7 @@ class TransformedStep:
         return bind(self, state)
 
     def __call__(self, state: Any, batch: Any) -> tuple[Any, Mapping[str, Any]]:
-        bound = lookup(self, state)
-        if bound is None:
-            state, bound = bind(self, state)
+        state, bound = bound_to(self, state)
         return self.call_bound(bound, state, batch)
 
     def call_bound(self, bound: BoundStep, state: Any, batch: Any) -> tuple[Any, Mapping[str, Any]]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ltransform.core.binding import lookup, sees_counters, signature
+from ltransform.core.binding import bound_to, sees_counters
 from ltransform.core.inventory import inventory
 from ltransform.core.state import read_counters, set_field, with_counters
 from ltransform.core.step import TransformedStep, as_step
@@ -112,9 +112,7 @@ def run(
             check_same_length(eval_data, "eval_data")
         if env.rank() != 0:
             loggers, progress = [], False
-    bound = lookup(step, state)  # a state this step was bound to before (an earlier run) keeps its binding
-    if bound is None:
-        state, bound = step.prepare(state)
+    state, bound = bound_to(step, state)  # a state bound before (an earlier run) keeps its binding
     evaluate = None
     if eval_step is not None:
         if eval_data is None:
@@ -125,8 +123,7 @@ def run(
     position = None
     if resume is not None:
         state, position = _resume(resume, hooks, state)
-        if signature(state) != bound.signature:
-            state, bound = step.prepare(state)
+        state, bound = bound_to(step, state)  # bound anew only if loading changed its objects
     for module in inventory(state).models.values():
         module.train()
     loop = _Loop(bound, data, max_steps, max_epochs, log_every, loggers, evaluate, eval_every, bound_hooks)
@@ -306,8 +303,7 @@ class _Loop:
                 state, stop = apply_hook(hook, state, merged)
                 stopped = stopped or stop
             self.step, self.micro = read_counters(state)
-            if signature(state) != self.bound.signature:  # a hook swapped a model or optimizer
-                state, self.bound = self.bound.step.prepare(state)
+            state, self.bound = bound_to(self.bound.step, state)  # anew if a hook swapped a model
         self.state = state
         return stopped
 
