@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ltransform.core.inventory import Inventory
-from ltransform.core.state import _replace
+from ltransform.core.state import _replace, extras
 
 FORMAT = "ltransform-checkpoint"
 VERSION = 1
@@ -101,7 +101,7 @@ def capture_extras(inv: Inventory) -> dict[str, Any]:
 
 
 def restore_extras(state: Any, saved: Mapping[str, Any]) -> Any:
-    extra = dict(_extra(state))
+    extra = dict(extras(state))
     for key, entry in saved.items():
         if "stateful" in entry:
             live = extra.get(key)
@@ -114,12 +114,7 @@ def restore_extras(state: Any, saved: Mapping[str, Any]) -> Any:
             live.load_state_dict(entry["stateful"])
         else:
             extra[key] = entry["value"]
-    return _replace(state, extra=extra) if extra != _extra(state) else state
-
-
-def _extra(state: Any) -> Mapping[str, Any]:
-    extra = state.get("extra", {}) if isinstance(state, Mapping) else getattr(state, "extra", {})
-    return extra if isinstance(extra, Mapping) else {}
+    return _replace(state, extra=extra) if extra != extras(state) else state
 
 
 def _plain(value: Any) -> bool:

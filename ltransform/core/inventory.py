@@ -15,7 +15,8 @@ from typing import Any
 import attrs
 import torch
 
-from ltransform.core.state import State, read_counters
+from ltransform.core.state import State, read_counters, read_epoch
+from ltransform.core.state import extras as state_extras
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler
 _LEAVES = (torch.Tensor, torch.nn.Module, torch.optim.Optimizer, Scheduler, str, bytes)
@@ -115,7 +116,7 @@ def inventory(state: Any) -> Inventory:
             optimizers[path] = value
         else:
             schedulers[path] = value
-    extra = _extra(state)
+    extra = state_extras(state)
     found = {*models, *optimizers, *schedulers}
     extras = {k: v for k, v in extra.items() if not any(p == f"extra.{k}" or p.startswith(f"extra.{k}.")
                                                        for p in found)}
@@ -123,8 +124,7 @@ def inventory(state: Any) -> Inventory:
         step, micro = read_counters(state)
     except TypeError:
         step, micro = 0, 0
-    epoch = state.get("epoch", 0) if isinstance(state, Mapping) else getattr(state, "epoch", 0)
-    return Inventory(models, optimizers, schedulers, extras, step, micro, epoch)
+    return Inventory(models, optimizers, schedulers, extras, step, micro, read_epoch(state))
 
 
 def _walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
@@ -145,11 +145,6 @@ def _children(node: Any) -> Iterator[tuple[str, Any]]:
         yield from ((f.name, getattr(node, f.name)) for f in dataclasses.fields(node))
     elif isinstance(node, (list, tuple)):
         yield from ((str(i), v) for i, v in enumerate(node))
-
-
-def _extra(state: Any) -> Mapping[str, Any]:
-    extra = state.get("extra", {}) if isinstance(state, Mapping) else getattr(state, "extra", {})
-    return extra if isinstance(extra, Mapping) else {}
 
 
 def anchor(state: Any, inv: Inventory | None = None) -> Any:

@@ -59,6 +59,12 @@ def _copy_state(state: State, **changes: Any) -> State:
 # --- extras (a grad scaler, ...) -------------------------------------------------------
 
 
+def extras(state: Any) -> Mapping[str, Any]:
+    """``state.extra`` (``state["extra"]`` for a dict state), ``{}`` if it has none."""
+    extra = state.get("extra", {}) if isinstance(state, Mapping) else getattr(state, "extra", {})
+    return extra if isinstance(extra, Mapping) else {}
+
+
 def get_extra(state: Any, key: str) -> Any:
     """``state.extra[key]`` (or ``state[key]`` for a dict state), None if absent."""
     if isinstance(state, Mapping):
@@ -91,6 +97,11 @@ def _replace(state: Any, **changes: Any) -> Any:
     if attrs.has(type(state)):
         return attrs.evolve(state, **changes)
     return dataclasses.replace(state, **changes)
+
+
+def read_epoch(state: Any) -> int:
+    """Completed passes over the data (0 for a state without an ``epoch``)."""
+    return state.get("epoch", 0) if isinstance(state, Mapping) else getattr(state, "epoch", 0)
 
 
 def read_counters(state: Any) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import torch
 
 from ltransform.core.binding import bound_to, sees_counters
 from ltransform.core.inventory import inventory
-from ltransform.core.state import read_counters, set_field, with_counters
+from ltransform.core.state import read_counters, read_epoch, set_field, with_counters
 from ltransform.core.step import TransformedStep, as_step
 from ltransform.distributed import env
 from ltransform.runner.data import check_same_length, per_rank, set_epoch
@@ -194,7 +194,7 @@ class _Loop:
     def _train(self, state: Any) -> Any:
         self.state = state
         self.step, self.micro = read_counters(state)
-        epoch = _epoch_of(state)
+        epoch = read_epoch(state)
         metrics: Mapping[str, Any] = {}
         while (self.max_epochs is None or epoch < self.max_epochs) and not self._done():
             set_epoch(self.data, epoch)
@@ -319,7 +319,7 @@ class _Loop:
         optimizers = list(inventory(state).optimizers.values())
         if optimizers:
             values["lr"] = float(optimizers[0].param_groups[0]["lr"])
-        values["epoch"] = _epoch_of(state)
+        values["epoch"] = read_epoch(state)
         for logger in self.loggers:
             logger(values, now)
         if self.bar is not None:
@@ -350,12 +350,6 @@ class _Loop:
             logger(values, read_counters(state)[0])
         if self.bar is not None:
             self.bar.set_postfix(self._postfix, refresh=False)
-
-
-def _epoch_of(state: Any) -> int:
-    if isinstance(state, Mapping):
-        return state.get("epoch", 0)
-    return getattr(state, "epoch", 0)
 
 
 def _precision_name(step: TransformedStep) -> str | None:
