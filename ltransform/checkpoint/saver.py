@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ltransform.checkpoint.api import save
-from ltransform.checkpoint.files import STEP_DIR
+from ltransform.checkpoint import files
+from ltransform.checkpoint.api import finish_pending, save
 from ltransform.core.compose import MISSING
 from ltransform.core.state import read_counters
 from ltransform.distributed import env
@@ -25,8 +24,15 @@ def checkpoint_sharded(state: Any = MISSING, /, dir: Any = MISSING, *, keep: int
     Args:
         state: the training state; omit it for the hook form.
         dir: the directory holding the ``step-N`` checkpoints.
-        keep: keep only the newest ``keep`` checkpoints (None: all).
+        keep: keep only the newest ``keep`` checkpoints (None: all); saves in progress or
+            killed half-way are never counted.
         async_save: write in the background (the next optimizer step waits for it).
+
+    Each call first removes what killed saves left in ``dir`` (``.step-N.partial`` directories,
+    a stale ``.step-N.old``; see ``ltransform.checkpoint.files``): rank 0 does it once every rank
+    is here and this state's previous save is finished, so no save to ``dir`` is in progress.
+    Note: one run writes to one directory; two states saving asynchronously into the same
+    directory from one process are not supported.
 
     Example:
         >>> import tempfile, torch, ltransform as lt
@@ -60,10 +66,11 @@ class _Saver:
 
     def __call__(self, state: Any) -> Any:
         path = self.checkpoint_dir / f"step-{read_counters(state)[0]:08d}"
+        finish_pending(state)  # this state's previous async save publishes first
+        env.barrier()  # every rank is done writing earlier saves: any partial left is dead
+        if env.rank() == 0:
+            files.remove_leftovers(self.checkpoint_dir)
         save(path, state, sharded=True, async_save=self.async_save)
         if self.keep is not None and env.rank() == 0:  # published ones only; a pending one is not yet
-            steps = sorted((int(m.group(1)), p) for p in self.checkpoint_dir.iterdir()
-                           if (m := STEP_DIR.match(p.name)))
-            for _, old in steps[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            files.prune(self.checkpoint_dir, self.keep)
         return state

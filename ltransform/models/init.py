@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -67,23 +69,52 @@ def init_module(
         return build(*args)
 
 
+_UNINITIALIZED = ("raise", "warn", "ignore")
+
+
 def materialize(
     model: Any = MISSING,
     /,
     *,
     device: str | torch.device | None = None,
     init: Callable[[torch.nn.Module], None] | None = None,
+    uninitialized: str = "raise",
 ) -> Any:
-    """Allocate a model built with ``init_module(..., empty=True)`` and initialise it.
+    """Allocate a model built with ``init_module(..., empty=True)`` and initialise all of it.
 
-    Each submodule's ``reset_parameters()`` runs unless ``init(module)`` is given, in which
-    case it is called on every submodule instead. A model sharded with ``lt.shard`` allocates
-    and initialises only this rank's shard.
+    Each submodule's ``reset_parameters()`` runs (in ``model.modules()`` order, as construction
+    did), then the model's own initialiser if it has one: Hugging Face's ``initialize_weights()``
+    / ``init_weights()`` (which also recompute RoPE ``inv_freq`` buffers), torchtitan's
+    ``init_weights()``, or an ``_init_weights(module)`` applied to every submodule. With
+    ``init``, ``init(module)`` is called on every submodule instead of all of these. Tied
+    parameters (a head sharing the embedding's weight) are initialised as at construction, each
+    alias on its own, then tied again to the first one, as ``tie_weights`` does. A model sharded
+    with ``lt.shard`` allocates and initialises only this rank's shard.
+
+    Every parameter and buffer is first filled with a sentinel (NaN; for integers their extreme
+    value, for booleans an invalid byte); one still holding it afterwards was not (fully)
+    written by any initialiser, e.g. a buffer computed in ``__init__`` (on ``meta``, so lost) or
+    the weight of a module without ``reset_parameters``.
+
+    Note:
+        On a CPU device mesh of several ranks torch's random initialisers fill each shard from
+        its rank's own generator (correct, global-tensor random numbers are for CUDA-like
+        meshes), so equal seeds repeat values across shards; ``materialize`` warns then.
 
     Args:
         model: the module on the meta device; omit it for the partial form.
         device: where to allocate; default ``lt.device()`` (this rank's GPU, else the CPU).
-        init: an initialiser called on every submodule instead of ``reset_parameters``.
+        init: an initialiser called on every submodule instead of the built-in ones.
+        uninitialized: ``"raise"`` (default), ``"warn"`` or ``"ignore"`` (which also skips the
+            sentinel fill and check) for tensors no initialiser wrote.
+
+    Returns:
+        ``model``, allocated and initialised in place.
+
+    Raises:
+        RuntimeError: with ``uninitialized="raise"``, naming each parameter or buffer left
+            uninitialised and how to initialise it.
+        ValueError: an unknown ``uninitialized``. TypeError: ``model`` is not a module.
 
     Example:
         >>> import torch, ltransform as lt
@@ -91,18 +122,187 @@ def materialize(
         >>> lt.materialize(model).weight.device.type
         'cpu'
     """
+    if uninitialized not in _UNINITIALIZED:
+        raise ValueError(f"materialize: unknown uninitialized={uninitialized!r}; expected one of: "
+                         f"{', '.join(map(repr, _UNINITIALIZED))}")
     if model is MISSING:
-        return Partial(lambda m: materialize(m, device=device, init=init), f"materialize(device={device!r})")
+        return Partial(lambda m: materialize(m, device=device, init=init, uninitialized=uninitialized),
+                       f"materialize(device={device!r})")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"materialize: expected a torch.nn.Module, got {type(model).__name__}")
     if device is None:
         from ltransform.distributed.env import device as this_device
 
         device = this_device()
-    model.to_empty(device=device)
-    for module in model.modules():
-        if init is not None:
-            init(module)
-        elif callable(getattr(module, "reset_parameters", None)):
-            module.reset_parameters()
+    ties = _tied(model)
+    model.to_empty(device=device)  # breaks ties of plain tensors (not of FSDP2's DTensors)
+    _untie(model, ties)
+    check = uninitialized != "ignore"
+    if check:
+        _fill_sentinel(model)
+    _initialise(model, init)
+    _tie(model, ties)
+    _warn_if_shards_repeat(model)
+    missing = _still_sentinel(model) if check else []
+    if missing:
+        message = (f"materialize: no initialiser wrote {', '.join(missing)}: give the module(s) a "
+                   f"reset_parameters(), the model an init_weights() or _init_weights(module), or "
+                   f"pass materialize(init=fn); uninitialized='warn' or 'ignore' lets it pass")
+        if uninitialized == "raise":
+            raise RuntimeError(message)
+        warnings.warn(message, stacklevel=2)
     return model
+
+
+def _warn_if_shards_repeat(model: torch.nn.Module) -> None:
+    """torch's DTensor random ops follow the global tensor only on CUDA-like meshes; on a CPU
+    mesh each rank fills its shard from its own generator, so equal seeds repeat the values."""
+    meshes = {id(p.device_mesh): p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh")}
+    if any(mesh.device_type == "cpu" and mesh.size() > 1 for mesh in meshes.values()):
+        warnings.warn("materialize: this model is sharded over a CPU device mesh, where torch's random "
+                      "initialisers fill each rank's shard from that rank's own generator, so equal seeds "
+                      "give every shard the same values; on CPU, build the model whole and lt.shard it, "
+                      "or load weights after materialize", stacklevel=3)
+
+
+def _named_tensors(model: torch.nn.Module, *, aliases: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters(remove_duplicate=not aliases)
+    yield from ((n, b) for n, b in model.named_buffers(remove_duplicate=not aliases) if b is not None)
+
+
+def _tied(model: torch.nn.Module) -> list[list[str]]:
+    """Names sharing one tensor, the first registered first (the one the others are tied to)."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in _named_tensors(model, aliases=True):
+        names.setdefault(id(tensor), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _set(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(owner), attribute, tensor)
+
+
+def _get(model: torch.nn.Module, name: str) -> torch.Tensor:
+    owner, _, attribute = name.rpartition(".")
+    return getattr(model.get_submodule(owner), attribute)
+
+
+def _untie(model: torch.nn.Module, ties: list[list[str]]) -> None:
+    """Give each alias storage of its own (``to_empty`` already did for plain tensors), so every
+    initialiser writes where it wrote at construction, before the model tied them."""
+    for first, *aliases in ties:
+        source = _get(model, first)
+        for alias in aliases:
+            if _get(model, alias) is source:
+                scratch = torch.empty_like(source)
+                _set(model, alias, torch.nn.Parameter(scratch, source.requires_grad)
+                     if isinstance(source, torch.nn.Parameter) else scratch)
+
+
+def _tie(model: torch.nn.Module, ties: list[list[str]]) -> None:
+    for first, *aliases in ties:
+        source = _get(model, first)
+        for alias in aliases:
+            _set(model, alias, source)
+
+
+def _initialise(model: torch.nn.Module, init: Callable[[torch.nn.Module], None] | None) -> None:
+    """Replay what construction did: a submodel with its own initialiser (a Hugging Face model
+    inside another) was initialised when it was built, before the modules built after it, so
+    each runs after the ``reset_parameters`` of its own modules, innermost first."""
+    if init is not None:
+        for module in model.modules():
+            init(module)
+        return
+    for module in model.modules():  # transformers 4 marks modules initialised while on meta
+        if getattr(module, "_is_hf_initialized", False):
+            module._is_hf_initialized = False
+    reset: set[int] = set()
+    for owner in _post_order(model):
+        own = _own_initialiser(owner)
+        if own is None and owner is not model:
+            continue
+        for module in owner.modules():
+            if id(module) not in reset:
+                reset.add(id(module))
+                if callable(getattr(module, "reset_parameters", None)):
+                    module.reset_parameters()
+        if own is not None:
+            own()
+
+
+def _post_order(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
+
+
+def _own_initialiser(model: torch.nn.Module) -> Callable[[], Any] | None:
+    """The model's whole-model initialiser: ``initialize_weights()`` / ``init_weights()`` if
+    callable without arguments, else ``_init_weights(module)`` (or ``init_weights(module)``)
+    applied to every submodule."""
+    for name in ("initialize_weights", "init_weights", "_init_weights"):
+        method = getattr(model, name, None)
+        if not callable(method):
+            continue
+        try:
+            inspect.signature(method).bind()
+            return method
+        except TypeError:
+            return lambda: model.apply(method)
+        except ValueError:  # no signature to read (a builtin): call it as it is
+            return method
+    return None
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "device_mesh") else tensor
+
+
+def _sentinel(tensor: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The view to fill and the value: NaN, a signed integer's minimum, an unsigned one's
+    maximum, or byte 255 (no valid bool). Each is found again by one reduction (``amax`` keeps
+    NaN; the minimum / maximum is the sentinel iff some element is), with no temporary."""
+    if tensor.dtype == torch.bool:
+        return tensor.view(torch.uint8), 255
+    if tensor.is_complex():
+        return torch.view_as_real(tensor), float("nan")
+    if tensor.is_floating_point():
+        return tensor, float("nan")
+    info = torch.iinfo(tensor.dtype)
+    return tensor, info.min if info.min < 0 else info.max
+
+
+def _holds_sentinel(tensor: torch.Tensor) -> torch.Tensor:
+    view, value = _sentinel(tensor)
+    if view.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=view.device)
+    if value != value:
+        return view.amax().isnan()
+    return (view.amin() if value < 0 else view.amax()) == value
+
+
+@torch.no_grad()
+def _fill_sentinel(model: torch.nn.Module) -> None:
+    for _, tensor in _named_tensors(model):
+        view, value = _sentinel(_local(tensor))
+        view.fill_(value)
+
+
+@torch.no_grad()
+def _still_sentinel(model: torch.nn.Module) -> list[str]:
+    """Names of the tensors (this rank's shards; all ranks agree for a sharded model) that
+    still hold the sentinel anywhere, with one host sync for all."""
+    named = list(_named_tensors(model))
+    if not named:
+        return []
+    flags = [_holds_sentinel(_local(tensor)) for _, tensor in named]
+    hits = torch.stack([flag.to(flags[0].device) for flag in flags]).tolist()
+    missing = [name for (name, _), hit in zip(named, hits) if hit]
+    if any(hasattr(t, "device_mesh") for _, t in named):
+        from ltransform.distributed import env
+
+        missing = sorted(set().union(*env.all_gather_objects(missing)), key=[n for n, _ in named].index)
+    return missing
