@@ -148,3 +148,19 @@ def test_a_mixed_to_precision_after_shard_is_an_order_error(one_rank_group):
                                            r"lt.shard\(policy=...\)\)"):
         lt.to_precision(sharded, "bf16-mixed")
     lt.to_precision(torch.compile(make_model()), "bf16-mixed")  # compile does not take a policy: fine
+
+
+class _TiedHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.block = torch.nn.Embedding(8, 4), torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 8, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_shard_refuses_a_policy_that_would_untie_weights(one_rank_group):
+    with pytest.raises(ValueError, match=r"tied parameters 'embed.weight' \(unit '<root>'\), "
+                                         r"'head.weight' \(unit 'head'\) in different FSDP units"):
+        lt.shard(_TiedHead(), policy={torch.nn.Linear})
+    model = lt.shard(_TiedHead(), policy=lambda m: isinstance(m, torch.nn.Linear) and m.bias is not None)
+    assert model.head.weight is model.embed.weight  # the tie kept in the root unit

@@ -60,6 +60,8 @@ def shard(
     Raises:
         RuntimeError: applied after it already was, or in the wrong order with
             ``torch.compile`` / ``checkpoint_activations``.
+        ValueError: the policy puts the two ends of a weight tie (a tied embedding and head)
+            in different FSDP units, which would silently untie them.
         TypeError / ValueError: a policy or mesh of the wrong kind; an unknown precision
             name (the message lists the valid ones).
 
@@ -100,7 +102,9 @@ def shard(
     cpu_offload = offload and device_mesh.device_type != "cpu"
     options = dict(mesh=device_mesh, reshard_after_forward=reshard_after_forward, mp_policy=_mp_policy(record),
                    offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
-    for module in _matches(model, match):
+    units = _matches(model, match)
+    _check_ties(model, units)
+    for module in units:
         fully_shard(module, **options)
     fully_shard(model, **options)
     record_shard_precision(model, record)  # with_precision checks the step's precision against it
@@ -192,6 +196,27 @@ def _matches(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool] | 
 
     visit(model)
     return found
+
+
+def _check_ties(model: torch.nn.Module, units: list[torch.nn.Module]) -> None:
+    """Refuse a policy that splits a tied parameter across FSDP units: each unit would shard
+    its own copy and the tie would be gone, silently."""
+    unit_of: dict[int, str] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    for unit in units:  # innermost first: a module belongs to the innermost unit holding it
+        for module in unit.modules():
+            unit_of.setdefault(id(module), names[id(unit)])
+    places: dict[int, list[tuple[str, str]]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owner = model.get_submodule(name.rpartition(".")[0])
+        places.setdefault(id(param), []).append((name, unit_of.get(id(owner), "<root>")))
+    for tied in places.values():
+        if len({unit for _, unit in tied}) > 1:
+            where = ", ".join(f"{name!r} (unit {unit!r})" for name, unit in tied)
+            raise ValueError(
+                f"shard: the policy puts the tied parameters {where} in different FSDP units, which "
+                f"would untie them; choose a policy that leaves them in one unit (e.g. leave the "
+                f"embedding and the head to the root: policy={{Block}})")
 
 
 def checkpoint_activations(model: Any = MISSING, /, policy: Policy = MISSING) -> Any:
