@@ -30,6 +30,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "save": ("ltransform.checkpoint.api", "save"),
     "consolidate": ("ltransform.checkpoint.convert", "consolidate"),
     "export_safetensors": ("ltransform.checkpoint.convert", "export_safetensors"),
+    "CheckpointError": ("ltransform.io", "CheckpointError"),
     "compose": ("ltransform.core.compose", "compose"),
     "pipe": ("ltransform.core.compose", "pipe"),
     "Effect": ("ltransform.core.effects", "Effect"),
@@ -77,6 +78,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "accumulate": ("ltransform.steps.accumulate", "accumulate"),
     "clip_gradients": ("ltransform.steps.clip", "clip_gradients"),
     "distribute": ("ltransform.steps.distribute", "distribute"),
+    "NonFiniteError": ("ltransform.steps.guard", "NonFiniteError"),
+    "guard_nonfinite": ("ltransform.steps.guard", "guard_nonfinite"),
     "with_precision": ("ltransform.steps.precision", "with_precision"),
 }
 
@@ -106,6 +109,7 @@ if TYPE_CHECKING:
     from ltransform.checkpoint.api import save
     from ltransform.checkpoint.convert import consolidate
     from ltransform.checkpoint.convert import export_safetensors
+    from ltransform.io import CheckpointError
     from ltransform.core.compose import compose
     from ltransform.core.compose import pipe
     from ltransform.core.effects import Effect
@@ -153,4 +157,6 @@ if TYPE_CHECKING:
     from ltransform.steps.accumulate import accumulate
     from ltransform.steps.clip import clip_gradients
     from ltransform.steps.distribute import distribute
+    from ltransform.steps.guard import NonFiniteError
+    from ltransform.steps.guard import guard_nonfinite
     from ltransform.steps.precision import with_precision

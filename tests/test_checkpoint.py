@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ltransform as lt
 from helpers import make_model
+from ltransform.checkpoint.sharded import write_manifest
 
 DATA = TensorDataset(torch.randn(40, 4, generator=torch.Generator().manual_seed(1)),
                      torch.randn(40, 1, generator=torch.Generator().manual_seed(2)))
@@ -98,7 +99,7 @@ def test_contents_round_trip(tmp_path, sharded):
     assert loaded.extra["grad_scaler"].state_dict() == state.extra["grad_scaler"].state_dict()
     assert loaded.extra["note"] == "hello" and loaded.extra["best"].item() == 0.5
     meta = torch.load(path / "common.pt" if sharded else path, weights_only=True)["meta"]
-    assert meta["format"] == "ltransform-checkpoint" and meta["version"] == 1
+    assert meta["format"] == "ltransform-checkpoint" and meta["version"] == 2
     assert meta["torch"] == str(torch.__version__) and meta["world_size"] == 1 and meta["sharded"] == sharded
     assert {"ltransform", "time", "precision"} <= set(meta)
 
@@ -161,9 +162,35 @@ def test_a_malicious_pickle_runs_nothing_and_is_refused(tmp_path):
     path = lt.save(tmp_path / "sharded", lt.State(model=make_model()), sharded=True)
     with open(path / ".metadata", "wb") as f:
         pickle.dump(Evil(), f)
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load the sharded checkpoint"):
+    with pytest.raises(lt.CheckpointError, match="sharded'?: its file '.metadata' has .* bytes, .* when saved"):
+        lt.load(path, lt.State(model=make_model()))  # its manifest tells first
+    write_manifest(path)  # as a crafted checkpoint would: then the allowlist refuses it
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load the sharded checkpoint .*'.metadata' holds "
+                                                     "objects other than DCP's own records .*'posix.system'"):
         lt.load(path, lt.State(model=make_model()))
     assert not Evil.marker.exists()
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_format_1_checkpoint_without_checksums_still_loads(tmp_path, sharded):
+    """Written before checksums (format 1: no per-tensor CRCs in a file, no manifest.pt beside
+    shards): loaded unchecked, as before."""
+    model = make_model()
+    path = lt.save(tmp_path / ("ckpt" if sharded else "ckpt.pt"), lt.State(model=model, step=4), sharded=sharded)
+    file = path / "common.pt" if sharded else path
+    payload = torch.load(file, weights_only=True)
+    payload.pop("checksums", None)
+    payload["meta"]["version"] = 1
+    torch.save(payload, file)
+    if sharded:
+        (path / "manifest.pt").unlink()
+    loaded = lt.load(path, lt.State(model=make_model(seed=1)))
+    assert same(loaded.model, model) and loaded.step == 4
+    payload["meta"]["version"] = 2  # the same file claiming format 2 lacks what format 2 has
+    torch.save(payload, file)
+    missing = "has no 'manifest.pt'" if sharded else "ckpt.pt' records no checksums"
+    with pytest.raises(lt.CheckpointError, match=missing):
+        lt.load(path, lt.State(model=make_model(seed=1)))
 
 
 def test_truncated_or_missing_files_name_the_file(tmp_path):
@@ -172,8 +199,9 @@ def test_truncated_or_missing_files_name_the_file(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(RuntimeError, match="checkpoint file .*ckpt.pt' is truncated or corrupt"):
         lt.load(path, lt.State(model=make_model()))
-    with pytest.raises(FileNotFoundError, match="checkpoint .*nope.pt' does not exist"):
+    with pytest.raises(FileNotFoundError, match="checkpoint .*nope.pt' does not exist") as raised:
         lt.load(tmp_path / "nope.pt", lt.State(model=make_model()))
+    assert isinstance(raised.value, lt.CheckpointError)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         lt.load(tmp_path / "empty", lt.State(model=make_model()))

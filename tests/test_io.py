@@ -150,9 +150,15 @@ def test_safetensors_round_trip_and_the_pip_hint(tmp_path, monkeypatch):
 def test_safe_unpickler_refuses_what_the_allowlist_does_not_name():
     import io as stdlib_io
 
-    unpickler = io.safe_unpickler(lambda module, name: (module, name) == ("collections", "OrderedDict"))
     from collections import OrderedDict
+
+    unpickler = io.safe_unpickler({("collections", "OrderedDict"): OrderedDict})
 
     assert unpickler(stdlib_io.BytesIO(pickle.dumps(OrderedDict(a=1)))).load() == OrderedDict(a=1)
     with pytest.raises(pickle.UnpicklingError, match=r"global '.*Custom' is not allowed"):
         unpickler(stdlib_io.BytesIO(pickle.dumps(Custom()))).load()
+    # protocol 4's dotted names are not walked (STACK_GLOBAL 'collections' 'OrderedDict.fromkeys')
+    dotted = b"\x80\x04\x8c\x0bcollections\x8c\x14OrderedDict.fromkeys\x93."
+    assert pickle.loads(dotted) == OrderedDict.fromkeys
+    with pytest.raises(pickle.UnpicklingError, match=r"global 'collections.OrderedDict.fromkeys' is not allowed"):
+        unpickler(stdlib_io.BytesIO(dotted)).load()

@@ -13,9 +13,10 @@ import torch
 
 from ltransform.core.inventory import Inventory
 from ltransform.core.state import _replace, extras
+from ltransform.io import CheckpointMismatchError, FileFormatError
 
 FORMAT = "ltransform-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: checksums (a full file's per tensor, a sharded one's manifest); 1 loads unchecked
 
 
 def metadata(*, sharded: bool, precision: str | None) -> dict[str, Any]:
@@ -28,14 +29,22 @@ def metadata(*, sharded: bool, precision: str | None) -> dict[str, Any]:
 
 
 def check_metadata(meta: Any, where: str) -> None:
+    """Check a checkpoint's metadata: ltransform's format, of a version this ltransform reads.
+
+    Raises:
+        FileFormatError: not an ltransform checkpoint, or of a newer format.
+    """
     if not isinstance(meta, Mapping) or meta.get("format") != FORMAT:
-        raise ValueError(
+        raise FileFormatError(
             f"{where} is not an ltransform checkpoint (no {FORMAT!r} metadata); for a file written "
             f"by plain PyTorch use lt.load_raw(path, model_or_optimizer)"
         )
-    if meta.get("version", 0) > VERSION:
-        raise ValueError(f"{where} has checkpoint format version {meta['version']}, newer than this "
-                         f"ltransform ({VERSION}) reads; upgrade ltransform")
+    version = meta.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise FileFormatError(f"{where} has a malformed checkpoint format version {version!r}: it is corrupt")
+    if version > VERSION:
+        raise FileFormatError(f"{where} has checkpoint format version {version!r}, newer than this "
+                              f"ltransform ({VERSION}) reads; upgrade ltransform")
 
 
 def optimizers(inv: Inventory) -> dict[str, tuple[torch.optim.Optimizer, torch.nn.Module, list[str]]]:
@@ -64,17 +73,48 @@ def capture_rng() -> dict[str, Any]:
     return rng
 
 
+def check_rng(rng: Any, where: str) -> None:
+    """Check that saved RNG states can be restored, on throwaway generators (nothing global changes).
+
+    Raises:
+        FileFormatError: they cannot (the file is corrupt); names ``where``.
+    """
+    try:
+        random.Random().setstate(_tuples(rng["python"]))
+        torch.Generator().set_state(rng["torch"])
+        numpy = _numpy() if "numpy" in rng else None
+        if numpy is not None:
+            numpy.random.RandomState().set_state(_numpy_state(rng["numpy"]))
+        cuda = rng.get("cuda", [])
+        if not (isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)):
+            raise TypeError(f"CUDA states must be a list of uint8 tensors, got {type(cuda).__name__}")
+    except Exception as error:
+        raise FileFormatError(f"{where}: the saved random generator states cannot be restored "
+                              f"({type(error).__name__}: {error}): the file is corrupt; load an earlier "
+                              f"checkpoint") from None
+
+
 def restore_rng(rng: Mapping[str, Any]) -> None:
+    """Restore states :func:`check_rng` passed (NumPy's unless NumPy is not installed here)."""
     random.setstate(_tuples(rng["python"]))
     torch.set_rng_state(rng["torch"])
-    if "numpy" in rng:
-        import numpy
+    numpy = _numpy() if "numpy" in rng else None
+    if numpy is not None:
+        numpy.random.set_state(_numpy_state(rng["numpy"]))
+    if "cuda" in rng and torch.cuda.is_available():  # (as many devices as both have)
+        torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
 
-        n = rng["numpy"]
-        numpy.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"],
-                                n["cached"]))
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+
+def _numpy() -> Any:
+    try:
+        import numpy
+    except ImportError:  # then nothing here can draw from NumPy's generator
+        return None
+    return numpy
+
+
+def _numpy_state(n: Mapping[str, Any]) -> tuple[Any, ...]:
+    return n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]
 
 
 def _tuples(value: Any) -> Any:
@@ -100,18 +140,32 @@ def capture_extras(inv: Inventory) -> dict[str, Any]:
     return out
 
 
+def check_extras(state: Any, saved: Mapping[str, Any], where: str) -> None:
+    """Check that ``restore_extras`` can restore ``saved``: each entry well formed, and each
+    object's state_dict with a live object to load it into.
+
+    Raises:
+        FileFormatError: an entry is malformed (the file is corrupt).
+        CheckpointMismatchError (also a RuntimeError): the state lacks an object the checkpoint has.
+    """
+    live = extras(state)
+    for key, entry in saved.items():
+        if not (isinstance(entry, Mapping) and len(entry) == 1 and {"stateful", "value"} & set(entry)):
+            raise FileFormatError(f"{where}: the checkpoint's state.extra[{key!r}] is malformed: it is corrupt "
+                                  f"or not one ltransform wrote")
+        if "stateful" in entry and not callable(getattr(live.get(key), "load_state_dict", None)):
+            raise CheckpointMismatchError(
+                f"{where}: the checkpoint has state.extra[{key!r}] (an object's state_dict), but "
+                f"the state has no such object to load it into; prepare the step first "
+                f"(lt.prepare(step, state)) so that it creates it")
+
+
 def restore_extras(state: Any, saved: Mapping[str, Any]) -> Any:
+    """Restore extras :func:`check_extras` passed: objects in place, plain values in a new state."""
     extra = dict(extras(state))
     for key, entry in saved.items():
         if "stateful" in entry:
-            live = extra.get(key)
-            if not callable(getattr(live, "load_state_dict", None)):
-                raise RuntimeError(
-                    f"lt.load: the checkpoint has state.extra[{key!r}] (an object's state_dict), but "
-                    f"the state has no such object to load it into; prepare the step first "
-                    f"(lt.prepare(step, state)) so that it creates it"
-                )
-            live.load_state_dict(entry["stateful"])
+            extra[key].load_state_dict(entry["stateful"])
         else:
             extra[key] = entry["value"]
     return _replace(state, extra=extra) if extra != extras(state) else state
@@ -146,13 +200,33 @@ def optimizer_state(names: list[str], optimizer: torch.optim.Optimizer) -> dict[
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
 
 
+def check_optimizer_state(names: list[str], optimizer: torch.optim.Optimizer, saved: Any, where: str) -> None:
+    """Check that :func:`load_optimizer_state` can load ``saved``: the same parameter groups, of
+    the same sizes, and a state of tensors and numbers by parameter name.
+
+    Raises:
+        CheckpointMismatchError: the groups differ (the optimizer is not built as it was saved).
+        FileFormatError: ``saved`` is malformed (the file is corrupt).
+    """
+    groups = optimizer.state_dict()["param_groups"]
+    saved_groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    state = saved.get("state", {}) if isinstance(saved, Mapping) else None
+    if not (isinstance(saved_groups, list) and all(isinstance(g, Mapping) and isinstance(g.get("params"), list)
+                                                   for g in saved_groups) and isinstance(state, Mapping)):
+        raise FileFormatError(f"{where}: its saved state is malformed: the file is corrupt or not one ltransform wrote")
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in saved_groups]:
+        raise CheckpointMismatchError(
+            f"{where}: the optimizer has parameter groups of {[len(g['params']) for g in groups]} parameters, "
+            f"the checkpoint {[len(g['params']) for g in saved_groups]}; build the optimizer as it was saved")
+    if not all(isinstance(v, Mapping) for v in state.values()):
+        raise FileFormatError(f"{where}: its saved per-parameter state is malformed: the file is corrupt")
+
+
 def load_optimizer_state(names: list[str], optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
-    """Load a state saved by :func:`optimizer_state` (or torch's FQN format) into a plain optimizer."""
+    """Load a state saved by :func:`optimizer_state` (or torch's FQN format), checked by
+    :func:`check_optimizer_state`, into a plain optimizer."""
     index = {name: i for i, name in enumerate(names)}
     groups = optimizer.state_dict()["param_groups"]
-    if len(groups) != len(saved["param_groups"]):
-        raise ValueError(f"lt.load: the optimizer has {len(groups)} parameter groups, the checkpoint "
-                         f"{len(saved['param_groups'])}")
     optimizer.load_state_dict({
         "state": {index[name]: v for name, v in saved.get("state", {}).items() if name in index},
         "param_groups": [{**g, "params": live["params"]} for g, live in zip(saved["param_groups"], groups)],

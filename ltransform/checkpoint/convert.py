@@ -12,7 +12,7 @@ import torch
 
 from ltransform import io
 from ltransform.checkpoint import contents, sharded
-from ltransform.checkpoint.api import check_keys
+from ltransform.checkpoint.api import check_keys, dcp_errors, read_full, read_sharded_common, write_full
 
 
 def consolidate(sharded_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
@@ -30,12 +30,12 @@ def consolidate(sharded_dir: str | os.PathLike[str], out: str | os.PathLike[str]
     """
     source = Path(sharded_dir)
     if not (source / "common.pt").is_file():
-        raise FileNotFoundError(f"consolidate: {str(source)!r} is not a complete sharded ltransform checkpoint "
-                                f"(no common.pt)")
-    common = io.read_file(source / "common.pt")
-    contents.check_metadata(common.get("meta"), repr(str(source)))
+        raise io.CheckpointNotFoundError(f"consolidate: {str(source)!r} is not a complete sharded ltransform "
+                                         f"checkpoint (no common.pt)")
+    common = read_sharded_common(source)
     tensors: dict[str, Any] = {}
-    sharded.load_tensors(tensors, source, rebuild=True)
+    with dcp_errors(source):
+        sharded.load_tensors(tensors, source, rebuild=True)
     out = Path(out)
     if out.suffix == ".safetensors":
         if len(tensors["models"]) != 1:
@@ -44,8 +44,8 @@ def consolidate(sharded_dir: str | os.PathLike[str], out: str | os.PathLike[str]
         return io.write_safetensors(next(iter(tensors["models"].values())), out)
     ranks = [io.read_file(p) for p in sorted(source.glob("rank-*.pt"), key=_rank_number)]
     meta = {**common["meta"], "sharded": False}
-    return io.write_file(out, {**common, "meta": meta, "models": tensors["models"],
-                               "optimizers": tensors.get("optimizers", {}), "ranks": ranks})
+    return write_full(out, {**common, "meta": {**meta, "version": contents.VERSION}, "models": tensors["models"],
+                            "optimizers": tensors.get("optimizers", {}), "ranks": ranks})
 
 
 def _rank_number(path: Path) -> int:
@@ -67,15 +67,16 @@ def export_safetensors(source: Any, out: str | os.PathLike[str], *, model: str =
     else:
         path = Path(source)
         if path.is_dir():
+            read_sharded_common(path)
             tensors: dict[str, Any] = {}
-            sharded.load_tensors(tensors, path, rebuild=True)
+            with dcp_errors(path):
+                sharded.load_tensors(tensors, path, rebuild=True)
             models = tensors["models"]
         else:
-            payload = io.read_file(path)
-            contents.check_metadata(payload.get("meta"), repr(str(path)))
-            models = payload["models"]
+            models = read_full(path)["models"]
         if model not in models:
-            raise KeyError(f"export_safetensors: no model {model!r} in {str(path)!r}; it has {sorted(models)}")
+            raise io.CheckpointKeyError(f"export_safetensors: no model {model!r} in {str(path)!r}; it has "
+                                        f"{sorted(models)}")
         weights = models[model]
     return io.write_safetensors(weights, Path(out))
 

@@ -1,5 +1,6 @@
 """Checkpoint benchmarks: save/load time of a ~500 MB state, sharded on 2 ranks vs one full file,
-and the peak memory of loading a full file lazily (mmap) vs a naive torch.load.
+what verifying the checksums costs a load, and the peak memory of loading a full file lazily
+(mmap) vs a naive torch.load.
 
     python tests/benchmarks/checkpoint.py [--params-m 125] [--dir /tmp/ltransform-bench]
 
@@ -11,9 +12,12 @@ The model is a stack of 2048x2048 float32 linear layers; the state adds SGD with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import shutil
+import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,8 +41,26 @@ def _state(model: torch.nn.Module) -> lt.State:
     return lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
 
 
+LOADS = 3  # loads of each kind (verified or not), alternating; the median is reported
+
+
+@contextlib.contextmanager
+def _unverified() -> Iterator[None]:
+    """lt.load without its checksum checks (for this comparison only: lt.load always checks)."""
+    from ltransform import io
+    from ltransform.checkpoint import sharded
+
+    saved = io.verify_checksums, sharded.verify_files
+    io.verify_checksums, sharded.verify_files = (lambda *args: None), (lambda path: True)
+    try:
+        yield
+    finally:
+        io.verify_checksums, sharded.verify_files = saved
+
+
 def save_and_load(kind: str, params_m: int, directory: str) -> dict[str, float]:
-    """On each rank: build (sharded on 2 ranks for 'sharded'), save, then load back; seconds."""
+    """On each rank: build (sharded on 2 ranks for 'sharded'), save, then load back, with and
+    without verifying checksums (alternating, the page cache warm after the first); seconds."""
     ensure_process_group()
     torch.manual_seed(0)
     model = build(params_m)
@@ -51,10 +73,39 @@ def save_and_load(kind: str, params_m: int, directory: str) -> dict[str, float]:
     lt.save(path, state, sharded=kind == "sharded")
     lt.barrier()
     t1 = time.perf_counter()
-    lt.load(path, state)
+    lt.load(path, state)  # (the first load reads the file from disk into the page cache)
     lt.barrier()
     t2 = time.perf_counter()
-    return {"save_s": t1 - t0, "load_s": t2 - t1}
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(LOADS):
+        for verify in (False, True):
+            with contextlib.nullcontext() if verify else _unverified():
+                start = time.perf_counter()
+                lt.load(path, state)
+                lt.barrier()
+                times[verify].append(time.perf_counter() - start)
+    return {"save_s": t1 - t0, "load_s": t2 - t1, "verified_s": statistics.median(times[True]),
+            "unverified_s": statistics.median(times[False]), "checks_s": _checks_alone(path)}
+
+
+def _checks_alone(path: Path) -> float:
+    """Seconds of the checksum checks alone (median of LOADS): a file's tensors, or this rank's
+    share of a sharded checkpoint's files; steadier than the difference of two loads."""
+    from ltransform import io
+    from ltransform.checkpoint import sharded
+    from ltransform.checkpoint.api import CHECKSUMS
+
+    seconds = []
+    for _ in range(LOADS):
+        lt.barrier()
+        start = time.perf_counter()
+        if path.is_dir():
+            sharded.verify_files(path)
+        else:
+            payload = io.read_file(path)
+            io.verify_checksums({k: v for k, v in payload.items() if k != CHECKSUMS}, payload[CHECKSUMS], path)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 def _status_mb(field: str) -> float:
@@ -111,6 +162,15 @@ def main() -> None:
     print(f"  sharded on 2 ranks (DCP, each writes its half): save {sharded['save_s']:.2f} s, "
           f"load {sharded['load_s']:.2f} s   (save {full['save_s'] / sharded['save_s']:.2f}x faster, "
           f"load {full['load_s'] / sharded['load_s']:.2f}x)")
+    from ltransform import io
+
+    print(f"  checksum verification on load (median of {LOADS}, page cache warm; CRC-32 of "
+          f"{io.crc32().__module__ or 'zlib'}):")
+    for name, r in (("full file", full), ("sharded on 2 ranks", sharded)):
+        cost = r["verified_s"] - r["unverified_s"]
+        print(f"    {name:20s} verified {r['verified_s']:.3f} s, unverified {r['unverified_s']:.3f} s "
+              f"({cost:+.3f} s); the checks alone {r['checks_s']:.3f} s = "
+              f"{100 * r['checks_s'] / r['unverified_s']:.1f}% of the unverified load")
     path = str(Path(args.dir) / "full.pt")
     lazy = lt.launch(load_memory, "lazy", args.params_m, path, devices=1)
     naive = lt.launch(load_memory, "naive", args.params_m, path, devices=1)

@@ -260,8 +260,7 @@ def _two_rank_saves(root: str) -> list[dict]:
             p.grad = torch.full_like(p, -1.0)
         state.optimizer.step()  # waits for the previous async save
         state = saver(lt.State(model=model, optimizer=state.optimizer, step=step))
-    # rank 0 prunes after its save call returns (a barrier here would race the async writer's
-    # own collectives on the default group), so rank 0 reports what is on disk
+    lt.barrier()  # a collective while an async save is being written (DCP's writer has a group of its own)
     before_last_publish = sorted(p.name for p in root.iterdir()) if lt.rank() == 0 else None
     finish_pending(state)
     loaded = lt.load(root, lt.State(model=model, optimizer=state.optimizer))
