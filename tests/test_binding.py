@@ -231,7 +231,7 @@ def test_explain_leaves_out_what_a_strategy_never_runs():
 
 def test_a_handler_stage_must_belong_to_its_effect():
     with pytest.raises(ValueError, match="stage CLIP does not belong to the backward effect; its stages are "
-                                         "LOSS_NORMALIZE, LOSS_SCALE"):
+                                         "LOSS_CHECK, LOSS_NORMALIZE, LOSS_SCALE"):
         lt.Handler(effect=lt.Effect.BACKWARD, stage=lt.Stage.CLIP, fn=lambda *a, **k: None)
 
 

@@ -40,6 +40,7 @@ class Stage(enum.IntEnum):
     SYNC = 10  # accumulate/distribute: no gradient sync unless boundary
     AUTOCAST = 20  # precision: autocast, input dtype; scaler.update() after the step
     # backward
+    LOSS_CHECK = 25  # guard_nonfinite: keep each micro-step's loss, to name a non-finite one
     LOSS_NORMALIZE = 30  # accumulate: divide the loss by n
     LOSS_SCALE = 40  # precision: scale the loss, run backward outside autocast
     # optimizer_step
@@ -47,14 +48,16 @@ class Stage(enum.IntEnum):
     ZERO_GRAD = 60  # built in: zero gradients once the update is done (or skipped for inf)
     REDUCE = 70  # distribute: reduce gradients where the backend does not (XLA)
     UNSCALE = 80  # precision: unscale gradients
+    FINITE_CHECK = 85  # guard_nonfinite: skip (or stop) on inf/NaN gradients, before clipping
     CLIP = 90  # clip_gradients
     APPLY = 100  # precision: scaler.step (skips on inf/NaN), replaces optimizer.step()
 
 
 STAGES: dict[Effect, tuple[Stage, ...]] = {
     Effect.STEP: (Stage.SYNC, Stage.AUTOCAST),
-    Effect.BACKWARD: (Stage.LOSS_NORMALIZE, Stage.LOSS_SCALE),
-    Effect.OPTIMIZER_STEP: (Stage.GATE, Stage.ZERO_GRAD, Stage.REDUCE, Stage.UNSCALE, Stage.CLIP, Stage.APPLY),
+    Effect.BACKWARD: (Stage.LOSS_CHECK, Stage.LOSS_NORMALIZE, Stage.LOSS_SCALE),
+    Effect.OPTIMIZER_STEP: (Stage.GATE, Stage.ZERO_GRAD, Stage.REDUCE, Stage.UNSCALE, Stage.FINITE_CHECK,
+                            Stage.CLIP, Stage.APPLY),
 }
 
 

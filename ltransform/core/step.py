@@ -39,6 +39,8 @@ class StepTransform:
         every: an optimizer boundary every ``every`` micro-steps (accumulation).
         setting: its main setting, for readers other than the handlers (the precision name,
             which checkpoints record).
+        rejects: ``other -> reason | None``: why it cannot share a step with the transform
+            ``other`` (asked both ways when either is added), None if it can.
     """
 
     name: str
@@ -47,6 +49,7 @@ class StepTransform:
     prepare: Prepare | None = None
     every: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     setting: Any = None
+    rejects: Callable[[StepTransform], str | None] | None = None
 
 
 def _check_step(step: Any, transform: str) -> None:
@@ -127,13 +130,13 @@ class TransformedStep:
         return f"<step {step_name(self)!r} [{inner}]>"
 
     def with_transform(self, transform: StepTransform) -> TransformedStep:
-        """A new step with ``transform`` added; raises if one of its kind is already there."""
+        """A new step with ``transform`` added; raises if one of its kind is already there, or
+        if it and a transform already there reject each other."""
         for existing in self.transforms:
-            if existing.kind == transform.kind:
-                raise ValueError(
-                    f"{transform.name} cannot be combined with {existing.name}: a step takes "
-                    f"one {transform.kind} transform; remove one of them"
-                )
+            reason = (f"a step takes one {transform.kind} transform; remove one of them"
+                      if existing.kind == transform.kind else _rejection(transform, existing))
+            if reason:
+                raise ValueError(f"{transform.name} cannot be combined with {existing.name}: {reason}")
         return TransformedStep(self.base, (*self.transforms, transform), counts=self.counts,
                                trusted=self.trusted, body=self.body)
 
@@ -171,6 +174,10 @@ class TransformedStep:
         if self.body is not None and type(metrics.get("loss")) is torch.Tensor:
             metrics = {**metrics, "loss": metrics["loss"].detach()}  # the runner detaches at log time
         return new_state, metrics
+
+
+def _rejection(a: StepTransform, b: StepTransform) -> str | None:
+    return (a.rejects and a.rejects(b)) or (b.rejects and b.rejects(a)) or None
 
 
 def _enter_nested(outer: Frame, inner: TransformedStep) -> None:
