@@ -1,25 +1,28 @@
-"""``lt.save``, ``lt.load``, ``lt.checkpoint_sharded``, ``lt.load_raw``: checkpoints of a whole state."""
+"""``lt.save`` and ``lt.load``: checkpoints of a whole state.
+
+The save side and the public entry points live here; reading a checkpoint and checking it before
+anything is copied in is ``ltransform.checkpoint.read``.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from ltransform import io
 from ltransform.checkpoint import contents, files, sharded
+from ltransform.checkpoint.read import (_check_common, _check_rank, _has_dtensors, _model_state, _read_full,
+                                        _read_sharded, write_full)
 from ltransform.core.inventory import Inventory, inventory
 from ltransform.distributed import env
 
 Filter = Callable[[str, torch.Tensor], bool]
-CHECKSUMS = "checksums"  # a full file's entry: the CRC-32 of each of its tensors, by path
 
 
 def save(path: str | os.PathLike[str], state: Any, *, sharded: bool = False, filter: Any = None,
@@ -119,25 +122,6 @@ def _save_full(path: Path, inv: Inventory, filters: Mapping[str, Filter]) -> Pat
         write_full(path, {**_common(inv, False), **tensors, "ranks": per_rank})
     env.barrier()
     return path
-
-
-def write_full(path: Path, payload: dict[str, Any]) -> Path:
-    """Write a full checkpoint file atomically, with the CRC-32 of each of its tensors."""
-    return io.write_file(path, {**payload, CHECKSUMS: io.tensor_checksums(payload)})
-
-
-def read_full(path: Path) -> dict[str, Any]:
-    """A full checkpoint file, its metadata and (format 2 on) every tensor's checksum checked.
-
-    Raises:
-        CheckpointError: see :func:`load`.
-    """
-    payload = io.read_file(path)
-    meta = payload.get("meta") if isinstance(payload, Mapping) else None
-    contents.check_metadata(meta, repr(str(path)))
-    if meta.get("version", 1) >= 2:
-        io.verify_checksums({k: v for k, v in payload.items() if k != CHECKSUMS}, payload.get(CHECKSUMS), path)
-    return payload
 
 
 def _save_sharded(path: Path, inv: Inventory, filters: Mapping[str, Filter], async_save: bool) -> Path:
@@ -286,271 +270,3 @@ def _resolve(path: Path) -> Path:
         return files.resolve(path)
     except FileNotFoundError as error:
         raise io.CheckpointNotFoundError(f"lt.load: {error}") from None
-
-
-class _Read(NamedTuple):
-    """A checkpoint read and checked, not yet copied in."""
-
-    common: Mapping[str, Any]  # counters, schedulers, extras
-    mine: Any  # this rank's RNG states and data position
-    copy_ins: list[Callable[[], Any]]  # in order; none can fail on what was checked
-    common_file: Path
-    rank_file: Path
-
-
-def _read_full(path: Path, inv: Inventory, optimizers: Mapping[str, Any], strict: bool) -> _Read:
-    """Read and check a full checkpoint file."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    payload = read_full(path)
-    where = f"lt.load({str(path)!r})"
-    models, saved_optimizers, ranks = (_entry(payload, key, where, kind) for key, kind in
-                                       (("models", Mapping), ("optimizers", Mapping), ("ranks", list)))
-    if not ranks:
-        raise io.FileFormatError(f"{where}: the checkpoint holds no rank's RNG states: it is corrupt")
-    # Sharded models go through torch's full-state-dict loaders (which reshard); plain ones load
-    # directly from the mapped file (torch's helpers would allocate a gradient per parameter)
-    options = StateDictOptions(full_state_dict=True, strict=strict)
-    copy_ins: list[Callable[[], Any]] = []
-    for name, module in inv.models.items():
-        saved = models.get(name)
-        if not isinstance(saved, Mapping):
-            raise io.CheckpointKeyError(f"{where}: the checkpoint has no model {name!r}; it has {sorted(models)}")
-        check_tensors(path, name, module.state_dict(), saved, strict, shapes=not _is_quantized(module))
-        copy_ins.append(functools.partial(_load_module, module, saved, options))
-    for name, (opt, module, names) in optimizers.items():
-        if name not in saved_optimizers:
-            if strict:
-                raise io.CheckpointKeyError(f"{where}: the checkpoint has no optimizer {name!r}; it has "
-                                            f"{sorted(saved_optimizers)}; pass strict=False to load without it")
-            continue
-        saved = saved_optimizers[name]
-        if _has_dtensors(module):
-            copy_ins.append(functools.partial(set_optimizer_state_dict, module, opt, saved, options=options))
-        else:
-            contents.check_optimizer_state(names, opt, saved, f"{where}: optimizer {name!r}")
-            copy_ins.append(functools.partial(contents.load_optimizer_state, names, opt, saved))
-    return _Read(payload, ranks[env.rank() % len(ranks)], copy_ins, path, path)
-
-
-def _entry(payload: Mapping[str, Any], key: str, where: str, kind: type) -> Any:
-    value = payload.get(key)
-    if not isinstance(value, kind):
-        raise io.FileFormatError(f"{where}: the checkpoint's {key!r} entry is missing or not a "
-                                 f"{kind.__name__}: it is corrupt or not one ltransform wrote")
-    return value
-
-
-def _check_common(state: Any, inv: Inventory, common: Mapping[str, Any], where: str) -> None:
-    """Check what is restored besides tensors: counters, schedulers, extras."""
-    counters, schedulers, extra = (_entry(common, key, where, Mapping) for key in ("counters", "schedulers", "extra"))
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in counters.values()):
-        raise io.FileFormatError(f"{where}: the checkpoint's counters {dict(counters)} are not integers: it is corrupt")
-    for name in inv.schedulers:
-        if name in schedulers and not isinstance(schedulers[name], Mapping):
-            raise io.FileFormatError(f"{where}: the checkpoint's scheduler {name!r} is not a state dict: it is corrupt")
-    contents.check_extras(state, extra, where)
-
-
-def _check_rank(mine: Any, where: str) -> None:
-    if not isinstance(mine, Mapping):
-        raise io.FileFormatError(f"{where}: this rank's part of the checkpoint is not a dict: it is corrupt")
-    contents.check_rng(mine.get("rng"), where)
-
-
-def _model_state(module: torch.nn.Module, options: Any) -> dict[str, Any]:
-    """A model's state dict keyed by parameter names: torch's helper for sharded models
-    (gathered or as shards); a plain model's own ``state_dict()``, which also carries entries
-    torch's helper cannot map to attributes (bitsandbytes' quantization state)."""
-    if _has_dtensors(module):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(module, options=options)
-    state = module.state_dict()
-    return {k: v.cpu() for k, v in state.items()} if options.cpu_offload else state
-
-
-def _load_module(module: torch.nn.Module, saved: dict[str, Any], options: Any) -> None:
-    """Load a model's state dict: sharded models through torch's loader (which reshards), plain
-    ones directly (from the mapped file). Quantized layers load their packed state themselves
-    (``lt.quantize`` gives them a load hook)."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    if _has_dtensors(module):
-        set_model_state_dict(module, saved, options=options)
-        return
-    module.load_state_dict(saved, strict=options.strict)
-
-
-def _is_quantized(module: torch.nn.Module) -> bool:
-    """Holds bitsandbytes layers (checked without importing bitsandbytes)."""
-    return any(type(m).__module__.startswith("bitsandbytes") for m in module.modules())
-
-
-def _has_dtensors(module: torch.nn.Module) -> bool:
-    """Sharded (DTensor) parameters, which only torch's DCP helpers can gather or reshard."""
-    return any(hasattr(p, "device_mesh") for p in module.parameters())
-
-
-def check_keys(path: Path, name: str, expected: set[str], saved: set[str]) -> None:
-    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
-    if missing or unexpected:
-        raise io.CheckpointKeyError(
-            f"lt.load({str(path)!r}): model {name!r} does not match the checkpoint: missing keys "
-            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}, unexpected keys "
-            f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}; pass strict=False to load "
-            f"the keys that match"
-        )
-
-
-def check_tensors(path: Path, name: str, live: Mapping[str, Any], saved: Mapping[str, Any], strict: bool, *,
-                  shapes: bool = True) -> None:
-    """Check a model's saved entries against its live state dict: the keys (``strict``), and unless
-    ``shapes`` is False (quantized layers), for every tensor in both its shape (the global one of a
-    sharded tensor) and dtype (any floating point type loads into another, as a precision change;
-    other kinds must match).
-
-    ``saved`` maps keys to tensors, or to anything with ``size`` and ``properties.dtype`` (DCP's
-    metadata of a stored tensor)."""
-    if strict:
-        check_keys(path, name, set(live), set(saved))
-    if not shapes:  # (quantized layers check their packed state themselves)
-        return
-    for key in [k for k in live if k in saved]:  # (in the model's order: the first mismatch is named)
-        mine, theirs = live[key], saved[key]
-        if not isinstance(mine, torch.Tensor):
-            continue
-        shape = tuple(theirs.shape if isinstance(theirs, torch.Tensor) else getattr(theirs, "size", ()))
-        dtype = theirs.dtype if isinstance(theirs, torch.Tensor) else getattr(getattr(theirs, "properties", None),
-                                                                              "dtype", None)
-        if dtype is None:
-            raise io.FileFormatError(f"lt.load({str(path)!r}): model {name!r}: entry {key!r} is not a tensor in "
-                                     f"the checkpoint: it is corrupt or not one ltransform wrote")
-        if shape != tuple(mine.shape):
-            raise io.CheckpointMismatchError(
-                f"lt.load({str(path)!r}): model {name!r}: entry {key!r} has shape {list(shape)} in the "
-                f"checkpoint, {list(mine.shape)} in the model; build the model as it was saved")
-        if dtype != mine.dtype and not (dtype.is_floating_point and mine.dtype.is_floating_point):
-            raise io.CheckpointMismatchError(
-                f"lt.load({str(path)!r}): model {name!r}: entry {key!r} is {dtype} in the checkpoint, "
-                f"{mine.dtype} in the model; build the model as it was saved")
-
-
-def _read_sharded(path: Path, inv: Inventory, opts: Mapping[str, Any], strict: bool) -> _Read:
-    """Read and check a sharded checkpoint (every file first, against its manifest)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
-
-    common = read_sharded_common(path)
-    rank_file = _rank_file(path)
-    mine = io.read_file(rank_file)
-    with dcp_errors(path):
-        stored = sharded.reader(path).read_metadata().state_dict_metadata
-    mods = inv.models
-    # Models and sharded optimizers load in place into a template of their state. Two kinds
-    # are read as saved instead (the subtree rebuilt from the metadata) and loaded directly:
-    # plain optimizers, whose template would first create every missing state tensor with a
-    # zero step (a gradient per parameter: most of the load time measured), and quantized
-    # models, whose packed quantization state varies in size and cannot be a template.
-    plain = {n for n, (_, m, _) in opts.items() if not _has_dtensors(m)}
-    quantized = {n for n, m in mods.items() if _is_quantized(m)}
-    tensors = {"models": {n: _model_state(m, StateDictOptions()) for n, m in mods.items() if n not in quantized},
-               "optimizers": {n: get_optimizer_state_dict(m, o) for n, (o, m, _) in opts.items() if n not in plain}}
-    for name, module in mods.items():
-        prefix = f"models.{name}."
-        saved = {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
-        if not saved:
-            raise io.CheckpointKeyError(f"lt.load({str(path)!r}): the checkpoint has no model {name!r}")
-        live = tensors["models"][name] if name in tensors["models"] else module.state_dict()
-        check_tensors(path, name, live, saved, strict, shapes=name not in quantized)
-    saved_parts: dict[str, Any] = {}
-    if plain or quantized:
-        keys = {f"optimizers.{n}" for n in plain} | {f"models.{n}" for n in quantized}
-        with dcp_errors(path):
-            sharded.load_tensors(saved_parts, path, rebuild=True, keys=keys)
-    if (path / sharded.MANIFEST).is_file():  # every shard verified: DCP reads them into the parameters
-        copy_ins: list[Callable[[], Any]] = [functools.partial(_load_tensors_in_place, tensors, path, strict)]
-    else:  # format 1, unchecked: read into a copy first (one more copy of this rank's shards, briefly)
-        tensors = _clone_tensors(tensors)
-        _load_tensors_in_place(tensors, path, strict)
-        copy_ins = []
-    for name, module in mods.items():
-        source = saved_parts.get("models", {}) if name in quantized else tensors["models"]
-        copy_ins.append(functools.partial(_load_module, module, source[name], StateDictOptions(strict=strict)))
-    for name, (opt, module, names) in opts.items():
-        if name not in plain:
-            copy_ins.append(functools.partial(set_optimizer_state_dict, module, opt, tensors["optimizers"][name]))
-        elif name in saved_parts.get("optimizers", {}):
-            saved = saved_parts["optimizers"][name]
-            contents.check_optimizer_state(names, opt, saved, f"lt.load({str(path)!r}): optimizer {name!r}")
-            copy_ins.append(functools.partial(contents.load_optimizer_state, names, opt, saved))
-        elif strict:
-            raise io.CheckpointKeyError(f"lt.load({str(path)!r}): the checkpoint has no optimizer {name!r}; pass "
-                                        f"strict=False to load without it")
-    return _Read(common, mine, copy_ins, path / "common.pt", rank_file)
-
-
-def read_sharded_common(path: Path) -> dict[str, Any]:
-    """A sharded checkpoint's ``common.pt``, every file of it checked first against its manifest
-    (format 2 on; on every rank together).
-
-    Raises:
-        CheckpointError: see :func:`load`.
-    """
-    verified = sharded.verify_files(path)
-    common = io.read_file(path / "common.pt")
-    contents.check_metadata(common.get("meta") if isinstance(common, Mapping) else None,
-                            repr(str(path / "common.pt")))
-    if not verified and common["meta"].get("version", 1) >= 2:
-        raise io.CheckpointNotFoundError(f"lt.load: the sharded checkpoint {str(path)!r} has no "
-                                         f"{sharded.MANIFEST!r}: it is incomplete or corrupt; load an earlier "
-                                         f"checkpoint")
-    return common
-
-
-def _rank_file(path: Path) -> Path:
-    """This rank's ``rank-R.pt``; on more ranks than were saved, one of those saved."""
-    mine = path / f"rank-{env.rank()}.pt"
-    if mine.exists():
-        return mine
-    saved = sorted(path.glob("rank-*.pt"))
-    if not saved:
-        raise io.CheckpointNotFoundError(f"lt.load: the sharded checkpoint {str(path)!r} has no {mine.name!r} (nor "
-                                         f"any rank-R.pt: each rank's RNG states): it is incomplete; load an "
-                                         f"earlier checkpoint")
-    return saved[env.rank() % len(saved)]
-
-
-def _clone_tensors(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _clone_tensors(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone_tensors(v) for v in value)
-    return value
-
-
-def _load_tensors_in_place(tensors: dict[str, Any], path: Path, strict: bool) -> None:
-    with dcp_errors(path):
-        sharded.load_tensors(tensors, path, strict=strict)
-
-
-@contextlib.contextmanager
-def dcp_errors(path: Path) -> Iterator[None]:
-    """DCP's errors as ours: the error a rank raised inside DCP (one of ours, when our reader
-    refused the metadata), or a FileFormatError naming the checkpoint."""
-    try:
-        yield
-    except (io.CheckpointError, MemoryError, KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as error:  # (DCP's CheckpointException is a BaseException)
-        failures = getattr(error, "failures", None)  # DCP's CheckpointException: each rank's error
-        cause = next(iter(failures.values()), error) if isinstance(failures, Mapping) and failures else error
-        cause = cause[0] if isinstance(cause, tuple) and cause else cause
-        if isinstance(cause, io.CheckpointError):
-            raise cause from None
-        names = [".metadata", *sorted(p.name for p in path.glob("*.distcp"))]
-        raise io.FileFormatError(f"lt.load: the sharded checkpoint {str(path)!r}: its DCP files {names} cannot "
-                                 f"be read ({type(cause).__name__}: {io.reason(cause)}); they are corrupt or "
-                                 f"incomplete; load an earlier checkpoint") from error

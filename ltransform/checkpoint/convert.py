@@ -12,7 +12,7 @@ import torch
 
 from ltransform import io
 from ltransform.checkpoint import contents, sharded
-from ltransform.checkpoint.api import check_keys, dcp_errors, read_full, read_sharded_common, write_full
+from ltransform.checkpoint.read import check_keys, dcp_errors, read_full, read_sharded_common, write_full
 
 
 def consolidate(sharded_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:

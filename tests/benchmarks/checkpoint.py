@@ -93,7 +93,7 @@ def _checks_alone(path: Path) -> float:
     share of a sharded checkpoint's files; steadier than the difference of two loads."""
     from ltransform import io
     from ltransform.checkpoint import sharded
-    from ltransform.checkpoint.api import CHECKSUMS
+    from ltransform.checkpoint.read import CHECKSUMS
 
     seconds = []
     for _ in range(LOADS):

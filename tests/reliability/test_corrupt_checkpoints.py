@@ -341,7 +341,7 @@ class Counter:
 
 def rewrite(path: Path, file: str, change) -> None:
     """Change a saved checkpoint's content as a writer with a bug would: checksums made to match."""
-    from ltransform.checkpoint.api import CHECKSUMS, write_full
+    from ltransform.checkpoint.read import CHECKSUMS, write_full
     from ltransform import io
 
     if path.is_dir():
