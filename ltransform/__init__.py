@@ -48,6 +48,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "eval_step": ("ltransform.core.step", "eval_step"),
     "prepare": ("ltransform.core.step", "prepare"),
     "train_step": ("ltransform.core.step", "train_step"),
+    "cluster": ("ltransform.distributed.clusters", "name"),
+    "requeue": ("ltransform.distributed.clusters", "requeue"),
     "all_gather": ("ltransform.distributed.env", "all_gather"),
     "all_reduce": ("ltransform.distributed.env", "all_reduce"),
     "barrier": ("ltransform.distributed.env", "barrier"),
@@ -56,7 +58,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "local_rank": ("ltransform.distributed.env", "local_rank"),
     "rank": ("ltransform.distributed.env", "rank"),
     "world_size": ("ltransform.distributed.env", "world_size"),
+    "CollectiveError": ("ltransform.distributed.env", "CollectiveError"),
     "LaunchError": ("ltransform.distributed.launch", "LaunchError"),
+    "Preempted": ("ltransform.distributed.preemption", "Preempted"),
+    "Preemption": ("ltransform.distributed.preemption", "Preemption"),
     "launch": ("ltransform.distributed.launch", "launch"),
     "STRATEGIES": ("ltransform.distributed.strategies", "STRATEGIES"),
     "Strategy": ("ltransform.distributed.strategies", "Strategy"),
@@ -127,6 +132,8 @@ if TYPE_CHECKING:
     from ltransform.core.step import eval_step
     from ltransform.core.step import prepare
     from ltransform.core.step import train_step
+    from ltransform.distributed.clusters import name as cluster
+    from ltransform.distributed.clusters import requeue
     from ltransform.distributed.env import all_gather
     from ltransform.distributed.env import all_reduce
     from ltransform.distributed.env import barrier
@@ -135,7 +142,10 @@ if TYPE_CHECKING:
     from ltransform.distributed.env import local_rank
     from ltransform.distributed.env import rank
     from ltransform.distributed.env import world_size
+    from ltransform.distributed.env import CollectiveError
     from ltransform.distributed.launch import LaunchError
+    from ltransform.distributed.preemption import Preempted
+    from ltransform.distributed.preemption import Preemption
     from ltransform.distributed.launch import launch
     from ltransform.distributed.strategies import STRATEGIES
     from ltransform.distributed.strategies import Strategy

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -13,13 +14,20 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="run a training script on N processes per node (through torchrun)",
         description="Run SCRIPT on --devices processes per node with torch's elastic agent "
-                    "(torchrun); the script is unchanged from its single-process form.")
+                    "(torchrun); the script is unchanged from its single-process form. A rank that "
+                    "fails makes the group restart (up to --max-restarts times; lt.run(..., "
+                    "resume='latest') resumes); preempted ranks (SIGTERM: each lt.run saves and "
+                    "exits) make it exit with their code, 128 + the signal's number.")
     run.add_argument("--devices", type=int, default=1, help="processes per node (one per GPU)")
     run.add_argument("--nodes", type=int, default=1, help="number of nodes")
     run.add_argument("--node-rank", type=int, default=0, help="this node's index (0 to nodes-1)")
     run.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
     run.add_argument("--master-port", type=int, default=None, help="port on node 0 (any free one on one node)")
-    run.add_argument("--max-restarts", type=int, default=0, help="restarts after a failure")
+    run.add_argument("--max-restarts", type=int, default=0,
+                     help="restarts of the group after a rank fails; lt.run(resume='latest') resumes")
+    run.add_argument("--timeout", type=float, default=None,
+                     help="seconds a collective waits for the other ranks before failing with an error "
+                          "naming the rank (sets LTRANSFORM_COLLECTIVE_TIMEOUT; default torch's, 30 min)")
     run.add_argument("script", help="the training script")
     run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     merge = commands.add_parser(
@@ -55,7 +63,26 @@ def main(argv: list[str] | None = None) -> int:
     if options.devices < 1 or options.nodes < 1 or not 0 <= options.node_rank < options.nodes:
         raise SystemExit(f"ltransform run: need --devices >= 1, --nodes >= 1 and 0 <= --node-rank < "
                          f"--nodes, got {options.devices}, {options.nodes}, {options.node_rank}")
+    if options.timeout is not None:
+        if not options.timeout > 0:
+            raise SystemExit(f"ltransform run: --timeout must be a positive number of seconds, got {options.timeout}")
+        os.environ["LTRANSFORM_COLLECTIVE_TIMEOUT"] = f"{options.timeout:g}"  # the ranks inherit it
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    torchrun(torchrun_args(options))
+    try:
+        torchrun(torchrun_args(options))
+    except SignalException as error:  # torchrun passed it on to the ranks and waited for them
+        print(f"ltransform run: received {error.sigval.name}; the ranks were sent it too", file=sys.stderr)
+        return 128 + int(error.sigval)
+    except ChildFailedError as error:
+        # preempted: a rank exited with 128 + a signal's number (lt.Preempted), and every other
+        # one too, or was killed by that signal (torchrun stops the others once one has exited)
+        codes = {failure.exitcode for failure in error.failures.values()}
+        signals = {code - 128 if code > 128 else -code for code in codes}
+        if len(signals) == 1 and max(codes) > 128:
+            print(f"ltransform run: the ranks were preempted (exit code {max(codes)})", file=sys.stderr)
+            return max(codes)
+        raise
     return 0

@@ -12,6 +12,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from ltransform.distributed import clusters
+from ltransform.distributed.preemption import Preempted
+
 _START_METHODS = ("spawn", "fork", "forkserver")
 
 
@@ -35,6 +38,7 @@ def launch(
     start_method: str | None = None,
     max_restarts: int = 0,
     join_timeout: int = 900,
+    timeout: float | None = None,
     **kwargs: Any,
 ) -> Any:
     """Run ``fn(*args, **kwargs)`` on ``devices`` processes per node; return rank 0's result.
@@ -42,7 +46,8 @@ def launch(
     Processes are started by torch's elastic agent (what ``torchrun`` uses), each with
     ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set, so
     ``lt.shard``, ``lt.distribute`` and the collectives join the group on first use.
-    Already inside a launched process (``torchrun``) it just calls ``fn``.
+    Already inside a launched process (``torchrun``, or one task of several of ``srun`` or
+    ``mpirun``) it just calls ``fn``.
 
     Args:
         fn: the function each process runs; defined in a module or a script (spawn), or in a
@@ -56,8 +61,13 @@ def launch(
         start_method: ``"spawn"``, ``"fork"`` or ``"forkserver"``; default fork where there is
             no script file to re-import (Jupyter, ``python -c``, the interactive interpreter),
             else spawn.
-        max_restarts: how many times the agent restarts the group after a failure.
+        max_restarts: how many times the agent restarts the group after a rank fails (dies,
+            raises, or is preempted); a restarted group meets anew, and an ``lt.run(...,
+            resume="latest")`` in ``fn`` continues from the latest checkpoint.
         join_timeout: seconds to wait for every node to join before giving up.
+        timeout: seconds a collective waits for the other ranks before it fails with
+            ``lt.CollectiveError`` naming the rank and the operation (default: torch's, 30
+            minutes); sets ``LTRANSFORM_COLLECTIVE_TIMEOUT`` in the ranks.
 
     Returns:
         What ``fn`` returned on rank 0 (None on nodes other than node 0).
@@ -68,6 +78,9 @@ def launch(
             joined within ``join_timeout`` seconds.
         ValueError: bad options, or ``devices * num_nodes`` differs from the world size of the
             launched process it is called in.
+        lt.Preempted: every failed rank was stopped by a preemption signal (``lt.run`` saved
+            and exited), or this process received SIGTERM (which the agent passes on to the
+            ranks): a ``SystemExit`` with code 128 + the signal's number, as in the ranks.
 
     Example:
         >>> import ltransform as lt
@@ -79,14 +92,20 @@ def launch(
     """
     _check_options(devices=devices, num_nodes=num_nodes, node_rank=node_rank, max_restarts=max_restarts,
                    join_timeout=join_timeout)
-    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"lt.launch: timeout must be a positive number of seconds or None, got {timeout!r}")
+    outer = clusters.environment()  # an srun / mpirun task of several is launched already
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ or int(outer.get("WORLD_SIZE", "1")) > 1:
+        world = int(os.environ.get("WORLD_SIZE") or outer.get("WORLD_SIZE", "1"))
         if world != devices * num_nodes:
             raise ValueError(
                 f"lt.launch(devices={devices}, num_nodes={num_nodes}) was called inside a launched "
                 f"process whose WORLD_SIZE is {world}; pass devices/num_nodes matching the launcher "
                 f"(e.g. torchrun --nproc-per-node), or call fn directly"
             )
+        if timeout is not None:  # for the group, if fn creates it
+            os.environ["LTRANSFORM_COLLECTIVE_TIMEOUT"] = f"{timeout:g}"
         return fn(*args, **kwargs)
     method = start_method or ("fork" if _interactive(fn) else "spawn")
     if method not in _START_METHODS:
@@ -97,12 +116,13 @@ def launch(
             raise ValueError("lt.launch: give master_port=... for num_nodes > 1 (every node needs the same)")
         master_port = _free_port()
     return _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, master_port,
-                      method, max_restarts, join_timeout)
+                      method, max_restarts, join_timeout, timeout)
 
 
 def _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, master_port, method,
-               max_restarts, join_timeout) -> Any:
+               max_restarts, join_timeout, timeout) -> Any:
     from torch.distributed import DistStoreError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -120,9 +140,13 @@ def _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, mas
     )
     with tempfile.TemporaryDirectory(prefix="ltransform-launch-") as errors:
         try:
-            results = elastic_launch(config, _Entry(fn, kwargs, errors))(*args)
+            results = elastic_launch(config, _Entry(fn, kwargs, errors, timeout))(*args)
         except ChildFailedError as error:
             raise _launch_error(error.failures, errors, devices * num_nodes) from None
+        except SignalException as error:  # the agent passed it on to the ranks and waited for them
+            sig = signal.Signals(error.sigval)
+            raise Preempted(f"lt.launch: received {sig.name}; the ranks were sent it too (an lt.run "
+                            f"among them saved its checkpoint and stopped)", sig) from None
         except DistStoreError as error:  # the rendezvous: not every node came
             raise LaunchError(
                 f"lt.launch: not every node joined at {master_addr}:{master_port} within "
@@ -134,11 +158,13 @@ def _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, mas
 class _Entry:
     """What each rank runs: ``fn``, writing any exception where the parent will read it."""
 
-    def __init__(self, fn: Callable[..., Any], kwargs: dict[str, Any], errors: str) -> None:
-        self.fn, self.kwargs, self.errors = fn, kwargs, errors
+    def __init__(self, fn: Callable[..., Any], kwargs: dict[str, Any], errors: str, timeout: float | None) -> None:
+        self.fn, self.kwargs, self.errors, self.timeout = fn, kwargs, errors, timeout
         self.__name__ = self.__qualname__ = getattr(fn, "__name__", "fn")  # the agent logs it
 
     def __call__(self, *args: Any) -> Any:
+        if self.timeout is not None:  # read when the rank creates its process group
+            os.environ["LTRANSFORM_COLLECTIVE_TIMEOUT"] = f"{self.timeout:g}"
         try:
             result = self.fn(*args, **self.kwargs)
             _check_sendable(result)
@@ -164,8 +190,9 @@ def _check_sendable(result: Any) -> None:
         ) from error
 
 
-def _launch_error(failures: dict[int, Any], errors: str, world: int) -> LaunchError:
-    """Each failed rank and why, the first to fail (the likely cause) first."""
+def _launch_error(failures: dict[int, Any], errors: str, world: int) -> LaunchError | Preempted:
+    """Each failed rank and why, the first to fail (the likely cause) first; ``Preempted`` if
+    every failed rank was (they exit with the same code)."""
     found: dict[int, tuple[float, str]] = {}
     for name in os.listdir(errors):  # ranks that raised wrote their exception here
         with open(os.path.join(errors, name)) as file:
@@ -176,6 +203,12 @@ def _launch_error(failures: dict[int, Any], errors: str, world: int) -> LaunchEr
             found[rank] = (float(getattr(failure, "timestamp", 0)), _exit_reason(failure.exitcode))
     reasons = {rank: why for rank, (_, why) in sorted(found.items(), key=lambda kv: (kv[1][0], kv[0]))}
     first, *rest = reasons
+    preempted = [why for why in reasons.values() if why.startswith(f"{Preempted.__name__}: ")]
+    codes = {failure.exitcode for failure in failures.values() if failure.exitcode and failure.exitcode > 128}
+    if preempted and len(codes) == 1:  # the others were stopped by the agent once one had exited
+        sig = signal.Signals(codes.pop() - 128)
+        if all(why in preempted or why.startswith(f"killed by signal {sig.name}") for why in reasons.values()):
+            return Preempted(f"lt.launch: the ranks were preempted: {preempted[0].split(': ', 1)[1]}", sig)
     lines = [f"  rank {rank}: {why}" for rank, why in reasons.items()]
     return LaunchError(
         f"lt.launch: rank {first} failed first ({len(reasons)} of {world} ranks failed; the "

@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from ltransform.core.inventory import inventory
 from ltransform.core.state import read_counters, read_epoch, set_field, with_counters
 from ltransform.core.step import TransformedStep, as_step
 from ltransform.distributed import env
+from ltransform.distributed.preemption import Preempted, Preemption, Watch
 from ltransform.runner.data import check_same_length, per_rank, set_epoch
 from ltransform.runner.metrics import evaluate_all, mean_across_ranks, to_floats
 from ltransform.core.position import RUNNING, Position
@@ -42,6 +44,7 @@ def run(
     progress: bool = True,
     distributed_sampler: bool = True,
     resume: str | os.PathLike[str] | None = None,
+    preemption: Preemption | None = Preemption(),
 ) -> Any:
     """Train: call ``step(state, batch)`` over ``data`` until ``max_steps`` or ``max_epochs``.
 
@@ -49,7 +52,9 @@ def run(
     batches make one step. ``max_steps`` and ``max_epochs`` are totals, read against the
     state's counters, so a resumed state continues towards the same end. Metrics stay
     tensors except at log points, where they are converted once and handed to each logger.
-    Interrupting (Ctrl-C) returns the state so far. On several ranks, metrics are averaged
+    Interrupting (Ctrl-C) returns the state so far. A preemption signal (SIGTERM by default,
+    see ``preemption``) finishes the step, saves a checkpoint and exits the process with code
+    143 (128 + the signal's number). On several ranks, metrics are averaged
     across ranks at log points (one collective each) and only rank 0 shows progress and calls
     the loggers.
 
@@ -80,9 +85,23 @@ def run(
             state is loaded after the step is prepared, and the data continues where it was
             (a shuffled ``DataLoader`` replays the same order and skips the batches done), so
             N steps, a stop and a resume give the same parameters as 2N uninterrupted.
+        preemption: what a preemption signal does (``lt.Preemption``; default: on SIGTERM).
+            Every rank stops after the same optimizer step, the run's checkpoint hook
+            (``lt.checkpoint_sharded(dir=...)``, also inside ``lt.every``) saves that step if it
+            did not already, and ``lt.Preempted`` is raised: a ``SystemExit`` with code 128 +
+            the signal's number, so the process exits as a preempted one does (catch it to do
+            otherwise). ``resume="latest"`` then continues bitwise. None: signals keep their
+            handlers (SIGTERM kills at once). Under SLURM, e.g.
+            ``lt.Preemption(signals=["SIGTERM", "SIGUSR1"], requeue=["SIGUSR1"])``.
 
     Returns:
         The final state.
+
+    Raises:
+        lt.Preempted: a preemption signal stopped the run (after saving; see ``preemption``).
+        lt.CollectiveError: a collective did not complete within the process group's timeout
+            (``lt.launch(timeout=...)``, ``LTRANSFORM_COLLECTIVE_TIMEOUT``) or a rank died; it
+            names this rank and the operation.
 
     Example:
         >>> import torch, ltransform as lt
@@ -99,7 +118,7 @@ def run(
         max_epochs = 1
     loggers = _check_loggers(loggers)
     hooks = list(hooks)
-    bound_hooks = [(bind_hook(h), getattr(h, "cadence", 1)) for h in hooks]
+    bound_hooks = [(bind_hook(h), getattr(h, "cadence", 1), getattr(h, "__name__", repr(h))) for h in hooks]
     distributed = env.ensure_process_group() and env.world_size() > 1
     if distributed:
         if distributed_sampler:
@@ -132,12 +151,27 @@ def run(
     start = read_counters(state)[0]
     loop.bar = _progress_bar(progress, _total(step, data, max_steps, max_epochs), start)
     loop.bar_at = start
+    if preemption is not None:
+        if not isinstance(preemption, Preemption):
+            raise TypeError(f"lt.run: preemption must be an lt.Preemption(...) or None, got {preemption!r}")
+        loop.watch = Watch(preemption, start)
+        loop.watch.install()
     try:
         state = loop.train(state)
+        stop = loop.preempted or (loop.watch.final() if loop.watch is not None else ())
+        if stop:
+            raise _preempted(stop, loop, hooks, start)
     except KeyboardInterrupt:
         state = loop.current()
         print(f"\nlt.run: interrupted at step {loop.step}; returning the state so far")
+    except RuntimeError as error:
+        wrapped = env.collective_error(error, loop.doing or f"a collective of the step call (step {loop.step + 1})")
+        if wrapped is None:
+            raise
+        raise wrapped from error
     finally:
+        if loop.watch is not None:
+            loop.watch.uninstall()
         if "ltransform.checkpoint.api" in sys.modules:  # no save can be pending if it was never imported
             sys.modules["ltransform.checkpoint.api"].finish_pending(loop.state)
         if loop.bar is not None:
@@ -164,11 +198,14 @@ class _Loop:
         self.max_steps, self.max_epochs = max_steps, max_epochs
         self.log_every, self.loggers = log_every, loggers
         self.evaluate, self.eval_every = evaluate, eval_every
-        self.hooks = hooks  # (hook(state, metrics), cadence in optimizer steps)
+        self.hooks = hooks  # (hook(state, metrics), cadence in optimizer steps, name)
         self.average = False  # average metrics across ranks at log points
         self.position = Position(_precision_name(bound.step))  # where checkpoints see the data position
         self.resume_at: dict[str, Any] | None = None  # a loaded checkpoint's data position
         self.bar = None
+        self.watch: Watch | None = None  # the preemption signals and the checks on them
+        self.preempted: tuple[Any, ...] = ()  # the signals the ranks agreed to stop on
+        self.doing: str | None = None  # what an event is doing, for an error in a collective
         self.state: Any = None  # the state as last returned by the step (its counters may lag)
         self.step = self.micro = 0
         self.logged_at = -1
@@ -279,32 +316,45 @@ class _Loop:
         """The step at which someone next looks: a log, an evaluation, a hook, the bar, the end."""
         due = [self.max_steps] if self.max_steps is not None else []
         due += [(step // n + 1) * n for n in (self.log_every, self.eval_every) if n]
-        due += [(step // n + 1) * n for _, n in self.hooks]
+        due += [(step // n + 1) * n for _, n, _ in self.hooks]
         if self.bar is not None:
             due.append(self.bar_at + self.bar_stride)
+        if self.watch is not None:
+            due.append(self.watch.next_check)
         return min(due, default=math.inf)
 
     def _event(self, metrics: Mapping[str, Any]) -> bool:
         """What is due at this step; True to stop. Hooks may return a new state (which is
         bound anew if its torch objects changed)."""
-        state, now = self.current(), self.step
+        now = self.step
+        looked = ((self.log_every and now % self.log_every == 0) or (self.eval_every and now % self.eval_every == 0)
+                  or any(now % n == 0 for _, n, _ in self.hooks))
+        # the state gets its counters only for those who look at it (not the bar or the preemption check)
+        state = self.current() if looked else self.state
         if self.bar is not None and now - self.bar_at >= self.bar_stride:
             self._advance_bar(now)
         if self.log_every and now % self.log_every == 0:
+            self.doing = "averaging the logged metrics across ranks"
             self._log(state, metrics)
         if self.evaluate is not None and self.eval_every and now % self.eval_every == 0:
+            self.doing = "evaluation"
             self._run_eval(state)
         stopped = False
-        due = [hook for hook, n in self.hooks if now % n == 0]
+        due = [(hook, name) for hook, n, name in self.hooks if now % n == 0]
         if due:
             merged = {**{k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()},
                       **self.last_eval}
-            for hook in due:
+            for hook, name in due:
+                self.doing = f"hook {name} at step {now}"
                 state, stop = apply_hook(hook, state, merged)
                 stopped = stopped or stop
             self.step, self.micro = read_counters(state)
             state, self.bound = bound_to(self.bound.step, state)  # anew if a hook swapped a model
-        self.state = state
+        if self.watch is not None and now >= self.watch.next_check:
+            self.doing = "the preemption check (an all_reduce)"
+            self.preempted = self.watch.check(now)
+            stopped = stopped or bool(self.preempted)
+        self.state, self.doing = state, None
         return stopped
 
     def _log(self, state: Any, metrics: Mapping[str, Any]) -> None:
@@ -379,8 +429,55 @@ def _resume(resume: Any, hooks: Iterable[Any], state: Any) -> tuple[Any, Any]:
     return load_with_position(resume, state)
 
 
+def _save_at_stop(saver: Any, state: Any, loop: _Loop, start: int) -> Path:
+    """Save the step the ranks stopped after into the checkpoint hook's directory, unless the hook
+    saved it at this step already; wait until every rank's part is written."""
+    from ltransform.checkpoint.api import finish_pending
+    from ltransform.checkpoint.saver import checkpoint_sharded
+
+    now = loop.step
+    if not (now > start and now % getattr(saver, "cadence", 1) == 0):
+        loop.doing = "the preemption checkpoint"
+        checkpoint_sharded(state, dir=_checkpoint_dir(saver))
+    finish_pending(state)  # an async save of the hook at this step, too
+    loop.doing = "waiting for every rank's checkpoint"
+    env.barrier()  # no rank exits (which makes the agent stop the others) before all have saved
+    loop.doing = None
+    return Path(_checkpoint_dir(saver)) / f"step-{now:08d}"
+
+
 def _checkpoint_dir(hook: Any) -> Any:
     return getattr(hook, "checkpoint_dir", None)  # lt.checkpoint_sharded's saver, or lt.every of it
+
+
+def _preempted(signals: tuple[Any, ...], loop: _Loop, hooks: list[Any], start: int) -> Preempted:
+    """Stop on ``signals[0]``: save the step the ranks stopped after through the run's checkpoint
+    hook (unless it just did), requeue the SLURM job if asked, and the exception that exits."""
+    loop.watch.disarm()
+    sig, now, state = signals[0], loop.step, loop.current()
+    savers = [h for h in hooks if _checkpoint_dir(h) is not None]
+    saved = None
+    token = RUNNING.set(loop.position)  # the checkpoint holds the data position, as a hook's does
+    try:
+        if savers:
+            saved = _save_at_stop(savers[0], state, loop, start)
+    finally:
+        RUNNING.reset(token)
+    where = (f"saved {saved}; lt.run(..., resume='latest') continues from it" if saved is not None else
+             "no checkpoint hook, nothing saved (add hooks=[lt.every(n, lt.checkpoint_sharded(dir=...))])")
+    requeued = ""
+    if any(s in loop.watch.preemption.requeue for s in signals) and env.rank() == 0:
+        from ltransform.distributed import clusters
+
+        try:
+            requeued = "; requeued the SLURM job" if clusters.requeue() else "; not in a SLURM job, not requeued"
+        except RuntimeError as error:
+            requeued = f"; the requeue failed: {error}"
+    message = (f"lt.run: stopped after step {now} on {sig.name} (preemption); {where}{requeued}; "
+               f"exiting with code {128 + int(sig)}")
+    if env.rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+    return Preempted(message, sig, now, saved)
 
 
 def _warn_if_not_distributed(step: TransformedStep, state: Any) -> None:

@@ -1,0 +1,268 @@
+"""Preemption: a signal (SIGTERM, SLURM's ``--signal=USR1@N``) ends ``lt.run`` after a step
+every rank agrees on; ``lt.run`` then saves and exits with code 128 + the signal's number.
+
+The signal handler only records the signal. The runner checks at a cadence of about
+``_PERIOD`` seconds (an event like a log point, so a step between checks costs nothing); on
+several ranks each check is one asynchronous all-reduce of a few ints, started at one check
+and read at the next (it completes while the steps in between run), so every rank reads the
+same answer at the same step: a rank that got the signal and one that did not stop together.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+_PERIOD = 0.2  # seconds between checks; a check costs one small asynchronous all-reduce
+_UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+
+
+def _signals(value: Any) -> tuple[signal.Signals, ...]:
+    """Signal names (``"SIGTERM"``, ``"USR1"``), numbers or ``signal.Signals`` -> a tuple of Signals."""
+    values = [value] if isinstance(value, (str, int)) else list(value)
+    out = []
+    for item in values:
+        try:
+            if isinstance(item, str):
+                name = item.upper()
+                sig = signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+            else:
+                sig = signal.Signals(item)
+        except (KeyError, ValueError):
+            raise ValueError(f"lt.Preemption: unknown signal {item!r}; give a name such as 'SIGTERM' or "
+                             f"'SIGUSR1', or a signal.Signals") from None
+        if sig in _UNCATCHABLE:
+            raise ValueError(f"lt.Preemption: {sig.name} cannot be caught by a process; use SIGTERM or "
+                             f"SIGUSR1 (e.g. SLURM's --signal=USR1@90)")
+        if sig not in out:
+            out.append(sig)
+    return tuple(out)
+
+
+@attrs.frozen(kw_only=True)
+class Preemption:
+    """What ``lt.run`` does on a preemption signal: finish the step, save, exit.
+
+    On one of ``signals`` every rank stops after the same optimizer step (the first check
+    after the signal, within about half a second), the run's checkpoint hook (the
+    ``lt.checkpoint_sharded(dir=...)`` among ``hooks``) saves the state at that step on every
+    rank, and ``lt.run`` raises :class:`Preempted`, a ``SystemExit`` with code 128 + the
+    signal's number (143 for SIGTERM), so the process exits as a preempted one conventionally
+    does and ``lt.run(..., resume="latest")`` continues bitwise where it stopped. The handlers
+    are installed while ``lt.run`` runs (in the main thread only) and the previous ones restored.
+
+    Args:
+        signals: the signals that mean "stop and save" (names, numbers or ``signal.Signals``).
+        requeue: those of ``signals`` after which rank 0 puts the SLURM job back in the queue
+            (``scontrol requeue``, as Lightning's ``auto_requeue``), once the checkpoint is
+            written: SLURM sends ``--signal=USR1@N`` N seconds before the time limit, while a
+            SIGTERM may be a ``scancel`` that must not requeue.
+        stop_within: seconds a rank may take from the signal to the step the ranks stop after
+            (the next check: within about half a second, or two steps where a step takes
+            longer). A rank that does not get there in time (stuck, e.g. in a hook, or waiting
+            for a peer that died) exits at once with the same code, without a checkpoint;
+            torch's elastic agent, which also sends SIGTERM to the surviving ranks when it
+            restarts a group, kills them after 30 s anyway. The save itself is not limited.
+
+    Raises:
+        ValueError: an unknown or uncatchable signal, or a ``requeue`` signal not in ``signals``.
+
+    Example:
+        >>> import ltransform as lt
+        >>> slurm = lt.Preemption(signals=["SIGTERM", "SIGUSR1"], requeue=["SIGUSR1"])
+        >>> [s.name for s in slurm.signals], slurm.stop_within
+        (['SIGTERM', 'SIGUSR1'], 30.0)
+
+    Note:
+        Under SLURM, submit with ``sbatch --signal=B:USR1@90 --requeue`` (``B:`` signals the
+        batch shell too) or ``srun --signal=USR1@90``; under Kubernetes, SIGTERM arrives
+        ``terminationGracePeriodSeconds`` (30 s by default) before the kill.
+    """
+
+    signals: tuple[signal.Signals, ...] = attrs.field(default=("SIGTERM",), converter=_signals)
+    requeue: tuple[signal.Signals, ...] = attrs.field(default=(), converter=_signals)
+    stop_within: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+
+    @requeue.validator
+    def _check_requeue(self, _: Any, value: tuple[signal.Signals, ...]) -> None:
+        missing = [s.name for s in value if s not in self.signals]
+        if missing:
+            raise ValueError(f"lt.Preemption: requeue names {', '.join(missing)}, which is not among "
+                             f"signals {[s.name for s in self.signals]}; add it to signals")
+
+
+class Preempted(SystemExit):
+    """``lt.run`` stopped on a preemption signal; the exit status is 128 + the signal's number.
+
+    Attributes:
+        signal: the signal (``signal.Signals``).
+        step: the optimizer step the ranks stopped after (None if they could not agree).
+        checkpoint: the checkpoint written at that step, or None.
+    """
+
+    def __init__(self, message: str, sig: signal.Signals, step: int | None = None,
+                 checkpoint: Any = None) -> None:
+        super().__init__(128 + int(sig))
+        self.message, self.signal, self.step, self.checkpoint = message, sig, step, checkpoint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Watch:
+    """One ``lt.run``'s signal handlers and the agreement on when to stop.
+
+    ``check(step)`` is called at ``next_check`` (the runner makes it one of its events) and
+    returns the signals received on any rank, in the order of ``signals`` (empty: go on);
+    ``final()`` is the last, blocking agreement at the end of the run. Between checks nothing
+    runs, whatever the number of ranks.
+    """
+
+    def __init__(self, preemption: Preemption, start: int) -> None:
+        import torch.distributed as dist
+
+        self.preemption = preemption
+        self.received: list[signal.Signals] = []
+        self.next_check = start + 1
+        self.interval = 1
+        self._last = (time.monotonic(), start)
+        self._pending: Any = None  # (work, tensor) of the all-reduce started at the last check
+        self._previous: dict[signal.Signals, Any] = {}
+        self._timer: threading.Timer | None = None
+        self._ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self._group = _cpu_group() if self._ranks > 1 else None
+
+    def install(self) -> None:
+        """Replace the handlers of the preemption signals (main thread only: Python allows no other)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.preemption.signals:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def uninstall(self) -> None:
+        """Put back the handlers ``install`` replaced; stop the ``stop_within`` timer."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+        self.disarm()
+
+    def disarm(self) -> None:
+        """The run has reached its stop: the ``stop_within`` limit no longer applies."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        sig = signal.Signals(signum)
+        if sig in self.received:
+            return
+        self.received.append(sig)
+        if len(self.received) == 1:
+            print(f"lt.run: received {sig.name} on rank {_rank()}; stopping after the current step",
+                  file=sys.stderr, flush=True)
+            self._timer = threading.Timer(self.preemption.stop_within, self._too_late, (sig,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _too_late(self, sig: signal.Signals) -> None:
+        print(f"lt.run: rank {_rank()} did not reach the end of its step within "
+              f"{self.preemption.stop_within:g} s of {sig.name} (stuck, or waiting for a rank that is "
+              f"gone); exiting with code {128 + int(sig)} without a checkpoint. Raise "
+              f"lt.Preemption(stop_within=...) if a step takes longer.", file=sys.stderr, flush=True)
+        os._exit(128 + int(sig))
+
+    def check(self, step: int) -> tuple[signal.Signals, ...]:
+        """At ``next_check``: the signals every rank stops on now (empty: go on, and ``next_check``
+        is set)."""
+        proposal = self._proposal(step)
+        if self._ranks == 1:
+            self.interval = proposal
+            self.next_check = step + proposal
+            return self._agreed(self.received)
+        agreed = self._finish()
+        if agreed is not None:
+            stop, self.interval = agreed
+            if stop:
+                return stop
+        self._start(proposal)
+        self.next_check = step + self.interval
+        return ()
+
+    def final(self) -> tuple[signal.Signals, ...]:
+        """At the end of the run: the signals any rank received, agreed by all (blocking)."""
+        if self._ranks == 1:
+            return self._agreed(self.received)
+        earlier = self._finish()
+        self._start(1)
+        now, _ = self._finish()
+        return self._agreed([*now, *(earlier[0] if earlier else ())])
+
+    def _proposal(self, step: int) -> int:
+        """Steps until the next check, about ``_PERIOD`` seconds at the recent pace (growing at
+        most twofold, so a slow first step does not space the checks out)."""
+        now, (then, last) = time.monotonic(), self._last
+        self._last = (now, step)
+        if step <= last:
+            return self.interval
+        per_step = max((now - then) / (step - last), 1e-9)
+        return max(1, min(int(_PERIOD / per_step), 2 * self.interval))
+
+    def _start(self, proposal: int) -> None:
+        import torch
+        import torch.distributed as dist
+
+        flags = torch.tensor([int(s in self.received) for s in self.preemption.signals] + [-proposal])
+        self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flags)
+
+    def _finish(self) -> tuple[tuple[signal.Signals, ...], int] | None:
+        """Wait for the all-reduce started at the last check: (signals received, next interval)."""
+        if self._pending is None:
+            return None
+        work, flags = self._pending
+        self._pending = None
+        try:
+            work.wait()
+        except RuntimeError as error:
+            if not self.received:
+                raise
+            sig = self.received[0]
+            raise Preempted(
+                f"lt.run: {sig.name} received on rank {_rank()}, but the ranks could not agree on a step "
+                f"to stop at ({_first_line(error)}); another rank is gone (torch's elastic agent "
+                f"also sends SIGTERM when it restarts a group). Exiting with code {128 + int(sig)} "
+                f"without a checkpoint; resume='latest' continues from the last one.", sig) from error
+        values = flags.tolist()
+        got = [s for s, flag in zip(self.preemption.signals, values) if flag]
+        return self._agreed(got), max(1, -values[-1])
+
+    def _agreed(self, received: Iterable[signal.Signals]) -> tuple[signal.Signals, ...]:
+        """``received`` in the order of ``signals``: the first is the one the run stops on."""
+        received = set(received)
+        return tuple(s for s in self.preemption.signals if s in received)
+
+
+def _cpu_group() -> Any:
+    """The group for the check's CPU tensor: the default one if it has a CPU backend (gloo,
+    or ``cpu:gloo,cuda:nccl``), else a gloo group made once for this run (collective)."""
+    import torch.distributed as dist
+
+    if "gloo" in str(dist.get_backend()) or "mpi" in str(dist.get_backend()):
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0]
