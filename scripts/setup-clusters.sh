@@ -31,6 +31,8 @@ ClusterName=ltransform
 SlurmctldHost=$host
 SlurmUser=root
 AuthType=auth/munge
+# a requeued job waits this long to start (default 120 s), while its old credential is revoked
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres

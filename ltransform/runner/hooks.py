@@ -71,6 +71,7 @@ def every(n: int, fn: Hook, /) -> Callable[[Any, Mapping[str, Any]], Any]:
     hook.__name__ = f"every({n}, {getattr(fn, '__name__', repr(fn))})"
     hook.cadence = n  # lt.run calls it only at multiples of n
     hook.checkpoint_dir = getattr(fn, "checkpoint_dir", None)  # for lt.run(resume="latest")
+    hook.saver = fn if hook.checkpoint_dir is not None else None  # for a save at preemption
     return hook
 
 

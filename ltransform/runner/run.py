@@ -433,12 +433,11 @@ def _save_at_stop(saver: Any, state: Any, loop: _Loop, start: int) -> Path:
     """Save the step the ranks stopped after into the checkpoint hook's directory, unless the hook
     saved it at this step already; wait until every rank's part is written."""
     from ltransform.checkpoint.api import finish_pending
-    from ltransform.checkpoint.saver import checkpoint_sharded
 
     now = loop.step
     if not (now > start and now % getattr(saver, "cadence", 1) == 0):
         loop.doing = "the preemption checkpoint"
-        checkpoint_sharded(state, dir=_checkpoint_dir(saver))
+        (getattr(saver, "saver", None) or saver)(state)  # the hook's own saver (its keep=, async_save=)
     finish_pending(state)  # an async save of the hook at this step, too
     loop.doing = "waiting for every rank's checkpoint"
     env.barrier()  # no rank exits (which makes the agent stop the others) before all have saved
