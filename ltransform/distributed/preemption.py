@@ -1,7 +1,10 @@
 """Preemption: a signal (SIGTERM, SLURM's ``--signal=USR1@N``) ends ``lt.run`` after a step
 every rank agrees on; ``lt.run`` then saves and exits with code 128 + the signal's number.
 
-The signal handler only records the signal. The runner checks at a cadence of about
+The signal handler only records the signal. Python runs it only when the main thread is back
+in the interpreter, which a rank blocked in a collective never is; so the signal also wakes a
+thread (through ``signal.set_wakeup_fd``, written by the C-level handler at once) that starts the
+``stop_within`` limit. The runner checks at a cadence of about
 ``_PERIOD`` seconds (an event like a log point, so a step between checks costs nothing); on
 several ranks each check is one asynchronous all-reduce of a few ints, started at one check
 and read at the next (it completes while the steps in between run), so every rank reads the
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -56,7 +60,9 @@ class Preemption:
     rank, and ``lt.run`` raises :class:`Preempted`, a ``SystemExit`` with code 128 + the
     signal's number (143 for SIGTERM), so the process exits as a preempted one conventionally
     does and ``lt.run(..., resume="latest")`` continues bitwise where it stopped. The handlers
-    are installed while ``lt.run`` runs (in the main thread only) and the previous ones restored.
+    are installed while ``lt.run`` runs (in the main thread only) and the previous ones restored,
+    with the process's ``signal.set_wakeup_fd``, which a thread watches to enforce ``stop_within``
+    (Python runs a handler only once the main thread leaves a blocking call, e.g. a collective).
 
     Args:
         signals: the signals that mean "stop and save" (names, numbers or ``signal.Signals``).
@@ -66,10 +72,11 @@ class Preemption:
             SIGTERM may be a ``scancel`` that must not requeue.
         stop_within: seconds a rank may take from the signal to the step the ranks stop after
             (the next check: within about half a second, or two steps where a step takes
-            longer). A rank that does not get there in time (stuck, e.g. in a hook, or waiting
-            for a peer that died) exits at once with the same code, without a checkpoint;
-            torch's elastic agent, which also sends SIGTERM to the surviving ranks when it
-            restarts a group, kills them after 30 s anyway. The save itself is not limited.
+            longer). A rank that does not get there in time (stuck, e.g. in a hook, or in a
+            collective waiting for a peer that died or hangs) exits then with the same code,
+            without a checkpoint; torch's elastic agent, which also sends SIGTERM to the
+            surviving ranks when it restarts a group, kills them after 30 s anyway. The save
+            itself is not limited.
 
     Raises:
         ValueError: an unknown or uncatchable signal, or a ``requeue`` signal not in ``signals``.
@@ -135,29 +142,50 @@ class Watch:
         self._last = (time.monotonic(), start)
         self._pending: Any = None  # (work, tensor) of the all-reduce started at the last check
         self._previous: dict[signal.Signals, Any] = {}
-        self._timer: threading.Timer | None = None
+        self._stopped = threading.Event()  # set by disarm: stop_within no longer applies
+        self._thread: threading.Thread | None = None  # waits for a signal's byte (see install)
+        self._sockets: tuple[socket.socket, socket.socket] | None = None
+        self._previous_wakeup = -1
         self._ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self._group = _cpu_group() if self._ranks > 1 else None
 
     def install(self) -> None:
-        """Replace the handlers of the preemption signals (main thread only: Python allows no other)."""
+        """Replace the handlers of the preemption signals and start the thread that enforces
+        ``stop_within`` (main thread only: Python allows no other to set handlers)."""
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in self.preemption.signals:
-            self._previous[sig] = signal.signal(sig, self._on_signal)
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)  # set_wakeup_fd requires it: a signal never blocks on a full buffer
+        self._previous_wakeup = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._sockets = (reader, writer)
+        self._thread = threading.Thread(target=self._watch, args=(reader,), daemon=True,
+                                        name="lt.run preemption stop_within")
+        self._thread.start()
+        try:
+            for sig in self.preemption.signals:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        except BaseException:
+            self.uninstall()
+            raise
 
     def uninstall(self) -> None:
-        """Put back the handlers ``install`` replaced; stop the ``stop_within`` timer."""
+        """Put back the handlers and wakeup fd ``install`` replaced; end the ``stop_within`` thread."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
         self.disarm()
+        if self._thread is None:
+            return
+        signal.set_wakeup_fd(self._previous_wakeup)  # (its warn_on_full_buffer cannot be read back)
+        reader, writer = self._sockets
+        writer.close()  # the thread's recv returns b"": it ends
+        self._thread.join()
+        reader.close()
+        self._thread = None
 
     def disarm(self) -> None:
         """The run has reached its stop: the ``stop_within`` limit no longer applies."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stopped.set()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         sig = signal.Signals(signum)
@@ -167,9 +195,26 @@ class Watch:
         if len(self.received) == 1:
             print(f"lt.run: received {sig.name} on rank {_rank()}; stopping after the current step",
                   file=sys.stderr, flush=True)
-            self._timer = threading.Timer(self.preemption.stop_within, self._too_late, (sig,))
-            self._timer.daemon = True
-            self._timer.start()
+
+    def _watch(self, reader: socket.socket) -> None:
+        """The thread: wait for a preemption signal's byte on the wakeup socket (passing every byte
+        on to the wakeup fd this one replaced), then give the run ``stop_within`` seconds to
+        reach its stop; ends at ``uninstall``."""
+        wanted = {int(s) for s in self.preemption.signals}
+        while True:
+            data = reader.recv(512)
+            if not data:
+                return
+            if self._previous_wakeup >= 0:
+                try:
+                    os.write(self._previous_wakeup, data)
+                except OSError:
+                    pass
+            first = next((signal.Signals(n) for n in data if n in wanted), None)
+            if first is not None:
+                if not self._stopped.wait(self.preemption.stop_within):
+                    self._too_late(first)
+                return
 
     def _too_late(self, sig: signal.Signals) -> None:
         print(f"lt.run: rank {_rank()} did not reach the end of its step within "

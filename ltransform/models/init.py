@@ -84,12 +84,15 @@ def materialize(
 
     Each submodule's ``reset_parameters()`` runs (in ``model.modules()`` order, as construction
     did), then the model's own initialiser if it has one: Hugging Face's ``initialize_weights()``
-    / ``init_weights()`` (which also recompute RoPE ``inv_freq`` buffers), torchtitan's
-    ``init_weights()``, or an ``_init_weights(module)`` applied to every submodule. With
-    ``init``, ``init(module)`` is called on every submodule instead of all of these. Tied
-    parameters (a head sharing the embedding's weight) are initialised as at construction, each
-    alias on its own, then tied again to the first one, as ``tie_weights`` does. A model sharded
-    with ``lt.shard`` allocates and initialises only this rank's shard.
+    / ``init_weights()`` (which also recompute RoPE ``inv_freq`` buffers) or an
+    ``_init_weights(module)`` applied to every submodule, innermost model first; or torchtitan's
+    ``init_weights()`` (optional arguments left at their defaults), only the outermost one, since
+    it calls its blocks' own, with the arguments they need. An initialiser that requires arguments
+    is never called by ``materialize``. With ``init``, ``init(module)`` is called on every
+    submodule instead of all of these. Tied parameters (a head sharing the embedding's weight)
+    are initialised as at construction, each alias on its own, then tied again to the first one,
+    as ``tie_weights`` does. A model sharded with ``lt.shard`` allocates and initialises only
+    this rank's shard.
 
     Every parameter and buffer is first filled with a sentinel (NaN; for integers their extreme
     value, for booleans an invalid byte); one still holding it afterwards was not (fully)
@@ -219,8 +222,7 @@ def _initialise(model: torch.nn.Module, init: Callable[[torch.nn.Module], None] 
         if getattr(module, "_is_hf_initialized", False):
             module._is_hf_initialized = False
     reset: set[int] = set()
-    for owner in _post_order(model):
-        own = _own_initialiser(owner)
+    for owner, own in _initialisers(model, covered=False, seen=set()):
         if own is None and owner is not model:
             continue
         for module in owner.modules():
@@ -232,28 +234,66 @@ def _initialise(model: torch.nn.Module, init: Callable[[torch.nn.Module], None] 
             own()
 
 
-def _post_order(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def _initialisers(module: torch.nn.Module, *, covered: bool,
+                  seen: set[int]) -> Iterator[tuple[torch.nn.Module, Callable[[], Any] | None]]:
+    """Each module with its initialiser (or None), innermost first. ``covered``: an ancestor has a
+    no-argument initialiser, which is responsible for this module (torchtitan's
+    ``Transformer.init_weights()`` calls its blocks' own, with the arguments they need)."""
+    seen.add(id(module))
+    own, whole = _own_initialiser(module, covered=covered)
     for child in module.children():
-        yield from _post_order(child)
-    yield module
+        if id(child) not in seen:
+            yield from _initialisers(child, covered=covered or whole, seen=seen)
+    yield module, own
 
 
-def _own_initialiser(model: torch.nn.Module) -> Callable[[], Any] | None:
-    """The model's whole-model initialiser: ``initialize_weights()`` / ``init_weights()`` if
-    callable without arguments, else ``_init_weights(module)`` (or ``init_weights(module)``)
-    applied to every submodule."""
+def _own_initialiser(module: torch.nn.Module, *, covered: bool) -> tuple[Callable[[], Any] | None, bool]:
+    """The module's initialiser and whether it is a whole-model one (called without arguments).
+
+    A Hugging Face style module (a ``PreTrainedModel``, or one with ``_init_weights(module)``)
+    always has its own, as its ``post_init`` ran at construction: ``initialize_weights()`` /
+    ``init_weights()`` if callable without arguments, else ``_init_weights`` applied to every
+    submodule. Any other module's ``init_weights()`` / ``initialize_weights()`` runs only when it
+    takes no required arguments and no ancestor has one; an initialiser that needs arguments
+    (torchtitan's ``init_weights(init_std)``) is its caller's business, never guessed."""
+    per_module = _per_module_initialiser(module)
+    if covered and per_module is None and not _is_pretrained(module):
+        return None, False
     for name in ("initialize_weights", "init_weights", "_init_weights"):
-        method = getattr(model, name, None)
-        if not callable(method):
-            continue
-        try:
-            inspect.signature(method).bind()
-            return method
-        except TypeError:
-            return lambda: model.apply(method)
-        except ValueError:  # no signature to read (a builtin): call it as it is
-            return method
-    return None
+        method = getattr(module, name, None)
+        if callable(method) and _needs_no_arguments(method):
+            return method, True
+    if per_module is not None:
+        return (lambda: module.apply(per_module)), False
+    return None, False
+
+
+def _per_module_initialiser(module: torch.nn.Module) -> Callable[[torch.nn.Module], Any] | None:
+    """Hugging Face's ``_init_weights(module)``: one required argument, the submodule."""
+    method = getattr(module, "_init_weights", None)
+    if not callable(method) or _needs_no_arguments(method):
+        return None
+    try:
+        inspect.signature(method).bind(module)
+    except TypeError:
+        return None
+    return method
+
+
+def _needs_no_arguments(method: Callable[..., Any]) -> bool:
+    try:
+        inspect.signature(method).bind()
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): call it as it is
+        return True
+    return True
+
+
+def _is_pretrained(module: torch.nn.Module) -> bool:
+    """A ``transformers.PreTrainedModel``, known without importing transformers."""
+    return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
+               for cls in type(module).__mro__)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -178,6 +178,87 @@ def test_a_user_init_replaces_the_built_in_ones_and_is_checked_too():
         materialized(TinyLM, init=init)
 
 
+# --- a torchtitan-style model: the top model's init_weights() calls its blocks' with arguments ----
+
+class TitanFeedForward(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(dim, 2 * dim, bias=False), nn.Linear(2 * dim, dim, bias=False)
+
+    def init_weights(self, init_std: float) -> None:
+        nn.init.trunc_normal_(self.w1.weight, mean=0.0, std=0.02)
+        nn.init.trunc_normal_(self.w2.weight, mean=0.0, std=init_std)
+
+
+class TitanBlock(nn.Module):
+    """As torchtitan's llama3 block: ``init_weights()`` without arguments, called by the model's."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm, self.ff = nn.RMSNorm(dim), TitanFeedForward(dim)
+        self.weight_init_std = 0.01
+
+    def init_weights(self) -> None:
+        self.norm.reset_parameters()
+        self.ff.init_weights(self.weight_init_std)
+
+
+class TitanBlockWithStd(TitanBlock):
+    """``init_weights(init_std)``: an initialiser that needs an argument from its caller."""
+
+    def init_weights(self, init_std: float) -> None:
+        self.norm.reset_parameters()
+        self.ff.init_weights(init_std)
+
+
+class TitanTransformer(nn.Module):
+    """As torchtitan's ``Transformer``: ``freqs_cis`` made by a helper (on meta: lost) and made
+    again by ``init_weights(buffer_device=None)``, which initialises everything itself."""
+
+    def __init__(self, vocab: int = 32, dim: int = 8, layers: int = 2, block_needs_std: bool = True) -> None:
+        super().__init__()
+        self.dim = dim
+        self.tok_embeddings = nn.Embedding(vocab, dim)
+        self.register_buffer("freqs_cis", self._precompute_freqs_cis(), persistent=True)
+        block = TitanBlockWithStd if block_needs_std else TitanBlock
+        self.layers = nn.ModuleDict({str(i): block(dim) for i in range(layers)})
+        self.norm, self.output = nn.RMSNorm(dim), nn.Linear(dim, vocab, bias=False)
+
+    def _precompute_freqs_cis(self) -> torch.Tensor:
+        freqs = 1.0 / (10000 ** (torch.arange(0, self.dim, 2)[: self.dim // 2].float() / self.dim))
+        return torch.polar(torch.ones(16, self.dim // 2), torch.outer(torch.arange(16).float(), freqs))
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        with torch.device(buffer_device or self.freqs_cis.device):
+            self.freqs_cis = self._precompute_freqs_cis()
+        nn.init.normal_(self.tok_embeddings.weight)
+        for layer in self.layers.values():
+            layer.init_weights(0.005) if isinstance(layer, TitanBlockWithStd) else layer.init_weights()
+        self.norm.reset_parameters()
+        std = self.dim ** -0.5
+        nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+@pytest.mark.parametrize("block_needs_std", [True, False], ids=["block-init-needs-std", "block-init-no-args"])
+def test_a_torchtitan_style_model_equals_a_direct_build_then_its_init_weights(block_needs_std):
+    """Blocks' ``init_weights(init_std)`` is never applied to submodules (it was: TypeError in
+    trunc_normal_), nor a no-argument one run besides the model's, which calls it (a second draw
+    would shift the random stream); ``freqs_cis``, lost on meta, is made again."""
+    build = lambda: TitanTransformer(block_needs_std=block_needs_std)  # noqa: E731
+    model = materialized(build)
+    reference = built_directly(build)
+    reference.init_weights()
+    assert_equal_models(model, reference)
+    assert torch.is_complex(model.freqs_cis) and not model.freqs_cis.isnan().any()
+
+
+def test_an_initialiser_that_needs_arguments_is_not_called_with_a_submodule():
+    """A block whose ``init_weights(init_std)`` has no caller: materialize does not guess the
+    argument (it passed each submodule as ``init_std``), the ``reset_parameters`` stand."""
+    model = materialized(lambda: TitanBlockWithStd(8))
+    assert_equal_models(model, built_directly(lambda: TitanBlockWithStd(8)))
+
+
 # --- real Hugging Face models (what users and the acceptance suite run) ---------------------------
 
 def _llama():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -281,3 +282,70 @@ def test_a_signalled_rank_whose_peer_is_gone_exits_at_once_without_a_checkpoint(
         lt.launch(_rank_1_vanishes, str(tmp_path), devices=2)
     assert info.value.code == 143
     assert time.monotonic() - start < 60  # not a wait for the dead rank
+
+
+# --- a rank blocked in a collective: the signal handler cannot run, stop_within still applies ---
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie its parent has not reaped yet (Linux)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith("Z")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_blocked_in_a_collective_exits_143_within_stop_within_of_sigterm(tmp_path):
+    """Rank 1 sleeps in a hook after step 5, so rank 0 waits in step 6's all-reduce, in C++, where
+    Python never runs its SIGTERM handler; the stop_within limit starts from the wakeup fd's
+    thread all the same (it waited for the collective's 30 s timeout, by default 30 min)."""
+    proc = start(tmp_path, "--devices", "2", "--steps", "300", "--hang-at", "5", "--stop-within", "2",
+                 "--timeout", "30")
+    try:
+        wait_for_step(tmp_path, 2, 5, proc)
+        time.sleep(0.5)  # rank 0 is in step 6's all-reduce by now
+        rank0 = int((tmp_path / "pid-rank0-attempt0").read_text())
+        signalled = time.monotonic()
+        os.kill(rank0, signal.SIGTERM)
+        while not _exited(rank0) and time.monotonic() - signalled < 15:
+            time.sleep(0.02)
+        took = time.monotonic() - signalled
+        assert 1.9 <= took < 8, f"rank 0 still running {took:.1f} s after SIGTERM with stop_within=2"
+        code, err = finish(proc, tmp_path, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code != 0
+    assert ("lt.run: rank 0 did not reach the end of its step within 2 s of SIGTERM (stuck, or waiting for a "
+            "rank that is gone); exiting with code 143 without a checkpoint") in err, err[-3000:]
+    assert "rank 0: exited with code 143" in err, err[-3000:]  # the launcher's report
+    assert lt.latest_checkpoint(tmp_path / "ckpt").name == "step-00000005"  # the last hook's, none at the stop
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_many_runs_leave_no_thread_or_fd_and_restore_and_feed_the_previous_wakeup_fd():
+    step, state, data = _setup(3)
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    reader.settimeout(5)
+    previous = signal.set_wakeup_fd(writer.fileno())
+    try:
+        threads, fds = set(threading.enumerate()), _open_fds()
+        for _ in range(30):
+            lt.run(step, state, data, progress=False, log_every=None)
+        assert set(threading.enumerate()) == threads
+        assert _open_fds() == fds
+        assert signal.set_wakeup_fd(writer.fileno()) == writer.fileno()  # put back each time
+
+        with pytest.raises(lt.Preempted):  # a signal during the run still reaches the previous wakeup fd
+            lt.run(step, state, data, progress=False, log_every=None, hooks=[_signal_at(2)])
+        assert reader.recv(16) == bytes([signal.SIGTERM])
+        assert set(threading.enumerate()) == threads and _open_fds() == fds
+    finally:
+        signal.set_wakeup_fd(previous)
+        reader.close()
+        writer.close()
