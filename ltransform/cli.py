@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         # one too, or was killed by that signal (torchrun stops the others once one has exited)
         codes = {failure.exitcode for failure in error.failures.values()}
         signals = {code - 128 if code > 128 else -code for code in codes}
-        if len(signals) == 1 and max(codes) > 128:
+        if len(signals) == 1 and max(codes) > 128 and 0 < next(iter(signals)) < signal.NSIG:
             print(f"ltransform run: the ranks were preempted (exit code {max(codes)})", file=sys.stderr)
             return max(codes)
         raise
