@@ -19,6 +19,7 @@ import mmap
 import os
 import pickle
 import re
+import stat
 import tarfile
 import zipfile
 import zlib
@@ -152,10 +153,17 @@ def read_file(path: str | os.PathLike[str], *, mmap: bool = True) -> Any:
             tensors and plain data.
     """
     path = Path(path)
-    if path.is_dir():
-        raise FileFormatError(f"checkpoint file {str(path)!r} is a directory, not a file; is it the right path?")
-    if not path.is_file():
+    # A user's own symlink (latest.pt -> step-100.pt) is a fine way to name a file, so it is
+    # followed here; what a checkpoint directory names itself is checked without following any
+    # (``ltransform.checkpoint.sharded``). Anything but a regular file is refused before it is
+    # opened: reading a FIFO would block forever.
+    kind = not_regular(path, follow_symlinks=True)
+    if kind == "missing":
         raise CheckpointNotFoundError(f"checkpoint file {str(path)!r} does not exist")
+    if kind == "a directory":
+        raise FileFormatError(f"checkpoint file {str(path)!r} is a directory, not a file; is it the right path?")
+    if kind is not None:
+        raise FileFormatError(f"checkpoint file {str(path)!r} is {kind}, not a regular file; is it the right path?")
     with open(path, "rb") as file:
         head = file.read(14)
     if not head:
@@ -180,26 +188,58 @@ _STORAGE = re.compile(r"/data/\d+$")  # a zip record holding a tensor's bytes (c
 
 
 def _check_records(path: Path) -> None:
-    """Check the CRC-32 of every record of a torch zip file but the tensor data, before torch
-    parses any of it (a flipped byte in the pickle could otherwise load as a different value)."""
+    """Check every record of a torch zip file before torch parses any of it: each stored as is
+    (torch never compresses one; a compressed record could inflate to any size: a zip bomb), no
+    larger than the file, and but for tensor data matching its CRC-32 (a flipped byte in the pickle
+    could otherwise load as a different value). Records are read in chunks, never whole."""
+    where = f"checkpoint file {str(path)!r}"
     try:
+        size = path.stat().st_size
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                    raise FileFormatError(f"{where}: record {info.filename!r} is compressed, which torch.save never "
+                                          f"does: the file is corrupt or crafted; load an earlier checkpoint")
+                if info.file_size > size:
+                    raise FileFormatError(f"{where}: record {info.filename!r} claims {info.file_size} bytes, more "
+                                          f"than the file's {size}: it is truncated or corrupt; load an earlier "
+                                          f"checkpoint")
                 if _STORAGE.search(info.filename) or info.CRC == 0:  # (0: saved with compute_crc32 off)
                     continue
                 try:
-                    archive.read(info)
+                    with archive.open(info) as record:  # (the CRC-32 is checked at its end)
+                        while record.read(_CHUNK):
+                            pass
                 except zipfile.BadZipFile as error:
                     if "CRC" in str(error):
-                        raise ChecksumError(f"checkpoint file {str(path)!r}: record {info.filename!r} does not "
-                                            f"match its CRC-32: the file is corrupt; load an earlier "
-                                            f"checkpoint") from None
+                        raise ChecksumError(f"{where}: record {info.filename!r} does not match its CRC-32: the "
+                                            f"file is corrupt; load an earlier checkpoint") from None
                     raise
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as error:
-        raise FileFormatError(f"checkpoint file {str(path)!r} is truncated or corrupt and cannot be read "
-                              f"(its zip structure: {reason(error)}); load an earlier checkpoint") from None
+        raise FileFormatError(f"{where} is truncated or corrupt and cannot be read (its zip structure: "
+                              f"{reason(error)}); load an earlier checkpoint") from None
+
+
+_CHUNK = 1 << 20
+
+
+def not_regular(path: Path, *, follow_symlinks: bool = False) -> str | None:
+    """What ``path`` is if it is not a regular file: ``"missing"``, ``"a directory"``, ``"a
+    symbolic link"`` (unless ``follow_symlinks``), ``"a FIFO"``, ...; None for a regular file.
+    Nothing is opened (opening a FIFO for reading blocks until a writer comes)."""
+    try:
+        mode = (os.stat if follow_symlinks else os.lstat)(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as error:  # (a name too long, a NUL byte, a dangling link followed, ...)
+        return f"unreadable ({reason(error)})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISLNK: "a symbolic link", stat.S_ISFIFO: "a FIFO (named pipe)",
+             stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "not a regular file")
 
 
 def _read_error(path: Path, error: Exception, is_zip: bool) -> Exception:
@@ -302,7 +342,7 @@ def verify_checksums(payload: Mapping[str, Any], recorded: Any, file: Path) -> N
         raise ChecksumError(f"checkpoint file {str(file)!r} records no checksums (or malformed ones), which its "
                             f"format has: it is corrupt; load an earlier checkpoint")
     if set(recorded) != set(tensors):
-        odd = sorted(set(tensors) ^ set(recorded))[:5]
+        odd = sorted(set(tensors) ^ set(recorded), key=str)[:5]
         raise ChecksumError(f"checkpoint file {str(file)!r}: its tensors are not the ones whose checksums it "
                             f"records (entries {odd}): the file is corrupt; load an earlier checkpoint")
     for (name, tensor), crc in zip(tensors.items(), _checksums(list(tensors.values()))):
@@ -317,10 +357,27 @@ def _tensors(value: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
         yield path, value
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            yield from _tensors(item, f"{path}/{key}" if path else str(key))
+            yield from _tensors(item, f"{path}/{_step(key)}" if path else _step(key))
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             yield from _tensors(item, f"{path}/{index}" if path else str(index))
+
+
+_INTEGER = re.compile(r"-?\d+")
+
+
+def _step(key: Any) -> str:
+    """One key of a tensor's path, spelled so that no two keys of a dict share a path: a string
+    as it is (``0.weight``), unless it could read as something else (``'0'`` beside the integer
+    ``0``; ``'a/b'`` beside ``a`` then ``b``; empty, or starting with a quote or ``!``), then as
+    its repr (a quoted literal); an integer as digits; any other key as ``!`` and the literal of
+    its repr (``!'None'``). Each form starts differently, and a literal ends where its quote does."""
+    if type(key) is int:
+        return str(key)
+    if type(key) is str:
+        plain = key and "/" not in key and key[0] not in "'\"!" and not _INTEGER.fullmatch(key)
+        return key if plain else repr(key)
+    return "!" + repr(repr(key))
 
 
 _PARALLEL_BYTES = 64 << 20
@@ -334,13 +391,21 @@ def _checksums(tensors: list[torch.Tensor]) -> list[int]:
 
 
 def file_checksum(path: Path) -> tuple[int, int]:
-    """A file's size and the CRC-32 of its bytes (read through a memory map: no copies)."""
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        if size == 0:
+    """A regular file's size and the CRC-32 of its bytes (read through a memory map: no copies).
+
+    Raises:
+        OSError: ``path`` is not a regular file (a symlink, a FIFO, ...: opened without following
+            a link or waiting for a writer, so nothing blocks).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb"):  # (closes fd)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{str(path)!r} is not a regular file")
+        if info.st_size == 0:
             return 0, 0
-        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return size, crc32()(mapped)
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+            return info.st_size, crc32()(mapped)
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

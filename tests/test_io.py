@@ -162,3 +162,60 @@ def test_safe_unpickler_refuses_what_the_allowlist_does_not_name():
     assert pickle.loads(dotted) == OrderedDict.fromkeys
     with pytest.raises(pickle.UnpicklingError, match=r"global 'collections.OrderedDict.fromkeys' is not allowed"):
         unpickler(stdlib_io.BytesIO(dotted)).load()
+
+
+def _with_record(path, name, data, compress_type):
+    """A copy of torch.save's zip ``path`` with one more record."""
+    out = path.with_name("with-record.pt")
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(out, "w") as target:
+        prefix = source.namelist()[0].split("/")[0]
+        for info in source.infolist():
+            target.writestr(info, source.read(info))
+        target.writestr(f"{prefix}/{name}", data, compress_type=compress_type)
+    return out
+
+
+def test_a_compressed_record_is_refused_before_it_is_inflated(tmp_path):
+    """torch.save never compresses a record; one that is could inflate to any size (a zip bomb:
+    8 MiB of zeros deflate to 8 KiB), so it is refused before anything reads it."""
+    torch.save({"w": torch.ones(2)}, tmp_path / "x.pt")
+    bomb = _with_record(tmp_path / "x.pt", "zz", b"\0" * (8 << 20), zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < 64 << 10
+    with pytest.raises(io.FileFormatError, match=r"with-record.pt': record '\w+/zz' is compressed, which torch.save "
+                                                 r"never does: the file is corrupt or crafted"):
+        io.read_file(bomb)
+
+
+def test_a_record_claiming_more_bytes_than_its_file_is_refused(tmp_path):
+    import struct
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "x.pt")
+    data = bytearray((tmp_path / "x.pt").read_bytes())
+    central = data.index(b"PK\x01\x02")  # the first record's central directory entry: data.pkl
+    struct.pack_into("<II", data, central + 20, 1 << 30, 1 << 30)  # its compressed and uncompressed sizes
+    (tmp_path / "x.pt").write_bytes(bytes(data))
+    with pytest.raises(io.FileFormatError, match=r"x.pt': record '\w+/data.pkl' claims 1073741824 bytes, more than "
+                                                 rf"the file's {len(data)}"):
+        io.read_file(tmp_path / "x.pt")
+
+
+def test_a_record_is_checked_against_its_crc_as_it_is_streamed(tmp_path):
+    torch.save({"w": torch.ones(2), "name": "x" * 100}, tmp_path / "x.pt")
+    data = bytearray((tmp_path / "x.pt").read_bytes())
+    data[data.index(b"x" * 100) + 50] ^= 0x01  # in the pickle (data.pkl)
+    (tmp_path / "x.pt").write_bytes(bytes(data))
+    with pytest.raises(io.ChecksumError, match=r"x.pt': record '\w+/data.pkl' does not match its CRC-32"):
+        io.read_file(tmp_path / "x.pt")
+
+
+def test_no_two_tensors_share_a_checksum_path_whatever_their_keys():
+    """Keys that spell the same with "/" joining them (the integer 0 and the string "0"; "a/b" and
+    "a" then "b") get distinct paths, so no tensor goes unchecked behind another."""
+    t = torch.zeros(1)
+    payload = {"models": {"m": {"0.weight": t}}, "ranks": [{"rng": t}],
+               "extra": {0: t, "0": t, "a/b": t, "a": {"b": t}, None: t, "None": t, "'x": t, "": t}}
+    paths = list(io.tensor_checksums(payload))
+    assert len(paths) == len(set(paths)) == 10
+    assert paths[:2] == ["models/m/0.weight", "ranks/0/rng"]  # ordinary keys read as they always did
+    assert paths[2:] == ["extra/0", "extra/'0'", "extra/'a/b'", "extra/a/b", "extra/!'None'", "extra/None",
+                         "extra/\"'x\"", "extra/''"]

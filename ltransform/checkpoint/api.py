@@ -203,10 +203,12 @@ def load(path: str | os.PathLike[str], state: Any, *, strict: bool = True) -> An
 
     Everything is read and checked before anything is copied in: every file's checksum (each
     tensor of a full file; every file of a sharded one, against its ``manifest.pt``), the keys
-    and shapes, the optimizers' parameter groups, the extras and the RNG states. So a load that
-    raises leaves the state as it was. Checkpoints of format 1 (before checksums) still load,
-    unchecked. Only a failure of the disk itself while a sharded checkpoint's verified shards are
-    read in place (DCP loads into the parameters) could come after the first copy.
+    and shapes, the optimizers' parameter groups, the extras and the RNG states; a sharded
+    checkpoint's shards are read into buffers (one more copy of this rank's shards in CPU memory,
+    for the length of the load), and only files of the checkpoint are opened, only regular ones.
+    So a load that raises leaves the state as it was; a scheduler or ``state.extra`` object whose
+    ``load_state_dict`` raises is put back, with the others. Checkpoints of format 1 (before
+    checksums) still load, unchecked.
 
     Args:
         path: a checkpoint file, a sharded checkpoint directory, or a directory of
@@ -226,9 +228,11 @@ def load(path: str | os.PathLike[str], state: Any, *, strict: bool = True) -> An
             RuntimeError): an empty, truncated or corrupt file, or one that is not a checkpoint;
             ChecksumError (a FileFormatError): bytes that differ from their recorded checksum;
             UnsafeCheckpointError (pickle.UnpicklingError): a file holding arbitrary Python
-            objects (not unpickled); CheckpointKeyError (KeyError): with ``strict``, missing or
-            unexpected keys, models or optimizers; CheckpointMismatchError (ValueError): a shape,
-            a dtype or parameter groups that differ, an extra the state lacks.
+            objects (not unpickled), or DCP metadata naming a file outside the checkpoint;
+            CheckpointKeyError (KeyError): with ``strict``, missing or unexpected keys, models or
+            optimizers; CheckpointMismatchError (ValueError): a shape,
+            a dtype or parameter groups that differ, an extra the state lacks, a scheduler or
+            extra object whose ``load_state_dict`` raised.
     """
     return load_with_position(path, state, strict=strict)[0]
 
@@ -249,16 +253,33 @@ def load_with_position(path: str | os.PathLike[str], state: Any, *, strict: bool
     except BaseException as error:  # what no check above foresaw still names the checkpoint
         raise io.FileFormatError(f"lt.load({str(path)!r}): the checkpoint is corrupt or not one ltransform "
                                  f"wrote ({type(error).__name__}: {error}); load an earlier checkpoint") from error
-    # Copy in: the user's objects first (their load_state_dict may raise), then what cannot fail
-    for name, scheduler in inv.schedulers.items():
-        if name in common["schedulers"]:
-            scheduler.load_state_dict(common["schedulers"][name])
+    return _copy_in(state, inv, common, mine, copy_ins, f"lt.load({str(common_file)!r})"), mine.get("data")
+
+
+def _copy_in(state: Any, inv: Inventory, common: Mapping[str, Any], mine: Mapping[str, Any],
+             copy_ins: list[Callable[[], Any]], where: str) -> Any:
+    """Copy a checked checkpoint into ``state``. The user's objects (schedulers, ``state.extra``)
+    come first: their ``load_state_dict`` is the one step that may still raise, and if it does
+    they are put back from copies taken here, before any tensor changed. Then the tensors (every
+    chunk already read and checked: only memory copies are left), counters and RNG states."""
+    objects = contents.user_objects(inv, state, common)
+    undo = contents.Undo(objects)
+    contents.load_objects(objects, undo, where)
+    try:
+        for copy_in in copy_ins:
+            copy_in()
+    except BaseException as error:  # none should; if one does, say what is left half-done
+        undo()
+        if not isinstance(error, Exception):
+            raise
+        raise io.CheckpointMismatchError(f"{where}: copying the checked tensors in failed ({type(error).__name__}: "
+                                         f"{error}); the schedulers and extras are as they were, the models and "
+                                         f"optimizers may be partly loaded: load it again, or an earlier "
+                                         f"checkpoint") from error
     state = contents.restore_extras(state, common["extra"])
-    for copy_in in copy_ins:
-        copy_in()
     state = contents.restore_counters(state, common["counters"])
     contents.restore_rng(mine["rng"])
-    return state, mine.get("data")
+    return state
 
 
 def _resolve(path: Path) -> Path:

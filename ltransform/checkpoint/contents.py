@@ -3,6 +3,7 @@ user extras and metadata, each as tensors and plain data (loadable with ``weight
 
 from __future__ import annotations
 
+import copy
 import random
 import sys
 import time
@@ -161,14 +162,65 @@ def check_extras(state: Any, saved: Mapping[str, Any], where: str) -> None:
 
 
 def restore_extras(state: Any, saved: Mapping[str, Any]) -> Any:
-    """Restore extras :func:`check_extras` passed: objects in place, plain values in a new state."""
-    extra = dict(extras(state))
-    for key, entry in saved.items():
-        if "stateful" in entry:
-            extra[key].load_state_dict(entry["stateful"])
-        else:
-            extra[key] = entry["value"]
-    return _replace(state, extra=extra) if extra != extras(state) else state
+    """Restore the plain values among extras :func:`check_extras` passed, in a new state (the
+    objects among them are loaded by :func:`load_objects`)."""
+    values = {key: entry["value"] for key, entry in saved.items() if "value" in entry}
+    return _replace(state, extra={**extras(state), **values}) if values else state
+
+
+def user_objects(inv: Inventory, state: Any, common: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(label, object, saved state)`` for every scheduler and ``state.extra`` object the checked
+    ``common`` part of a checkpoint restores, in the order they are loaded."""
+    live = extras(state)
+    out = [(f"scheduler {name!r}", scheduler, common["schedulers"][name])
+           for name, scheduler in inv.schedulers.items() if name in common["schedulers"]]
+    return out + [(f"state.extra[{key!r}]", live[key], entry["stateful"])
+                  for key, entry in common["extra"].items() if "stateful" in entry]
+
+
+class Undo:
+    """Deep copies of the ``state_dict()`` of objects about to be loaded, to put them back with."""
+
+    def __init__(self, objects: list[tuple[str, Any, Any]]) -> None:
+        self.objects = [(label, obj, _copy(obj.state_dict())) for label, obj, _ in objects]
+
+    def __call__(self, count: int | None = None) -> list[str]:
+        """Put back every object (or the first ``count``); the labels of those that refused."""
+        refused = []
+        for label, obj, before in self.objects[:count]:
+            try:
+                obj.load_state_dict(before)
+            except Exception:  # noqa: BLE001 - reported by the caller, after the error that matters
+                refused.append(label)
+        return refused
+
+
+def _copy(value: Any) -> Any:
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # noqa: BLE001 - not deep-copyable: its own dict (whose values load_state_dict replaces)
+        return dict(value) if isinstance(value, Mapping) else value
+
+
+def load_objects(objects: list[tuple[str, Any, Any]], undo: Undo, where: str) -> None:
+    """Load each object's saved state (user code: its ``load_state_dict`` may raise). If one
+    raises, every object is put back as it was (``undo``) and the load fails.
+
+    Raises:
+        CheckpointMismatchError: an object refused its saved state; names it and ``where``.
+    """
+    for done, (label, obj, saved) in enumerate(objects):
+        try:
+            obj.load_state_dict(saved)
+        except BaseException as error:
+            refused = undo(done + 1)  # (the one that raised too: it may have changed half-way)
+            if not isinstance(error, Exception):
+                raise
+            after = (f"; {', '.join(refused)} refused its state from before the load too, and may be partly "
+                     f"loaded" if refused else "; the state is as it was before the load")
+            raise CheckpointMismatchError(
+                f"{where}: {label} cannot load its saved state ({type(error).__name__}: {error}){after}. Build it "
+                f"as it was saved, or load with a state that leaves it out") from error
 
 
 def _plain(value: Any) -> bool:

@@ -209,7 +209,8 @@ def _read_sharded(path: Path, inv: Inventory, opts: Mapping[str, Any], strict: b
     with dcp_errors(path):
         stored = sharded.reader(path).read_metadata().state_dict_metadata
     mods = inv.models
-    # Models and sharded optimizers load in place into a template of their state. Two kinds
+    # Models and sharded optimizers load into a template of their state (through buffers,
+    # copied in only once every chunk is read: sharded.stage_tensors). Two kinds
     # are read as saved instead (the subtree rebuilt from the metadata) and loaded directly:
     # plain optimizers, whose template would first create every missing state tensor with a
     # zero step (a gradient per parameter: most of the load time measured), and quantized
@@ -230,12 +231,10 @@ def _read_sharded(path: Path, inv: Inventory, opts: Mapping[str, Any], strict: b
         keys = {f"optimizers.{n}" for n in plain} | {f"models.{n}" for n in quantized}
         with dcp_errors(path):
             sharded.load_tensors(saved_parts, path, rebuild=True, keys=keys)
-    if (path / sharded.MANIFEST).is_file():  # every shard verified: DCP reads them into the parameters
-        copy_ins: list[Callable[[], Any]] = [functools.partial(_load_tensors_in_place, tensors, path, strict)]
-    else:  # format 1, unchecked: read into a copy first (one more copy of this rank's shards, briefly)
-        tensors = _clone_tensors(tensors)
-        _load_tensors_in_place(tensors, path, strict)
-        copy_ins = []
+    # Read now, into buffers: a chunk that does not fit its tensor, or a file that fails to read,
+    # must fail the load before anything is copied in (DCP alone would read into the parameters).
+    with dcp_errors(path):
+        copy_ins: list[Callable[[], Any]] = [sharded.stage_tensors(tensors, path, strict=strict)]
     for name, module in mods.items():
         source = saved_parts.get("models", {}) if name in quantized else tensors["models"]
         copy_ins.append(functools.partial(_load_module, module, source[name], StateDictOptions(strict=strict)))
@@ -260,7 +259,7 @@ def read_sharded_common(path: Path) -> dict[str, Any]:
         CheckpointError: see :func:`ltransform.checkpoint.api.load`.
     """
     verified = sharded.verify_files(path)
-    common = io.read_file(path / "common.pt")
+    common = io.read_file(sharded.member(path, "common.pt"))
     contents.check_metadata(common.get("meta") if isinstance(common, Mapping) else None,
                             repr(str(path / "common.pt")))
     if not verified and common["meta"].get("version", 1) >= 2:
@@ -273,29 +272,14 @@ def read_sharded_common(path: Path) -> dict[str, Any]:
 def _rank_file(path: Path) -> Path:
     """This rank's ``rank-R.pt``; on more ranks than were saved, one of those saved."""
     mine = path / f"rank-{env.rank()}.pt"
-    if mine.exists():
-        return mine
-    saved = sorted(path.glob("rank-*.pt"))
+    if io.not_regular(mine) != "missing":
+        return sharded.member(path, mine.name)
+    saved = sorted(p for p in path.glob("rank-*.pt") if io.not_regular(p) is None)
     if not saved:
         raise io.CheckpointNotFoundError(f"lt.load: the sharded checkpoint {str(path)!r} has no {mine.name!r} (nor "
                                          f"any rank-R.pt: each rank's RNG states): it is incomplete; load an "
                                          f"earlier checkpoint")
     return saved[env.rank() % len(saved)]
-
-
-def _clone_tensors(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _clone_tensors(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone_tensors(v) for v in value)
-    return value
-
-
-def _load_tensors_in_place(tensors: dict[str, Any], path: Path, strict: bool) -> None:
-    with dcp_errors(path):
-        sharded.load_tensors(tensors, path, strict=strict)
 
 
 @contextlib.contextmanager

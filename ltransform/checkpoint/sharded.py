@@ -5,7 +5,9 @@ Layout of ``DIR``: DCP's ``.metadata`` and ``*.distcp`` (models and optimizers),
 (counters, schedulers, extras, metadata; rank 0), ``rank-R.pt`` (each rank's RNG states and
 data position) and ``manifest.pt`` (every other file's size and CRC-32, checked before a load
 reads anything; format 1 checkpoints have none and load unchecked). It is written as
-``.DIR.partial`` and renamed to ``DIR`` once every rank is done.
+``.DIR.partial`` and renamed to ``DIR`` once every rank is done. A load opens only regular files
+(never a symlink or a FIFO) that the checkpoint names by bare name, and reads DCP's shards into
+buffers before anything is copied in (:func:`stage_tensors`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from __future__ import annotations
 import collections
 import functools
 import io
+import math
+import os
 import pickle
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ import torch
 
 from ltransform.distributed import env
 from ltransform.io import (CheckpointNotFoundError, ChecksumError, FileFormatError, UnsafeCheckpointError,
-                          file_checksum, partial_path, read_file, safe_unpickler, write_file)
+                          file_checksum, not_regular, partial_path, read_file, safe_unpickler, write_file)
 
 MANIFEST = "manifest.pt"
 # DCP warns on every call without a process group, which is what a one-process save means here
@@ -60,7 +64,9 @@ def allowed_globals() -> dict[tuple[str, str], Any]:
 def reader(path: Path) -> Any:
     """A DCP ``FileSystemReader`` that reads ``.metadata`` through an exact allowlist of classes
     (:func:`allowed_globals`) instead of a bare ``pickle.load`` (which would run whatever a
-    crafted file asks for)."""
+    crafted file asks for), and checks where it stores each entry (:func:`_check_storage`)
+    before DCP opens any file: DCP joins each entry's file name onto the directory, so an
+    absolute name would read any file on the machine, and a FIFO would block the load forever."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
@@ -68,8 +74,15 @@ def reader(path: Path) -> Any:
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            file = self._get_metadata_path(kwargs.get("rank"))
-            where = f"the sharded checkpoint {str(path)!r}: its file {Path(file).name!r}"
+            file = Path(self._get_metadata_path(kwargs.get("rank")))
+            where = f"the sharded checkpoint {str(path)!r}: its file {file.name!r}"
+            kind = not_regular(file)
+            if kind == "missing":
+                raise CheckpointNotFoundError(f"{where} is missing: the checkpoint is incomplete; load an "
+                                              f"earlier checkpoint")
+            if kind is not None:
+                raise FileFormatError(f"{where} is {kind}, not a regular file: the checkpoint is corrupt or "
+                                      f"crafted; load an earlier checkpoint")
             try:
                 with self.fs.create_stream(file, "rb") as stream:
                     metadata = unpickler(stream).load()
@@ -88,12 +101,130 @@ def reader(path: Path) -> Any:
             if not isinstance(metadata, Metadata):
                 raise FileFormatError(f"{where} holds a {type(metadata).__name__}, not DCP's Metadata: it is "
                                       f"corrupt; load an earlier checkpoint")
+            _check_storage(metadata, path, where)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
     return SafeReader(str(path))
+
+
+def _check_storage(metadata: Any, directory: Path, where: str) -> None:
+    """Check a DCP metadata's records of where each chunk is stored, so that DCP reads only
+    regular files of the checkpoint, and within them: every entry's file a bare name of a regular
+    file in ``directory`` (listed in the manifest, where there is one), its byte range inside that
+    file, no stream transforms (ltransform writes none), and at least as many bytes as its
+    chunk's data (DCP stores a chunk as a ``torch.save`` of it: the raw bytes plus a small zip
+    around them; the exact overhead varies across torch versions, so only this bound is checked);
+    and every tensor's chunks covering it, within its bounds (which caps what is allocated).
+
+    Raises:
+        UnsafeCheckpointError: an entry's file is not a bare name (it would read outside the checkpoint).
+        CheckpointNotFoundError: an entry's file is missing.
+        FileFormatError: anything else out of place; each names ``where`` and the entry.
+    """
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    entries = getattr(metadata, "state_dict_metadata", None)
+    chunks = _chunk_sizes(entries, where)
+    storage, listed, sizes = getattr(metadata, "storage_data", None), manifest_files(directory), {}
+    if not isinstance(storage, Mapping):
+        raise FileFormatError(f"{where} records no storage of its entries: it is corrupt; load an earlier checkpoint")
+    for index, info in storage.items():
+        if not (isinstance(index, MetadataIndex) and type(index.fqn) is str and isinstance(info, _StorageInfo)):
+            raise FileFormatError(f"{where}: its storage record {index!r} is malformed: the checkpoint is corrupt; "
+                                  f"load an earlier checkpoint")
+        entry, name = f"{where}: entry {index.fqn!r}", info.relative_path
+        if not bare_name(name):
+            raise UnsafeCheckpointError(f"refusing to load {entry} stores its data in {name!r}, which is not a file "
+                                        f"of the checkpoint (a checkpoint names its files by bare name): it is "
+                                        f"crafted or corrupt; nothing was read")
+        if listed is not None and name not in listed:
+            raise FileFormatError(f"{entry} stores its data in {name!r}, which its {MANIFEST!r} does not record: "
+                                  f"the checkpoint is corrupt; load an earlier checkpoint")
+        if name not in sizes:
+            kind = not_regular(directory / name)
+            if kind is not None:
+                error, what = ((CheckpointNotFoundError, "missing") if kind == "missing" else
+                               (FileFormatError, f"{kind}, not a regular file"))
+                raise error(f"{entry} stores its data in {name!r}, which is {what}: the checkpoint is incomplete "
+                            f"or corrupt; load an earlier checkpoint")
+            sizes[name] = (directory / name).stat().st_size
+        offset, length = info.offset, info.length
+        if not (type(offset) is int and type(length) is int and 0 <= offset and 0 <= length
+                and offset + length <= sizes[name]):
+            raise FileFormatError(f"{entry}: its bytes {offset!r}+{length!r} lie outside its file {name!r} "
+                                  f"({sizes[name]} bytes): the checkpoint is corrupt; load an earlier checkpoint")
+        if info.transform_descriptors:
+            raise FileFormatError(f"{entry} is stored through stream transforms {info.transform_descriptors!r}, "
+                                  f"which ltransform never writes: the checkpoint is corrupt or not one "
+                                  f"ltransform wrote")
+        if isinstance(entries.get(index.fqn), BytesStorageMetadata):
+            continue
+        needed = chunks.get((index.fqn, tuple(index.offset or ())))
+        if needed is None or length < needed:
+            what = "matches no chunk of a tensor" if needed is None else f"has {length} bytes for {needed} of data"
+            raise FileFormatError(f"{entry}: its stored chunk {what}: the checkpoint is corrupt; load an earlier "
+                                  f"checkpoint")
+
+
+def _chunk_sizes(entries: Any, where: str) -> dict[tuple[str, tuple[int, ...]], int]:
+    """The bytes of data of every tensor chunk, by ``(fqn, offsets)``, each tensor's chunks checked:
+    within its bounds, and covering it (as DCP's own save checks; a tensor of huge declared size
+    with tiny chunks would otherwise make a load allocate it)."""
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata,
+                                                       TensorStorageMetadata)
+
+    if not isinstance(entries, Mapping):
+        raise FileFormatError(f"{where} records no entries: it is corrupt; load an earlier checkpoint")
+    out = {}
+    for fqn, entry in entries.items():
+        if isinstance(entry, BytesStorageMetadata):
+            continue
+        dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+        size, chunks = getattr(entry, "size", None), getattr(entry, "chunks", None)
+        good = isinstance(entry, TensorStorageMetadata) and isinstance(dtype, torch.dtype) and _dims(size, size)
+        good = good and isinstance(chunks, list) and all(
+            isinstance(c, ChunkStorageMetadata) and _dims(c.offsets, size) and _dims(c.sizes, size)
+            and all(o + n <= s for o, n, s in zip(c.offsets, c.sizes, size)) for c in chunks)
+        if not (good and sum(math.prod(c.sizes) for c in chunks) >= math.prod(size)):
+            raise FileFormatError(f"{where}: entry {fqn!r} has a malformed record of its chunks: the checkpoint "
+                                  f"is corrupt; load an earlier checkpoint")
+        for chunk in chunks:
+            out[(fqn, tuple(chunk.offsets))] = math.prod(chunk.sizes) * dtype.itemsize
+    return out
+
+
+def _dims(value: Any, like: Any) -> bool:
+    return (isinstance(value, tuple) and len(value) == len(like)
+            and all(type(n) is int and n >= 0 for n in value))
+
+
+def bare_name(name: Any) -> bool:
+    """A file name alone: not a path (no separator), not absolute, not ``.`` or ``..``."""
+    seps = {os.sep, "/", os.altsep} - {None}
+    return (type(name) is str and name not in ("", ".", "..") and "\0" not in name
+            and not any(sep in name for sep in seps))
+
+
+def member(path: Path, name: str) -> Path:
+    """The file ``name`` of the sharded checkpoint ``path``, checked to be a regular file there
+    (not a symlink, a FIFO, ...) before anything opens it.
+
+    Raises:
+        CheckpointNotFoundError: it is missing.
+        FileFormatError: it is something other than a regular file.
+    """
+    kind = not_regular(path / name)
+    where = f"the sharded checkpoint {str(path)!r}: its file {name!r}"
+    if kind == "missing":
+        raise CheckpointNotFoundError(f"{where} is missing: the checkpoint is incomplete; load an earlier checkpoint")
+    if kind is not None:
+        raise FileFormatError(f"{where} is {kind}, not a regular file: the checkpoint is corrupt; load an "
+                              f"earlier checkpoint")
+    return path / name
 
 
 def write_manifest(directory: Path) -> None:
@@ -114,22 +245,37 @@ def verify_files(path: Path) -> bool:
     Raises:
         ChecksumError: a file's size or CRC-32 differs from the manifest's.
         CheckpointNotFoundError: a file the manifest records is missing.
-        FileFormatError: the manifest is corrupt, or a file is a directory.
+        FileFormatError: the manifest is corrupt or names a path rather than a file, or a file is
+            a directory, a symlink, a FIFO or anything else but a regular file.
     """
-    if not (path / MANIFEST).exists():
+    files = manifest_files(path)
+    if files is None:
         return False
-    manifest = read_file(path / MANIFEST)
-    files = manifest.get("files") if isinstance(manifest, Mapping) else None
-    if not isinstance(files, Mapping) or not all(
-            isinstance(v, tuple) and len(v) == 2 and all(type(x) is int for x in v) for v in files.values()):
-        raise FileFormatError(f"the sharded checkpoint {str(path)!r}: its {MANIFEST!r} is not a manifest "
-                              f"ltransform wrote: it is corrupt; load an earlier checkpoint")
     found = [_check_file(path, n, files[n]) for n in _share({n: entry[0] for n, entry in files.items()})]
     errors = [e for part in env.all_gather_objects([e for e in found if e]) for e in part]
     if errors:
         kind, message = errors[0]
         raise {"missing": CheckpointNotFoundError, "format": FileFormatError}.get(kind, ChecksumError)(message)
     return True
+
+
+def manifest_files(path: Path) -> Mapping[str, tuple[int, int]] | None:
+    """The files the manifest of the sharded checkpoint ``path`` records (each a bare name, with
+    its size and CRC-32), or None if it has none (format 1).
+
+    Raises:
+        FileFormatError: the manifest is not a regular file, or not one ltransform wrote.
+    """
+    if not_regular(path / MANIFEST) == "missing":
+        return None
+    manifest = read_file(member(path, MANIFEST))
+    files = manifest.get("files") if isinstance(manifest, Mapping) else None
+    if not isinstance(files, Mapping) or not all(
+            bare_name(n) and isinstance(v, tuple) and len(v) == 2 and all(type(x) is int for x in v)
+            for n, v in files.items()):
+        raise FileFormatError(f"the sharded checkpoint {str(path)!r}: its {MANIFEST!r} is not a manifest "
+                              f"ltransform wrote: it is corrupt; load an earlier checkpoint")
+    return files
 
 
 def _share(sizes: Mapping[str, int]) -> list[str]:
@@ -146,12 +292,17 @@ def _share(sizes: Mapping[str, int]) -> list[str]:
 def _check_file(path: Path, name: str, recorded: tuple[int, int]) -> tuple[str, str] | None:
     file = path / name
     where = f"the sharded checkpoint {str(path)!r}: its file {name!r}"
-    if file.is_dir():
-        return "format", f"{where} is a directory, not a file: the checkpoint is corrupt; load an earlier checkpoint"
-    if not file.exists():
+    kind = not_regular(file)  # (before opening it: reading a FIFO would block forever)
+    if kind == "missing":
         return "missing", (f"{where} is missing (its {MANIFEST} records it): the checkpoint is incomplete; "
                            f"load an earlier checkpoint")
-    size, crc = file_checksum(file)
+    if kind is not None:
+        return "format", (f"{where} is {kind}, not a regular file: the checkpoint is corrupt; load an earlier "
+                          f"checkpoint")
+    try:
+        size, crc = file_checksum(file)
+    except OSError as error:
+        return "format", f"{where} cannot be read ({error}): the checkpoint is corrupt; load an earlier checkpoint"
     if size != recorded[0]:
         return "checksum", (f"{where} has {size} bytes, {recorded[0]} when saved: it is truncated or corrupt; "
                             f"load an earlier checkpoint")
@@ -171,7 +322,9 @@ def planner(strict: bool, *, rebuild: bool = False, keys: set[str] | None = None
 
     class SafePlanner(base):  # type: ignore[misc, valid-type]
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            loaded = torch.load(value, weights_only=True)
+            self.set_bytes(read_item, torch.load(value, weights_only=True))
+
+        def set_bytes(self, read_item: Any, loaded: Any) -> None:
             if self.flatten_state_dict:
                 from torch.distributed.checkpoint._nested_dict import set_element
 
@@ -180,6 +333,43 @@ def planner(strict: bool, *, rebuild: bool = False, keys: set[str] | None = None
                 self.state_dict[read_item.dest_index.fqn] = loaded
 
     return SafePlanner(keys=keys) if rebuild else SafePlanner(allow_partial_load=not strict)
+
+
+def stage_tensors(tensors: dict[str, Any], path: Path, *, strict: bool = True) -> Callable[[], None]:
+    """Read from the DCP directory ``path`` everything that belongs in ``tensors`` (a state dict
+    whose tensors are live ones: parameters, optimizer state) into new buffers on the CPU, and
+    return the copy-in that writes them into ``tensors``.
+
+    DCP reads a chunk straight into its target tensor, so a read that fails half-way (a chunk
+    that does not fit its tensor, a file that fails to read) would leave some tensors loaded and
+    others not. Read into buffers first, nothing changes until every chunk is read; the copy-in
+    then only copies same-shaped tensors, which cannot fail. It costs one more copy of this
+    rank's shards in CPU memory for the length of the load, and one memory copy of each.
+    """
+    base = type(planner(strict))
+    staged: list[tuple[Any, Any, bool]] = []  # (read item, buffer or value, is a tensor)
+
+    class Staging(base):  # type: ignore[misc, valid-type]
+        def resolve_tensor(self, read_item: Any) -> torch.Tensor:
+            target = super().resolve_tensor(read_item)
+            buffer = torch.empty(target.shape, dtype=target.dtype, device="cpu")
+            staged.append((read_item, buffer, True))
+            return buffer
+
+        def set_bytes(self, read_item: Any, loaded: Any) -> None:
+            staged.append((read_item, loaded, False))
+
+    staging = Staging(allow_partial_load=not strict)
+    _dcp_load(tensors, path, staging)
+
+    def copy_in() -> None:
+        for read_item, value, is_tensor in staged:
+            if is_tensor:
+                base.resolve_tensor(staging, read_item).copy_(value)
+            else:
+                base.set_bytes(staging, read_item, value)
+
+    return copy_in
 
 
 def _no_group() -> bool:
@@ -223,14 +413,18 @@ def load_tensors(tensors: dict[str, Any], path: Path, *, strict: bool = True, re
                  keys: set[str] | None = None) -> None:
     """Fill ``tensors`` from the DCP directory ``path`` (with ``rebuild``: an empty dict, filled
     in this process with everything stored, or with the subtrees named in ``keys``)."""
-    import torch.distributed.checkpoint as dcp
-
     if rebuild:  # dcp.load keeps only the keys it was given; torch's own dcp_to_torch_save does this
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
         _load_state_dict(tensors, storage_reader=reader(path),
                          planner=planner(strict, rebuild=True, keys=keys), no_dist=True)
     else:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS)
-            dcp.load(tensors, storage_reader=reader(path), planner=planner(strict), no_dist=_no_group())
+        _dcp_load(tensors, path, planner(strict))
+
+
+def _dcp_load(tensors: dict[str, Any], path: Path, load_planner: Any) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS)
+        dcp.load(tensors, storage_reader=reader(path), planner=load_planner, no_dist=_no_group())

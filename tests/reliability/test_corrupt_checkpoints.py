@@ -12,6 +12,7 @@ import os
 import pickle
 import pickletools
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -137,6 +138,8 @@ def full_variants(data: bytes, marker: Path, rng: random.Random):
     yield "rezipped unchanged", rezip(data, lambda n, c: [(n, c)])
     yield "empty", b""
     yield "directory", "dir"
+    yield "FIFO", "fifo"
+    yield "symlink to a copy (the user's own link: loads)", ("symlink", data)
     yield "missing", None
     for cut in sorted({0, 1, 4, 30, len(data) - 1, len(data) - 22, *rng.sample(range(len(data)), 80)}):
         yield f"truncated at {cut}", data[:cut]
@@ -193,6 +196,8 @@ def sharded_variants(directory: Path, marker: Path, rng: random.Random):
     for name, data in originals.items():
         yield f"{name} empty", {name: b""}, False
         yield f"{name} directory", {name: "dir"}, False
+        yield f"{name} FIFO", {name: "fifo"}, False
+        yield f"{name} symlink to a copy", {name: ("symlink", data)}, False
         yield f"{name} missing", {name: None}, False
         yield f"{name} renamed", {name: None, name + ".bak": data}, False
         for cut in sorted({0, 1, len(data) - 1, *rng.sample(range(len(data)), 20)}):
@@ -237,6 +242,12 @@ def _write(path: Path, content) -> None:
         path.unlink(missing_ok=True)
     if content == "dir":
         path.mkdir()
+    elif content == "fifo":  # reading one blocks until a writer comes: a load that opens it hangs
+        os.mkfifo(path)
+    elif isinstance(content, tuple):  # ("symlink", bytes): a link to a copy outside
+        target = path.parent.parent / f"linked-{path.parent.name}-{path.name}"
+        target.write_bytes(content[1])
+        path.symlink_to(target)
     elif content is not None:
         path.write_bytes(content)
 
@@ -517,5 +528,249 @@ def test_the_allowlist_holds_every_global_a_real_dcp_metadata_names(tmp_path):
     assert lt.load(path, build(1)).step == 3
 
 
+# -- what a checkpoint names: only its own regular files, within their bounds ---------------------
+
+def load_in_child(path: Path, timeout: float = 60) -> dict:
+    """Load ``path`` into ``build(1)`` in a child process (a load that opens a FIFO never returns):
+    the error's kind and message, and whether the state stayed as it was."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    try:
+        done = subprocess.run([sys.executable, __file__, "load", str(path)], capture_output=True, text=True,
+                              cwd=root, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"lt.load({str(path)!r}) hung")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _load_report(path: Path) -> dict:
+    target = build(1)
+    before = snapshot(target)
+    try:
+        lt.load(path, target)
+    except lt.CheckpointError as error:
+        return {"error": type(error).__name__, "message": str(error), "unchanged": equal(snapshot(target), before)}
+    except Exception as error:  # noqa: BLE001 - reported
+        return {"error": f"escaped {type(error).__name__}", "message": str(error), "unchanged": False}
+    return {"error": None, "message": "", "unchanged": equal(snapshot(target), before)}
+
+
+def _format_1(path: Path) -> None:
+    """Make a saved sharded checkpoint one of format 1: no manifest, nothing verified before DCP reads."""
+    (path / MANIFEST).unlink()
+    common = torch.load(path / "common.pt", weights_only=True)
+    common["meta"]["version"] = 1
+    torch.save(common, path / "common.pt")
+
+
+@pytest.mark.parametrize("form", ["format 2", "format 1"])
+@pytest.mark.parametrize("name", ["__0_0.distcp", ".metadata"])
+def test_a_fifo_in_a_sharded_checkpoint_is_refused_naming_it_not_read_forever(tmp_path, name, form):
+    path = lt.save(tmp_path / "ckpt", build(0), sharded=True)
+    if form == "format 1":
+        _format_1(path)
+    (path / name).unlink()
+    os.mkfifo(path / name)
+    outcome = load_in_child(path)
+    assert outcome["error"] == "FileFormatError" and outcome["unchanged"], outcome
+    # (format 1 has no manifest: DCP's metadata check finds it, naming the entry stored there)
+    named = rf"{re.escape(repr(str(path)))}: its file ('.metadata': entry '[\w.]+' stores its data in )?{name!r}"
+    assert re.search(named + r",? (which )?is a FIFO \(named pipe\), not a regular file", outcome["message"]), outcome
+
+
+def test_a_fifo_given_as_a_full_checkpoint_is_refused_not_read_forever(tmp_path):
+    os.mkfifo(tmp_path / "ckpt.pt")
+    outcome = load_in_child(tmp_path / "ckpt.pt")
+    assert outcome["error"] == "FileFormatError", outcome
+    assert "ckpt.pt' is a FIFO (named pipe), not a regular file" in outcome["message"]
+
+
+def test_a_symlink_inside_a_sharded_checkpoint_is_refused_even_to_identical_bytes(tmp_path):
+    path = lt.save(tmp_path / "ckpt", build(0), sharded=True)
+    elsewhere = tmp_path / "elsewhere.distcp"
+    (path / "__0_0.distcp").rename(elsewhere)
+    (path / "__0_0.distcp").symlink_to(elsewhere)
+    state = build(1)
+    before = snapshot(state)
+    with pytest.raises(lt.CheckpointError, match=r"its file '__0_0.distcp' is a symbolic link, not a regular file"):
+        lt.load(path, state)
+    assert equal(snapshot(state), before)
+
+
+def test_a_manifest_naming_a_path_outside_the_checkpoint_is_refused(tmp_path):
+    from ltransform import io
+
+    path = lt.save(tmp_path / "ckpt", build(0), sharded=True)
+    (tmp_path / "outside").write_bytes(b"a file beside the checkpoint")
+    manifest = torch.load(path / MANIFEST, weights_only=True)
+    manifest["files"]["../outside"] = io.file_checksum(tmp_path / "outside")
+    io.write_file(path / MANIFEST, manifest)
+    with pytest.raises(lt.CheckpointError, match=r"ckpt': its 'manifest.pt' is not a manifest ltransform wrote"):
+        lt.load(path, build(1))
+
+
+def craft_metadata(path: Path, change) -> None:
+    """Rewrite a sharded checkpoint's DCP ``.metadata`` with ``change(fqn, storage info)`` applied to
+    each entry, and re-sign the manifest (a crafted checkpoint carries one that matches)."""
+    metadata = pickle.loads((path / ".metadata").read_bytes())
+    for index, info in metadata.storage_data.items():
+        change(index.fqn, info)
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    (path / MANIFEST).unlink()
+    write_manifest(path)
+
+
+def _entry_is(fqn: str, **changes):
+    def change(name, info):
+        if name == fqn:
+            for key, value in changes.items():
+                setattr(info, key, value(info) if callable(value) else value)
+    return change
+
+
+CRAFTED = {  # how .metadata stores models.model.0.weight -> (error, message)
+    "absolute path to another checkpoint": (
+        lambda other: _entry_is("models.model.0.weight", relative_path=str(other / "__0_0.distcp")),
+        pickle.UnpicklingError,
+        r"refusing to load .*ckpt': its file '.metadata': entry 'models.model.0.weight' stores its data in "
+        r"'/.*other/__0_0.distcp', which is not a file of the checkpoint"),
+    "relative path out of the directory": (
+        lambda other: _entry_is("models.model.0.weight", relative_path="../other/__0_0.distcp"),
+        pickle.UnpicklingError, r"entry 'models.model.0.weight' stores its data in '../other/__0_0.distcp', which "
+                                r"is not a file of the checkpoint"),
+    "a file the manifest does not record": (
+        lambda other: _entry_is("models.model.0.weight", relative_path="extra.distcp"),
+        ValueError, r"entry 'models.model.0.weight' stores its data in 'extra.distcp', which its 'manifest.pt' "
+                    r"does not record"),
+    "bytes past the end of its file": (
+        lambda other: _entry_is("models.model.0.weight", offset=lambda info: info.offset + 10**6),
+        ValueError, r"entry 'models.model.0.weight': its bytes \d+\+\d+ lie outside its file '__0_0.distcp'"),
+    "a stream transform": (
+        lambda other: _entry_is("models.model.0.weight", transform_descriptors=["stream.zstandard"]),
+        ValueError, r"entry 'models.model.0.weight' is stored through stream transforms \['stream.zstandard'\], "
+                    r"which ltransform never writes"),
+}
+
+
+@pytest.mark.parametrize("crafted", list(CRAFTED))
+def test_a_crafted_metadata_cannot_make_a_load_read_outside_its_files(tmp_path, crafted):
+    change, error, match = CRAFTED[crafted]
+    other = lt.save(tmp_path / "other", build(7), sharded=True)  # what a crafted path could read
+    path = lt.save(tmp_path / "ckpt", build(0), sharded=True)
+    shutil.copy(other / "__0_0.distcp", path / "extra.distcp")
+    craft_metadata(path, change(other))
+    (path / MANIFEST).unlink()
+    (path / "extra.distcp").rename(tmp_path / "aside")  # the manifest is re-signed without it
+    write_manifest(path)
+    (tmp_path / "aside").rename(path / "extra.distcp")
+    state = build(1)
+    before = snapshot(state)
+    with pytest.raises(error, match=match) as raised:
+        lt.load(path, state)
+    assert isinstance(raised.value, lt.CheckpointError)
+    assert equal(snapshot(state), before)
+
+
+def test_a_chunk_stored_in_fewer_bytes_than_its_data_is_refused_before_reading(tmp_path):
+    saved = build(0, hidden=256)  # 0.weight: 4 KiB of data; 0.bias: 1 KiB (in a blob of ~2 KiB)
+    path = lt.save(tmp_path / "ckpt", saved, sharded=True)
+    metadata = pickle.loads((path / ".metadata").read_bytes())
+    bias = next(info for index, info in metadata.storage_data.items() if index.fqn == "models.model.0.bias")
+    craft_metadata(path, _entry_is("models.model.0.weight", offset=bias.offset, length=bias.length))
+    state = build(1, hidden=256)
+    with pytest.raises(lt.CheckpointError, match=rf"entry 'models.model.0.weight': its stored chunk has "
+                                                 rf"{bias.length} bytes for 4096 of data"):
+        lt.load(path, state)
+
+
+@pytest.mark.parametrize("form", ["format 2", "format 1"])
+def test_a_chunk_that_does_not_fit_its_tensor_fails_the_load_before_anything_changes(tmp_path, form):
+    """The crafted entry lies within its file and holds enough bytes, so only reading it shows that
+    it is another tensor's: DCP reads every chunk into buffers first, so a chunk that fails half-way
+    through the read (the model's last tensor) leaves the parameters, optimizer, scheduler,
+    counters and RNG states as they were."""
+    path = lt.save(tmp_path / "ckpt", build(0), sharded=True)
+    metadata = pickle.loads((path / ".metadata").read_bytes())
+    first = next(info for index, info in metadata.storage_data.items() if index.fqn == "models.model.0.weight")
+    craft_metadata(path, _entry_is("models.model.2.bias", offset=first.offset, length=first.length))
+    if form == "format 1":
+        _format_1(path)
+    state = build(1)
+    random.seed(3), torch.manual_seed(3)
+    before = snapshot(state)
+    with pytest.raises(lt.CheckpointError, match=r"ckpt': its DCP files \['.metadata', '__0_0.distcp'\] cannot be "
+                                                 r"read \(AssertionError: .*models.model.2.bias"):
+        lt.load(path, state)
+    assert equal(snapshot(state), before)
+
+
+class Refuses(Counter):
+    """A user's object whose load_state_dict refuses a state it does not know (as many do)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"n", "kind"}:
+            raise ValueError(f"expected keys n and kind, got {sorted(state)}")
+        self.n = state["n"]
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "kind": "refuses"}
+
+
+def _lambda_state(seed: int) -> lt.State:
+    state = build(seed, extra={"counter": Counter(seed)})
+    scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 0.5 ** step)
+    return lt.State(model=state.model, optimizer=state.optimizer, scheduler=scheduler, step=state.step,
+                    extra=dict(state.extra))
+
+
+USER_OBJECTS = {  # saved, target, what refuses
+    "an extra": (lambda: build(0, extra={"counter": Counter(5), "z": Counter(6)}),
+                 lambda: build(1, extra={"counter": Counter(1), "z": Refuses(2)}),
+                 r"state.extra\['z'\] cannot load its saved state \(ValueError: expected keys n and kind, "
+                 r"got \['n'\]\)"),
+    "a scheduler": (lambda: build(0, extra={"counter": Counter(5)}), lambda: _lambda_state(1),
+                    r"scheduler 'scheduler' cannot load its saved state \(KeyError: 'lr_lambdas'\)"),
+}
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["full", "sharded"])
+@pytest.mark.parametrize("refuser", list(USER_OBJECTS))
+def test_a_user_object_that_refuses_its_state_fails_the_load_and_everything_is_put_back(tmp_path, refuser, sharded):
+    saved, target, match = USER_OBJECTS[refuser]
+    saved_state = saved()
+    for _ in range(3):
+        saved_state.optimizer.step(), saved_state.scheduler.step()
+    path = lt.save(tmp_path / ("ckpt" if sharded else "ckpt.pt"), saved_state, sharded=sharded)
+    state = target()
+    before = snapshot(state)
+    with pytest.raises(lt.CheckpointError, match=match + r"; the state is as it was before the load") as raised:
+        lt.load(path, state)
+    assert isinstance(raised.value, ValueError) and str(path) in str(raised.value)
+    assert equal(snapshot(state), before)
+
+
+@pytest.mark.parametrize("keys", [(0, "0"), ("a/b", "a")], ids=["0 and '0'", "'a/b' and 'a' then 'b'"])
+def test_a_flipped_tensor_is_found_even_beside_a_key_that_spells_the_same(tmp_path, keys):
+    """Checksums are recorded by each tensor's path; with "/" joining keys, the integer 0 and the
+    string "0" (or "a/b" and "a" then "b") shared one, and the first tensor went unchecked."""
+    first, second = torch.full((16,), 1234.5), torch.full((16,), -7.25)
+    pair = {keys[0]: first, keys[1]: second} if keys[0] == 0 else {keys[0]: first, keys[1]: {"b": second}}
+    path = lt.save(tmp_path / "ckpt.pt", build(0, extra={"pair": pair}))
+    data = bytearray(path.read_bytes())
+    data[data.index(first.numpy().tobytes()) + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+    state = build(1, extra={"pair": {}})
+    before = snapshot(state)
+    entry = "extra/pair/value/" + ("0" if keys[0] == 0 else "'a/b'")
+    with pytest.raises(lt.CheckpointError, match=rf"ckpt.pt': entry {re.escape(repr(entry))} does not match its "
+                                                 r"checksum"):
+        lt.load(path, state)
+    assert equal(snapshot(state), before)
+
+
 if __name__ == "__main__":
-    print(json.dumps(fuzz(sys.argv[1], Path(sys.argv[2]))))
+    if sys.argv[1] == "load":
+        print(json.dumps(_load_report(Path(sys.argv[2]))))
+    else:
+        print(json.dumps(fuzz(sys.argv[1], Path(sys.argv[2]))))
