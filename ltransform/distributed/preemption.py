@@ -13,6 +13,7 @@ same answer at the same step: a rank that got the signal and one that did not st
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -295,11 +296,19 @@ class Watch:
 
 def _cpu_group() -> Any:
     """The group for the check's CPU tensor: the default one if it has a CPU backend (gloo,
-    or ``cpu:gloo,cuda:nccl``), else a gloo group made once for this run (collective)."""
+    or ``cpu:gloo,cuda:nccl``), else a gloo group of the same ranks, made once per default
+    group (by the first ``lt.run``, on every rank together)."""
     import torch.distributed as dist
 
     if "gloo" in str(dist.get_backend()) or "mpi" in str(dist.get_backend()):
         return None
+    return _gloo_group(dist.group.WORLD)
+
+
+@functools.lru_cache(maxsize=1)
+def _gloo_group(world: Any) -> Any:
+    import torch.distributed as dist
+
     return dist.new_group(backend="gloo")
 
 

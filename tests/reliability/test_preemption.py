@@ -349,3 +349,13 @@ def test_many_runs_leave_no_thread_or_fd_and_restore_and_feed_the_previous_wakeu
         signal.set_wakeup_fd(previous)
         reader.close()
         writer.close()
+
+
+def test_a_gloo_group_for_the_check_is_made_once_per_default_group(one_rank_group):
+    """With an NCCL-only default group the check needs a gloo group: one, not one per lt.run."""
+    import torch.distributed as dist
+
+    from ltransform.distributed.preemption import _gloo_group
+
+    first = _gloo_group(dist.group.WORLD)
+    assert _gloo_group(dist.group.WORLD) is first and dist.get_world_size(first) == 1
