@@ -134,7 +134,9 @@ def guard_nonfinite(step: Any = MISSING, /, policy: Any = MISSING, *, max_consec
         a non-finite loss on one rank makes every rank's gradients non-finite. The names in
         the error (gathered from every rank) are only collected when it is raised.
         ``16-mixed`` is rejected: its grad scaler already skips inf/NaN updates, routinely
-        (loss-scale overflow), which a guard would count or stop on.
+        (loss-scale overflow), which a guard would count or stop on. A hand-written step
+        with several optimizers (a GAN) is checked per ``lt.optimizer_step(opt)`` call: each
+        optimizer's gradients decide its own update, and each skip is counted.
     """
     if policy is MISSING and isinstance(step, str):
         step, policy = MISSING, step
