@@ -74,15 +74,8 @@ def reader(path: Path) -> Any:
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            file = Path(self._get_metadata_path(kwargs.get("rank")))
+            file = member(path, Path(self._get_metadata_path(kwargs.get("rank"))).name)
             where = f"the sharded checkpoint {str(path)!r}: its file {file.name!r}"
-            kind = not_regular(file)
-            if kind == "missing":
-                raise CheckpointNotFoundError(f"{where} is missing: the checkpoint is incomplete; load an "
-                                              f"earlier checkpoint")
-            if kind is not None:
-                raise FileFormatError(f"{where} is {kind}, not a regular file: the checkpoint is corrupt or "
-                                      f"crafted; load an earlier checkpoint")
             try:
                 with self.fs.create_stream(file, "rb") as stream:
                     metadata = unpickler(stream).load()
