@@ -77,6 +77,23 @@ def reference(tmp_path: Path, steps: int) -> dict:
     return torch.load(out)
 
 
+def as_launched_by(monkeypatch, variables: dict[str, str]) -> None:
+    """This process's environment as a launcher sets it: no torchrun variables, ``variables`` set."""
+    for key in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in variables.items():
+        monkeypatch.setenv(key, value)
+
+
+def assert_trained_alike(got: dict, ref: dict, steps: int) -> None:
+    """A cluster run equals the ``lt.launch`` reference bitwise, and a plain one-process loop
+    up to rounding."""
+    assert got["step"] == ref["step"] == steps
+    assert_bitwise(got["params"], ref["params"])
+    for key, value in plain_pytorch(steps).items():
+        torch.testing.assert_close(got["params"][key], value, rtol=0, atol=1e-6)
+
+
 def assert_bitwise(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster_train import LAUNCHER_VARIABLES, assert_bitwise, child_env, plain_pytorch, reference
+from cluster_train import as_launched_by, assert_trained_alike, child_env, reference
 from ltransform.distributed import clusters, env
 
 SCRIPT = Path(__file__).with_name("cluster_train.py")
@@ -54,10 +54,7 @@ def test_no_shared_job_id_needs_a_master_port():
 
 
 def test_rank_world_size_and_local_rank_read_the_mpi_rank(monkeypatch):
-    for key in LAUNCHER_VARIABLES:
-        monkeypatch.delenv(key, raising=False)
-    for key, value in RANK_1.items():
-        monkeypatch.setenv(key, value)
+    as_launched_by(monkeypatch, RANK_1)
     assert (env.rank(), env.world_size(), env.local_rank()) == (1, 2, 1)
 
 
@@ -83,7 +80,4 @@ def test_mpirun_trains_equal_to_launch(tmp_path):
     got = torch.load(tmp_path / "mpi.pt")
     assert [(v["cluster"], v["rank"], v["world"], v["local"]) for v in got["views"]] == [
         ("mpi", 0, 2, 0), ("mpi", 1, 2, 1)]
-    assert got["step"] == ref["step"] == 12
-    assert_bitwise(got["params"], ref["params"])
-    for key, value in plain_pytorch(12).items():
-        torch.testing.assert_close(got["params"][key], value, rtol=0, atol=1e-6)
+    assert_trained_alike(got, ref, 12)

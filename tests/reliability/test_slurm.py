@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import ltransform as lt
-from cluster_train import LAUNCHER_VARIABLES, assert_bitwise, child_env, plain_pytorch, reference
+from cluster_train import as_launched_by, assert_bitwise, assert_trained_alike, child_env, reference
 from ltransform.distributed import clusters, env
 
 SCRIPT = Path(__file__).with_name("cluster_train.py")
@@ -84,10 +84,7 @@ def test_a_bad_slurm_variable_is_named():
 
 
 def test_rank_world_size_and_local_rank_read_the_slurm_step(monkeypatch):
-    for key in LAUNCHER_VARIABLES:
-        monkeypatch.delenv(key, raising=False)
-    for key, value in STEP.items():
-        monkeypatch.setenv(key, value)
+    as_launched_by(monkeypatch, STEP)
     assert (env.rank(), env.world_size(), env.local_rank()) == (3, 4, 1)
     assert lt.cluster() == "slurm"
     assert "MASTER_ADDR" not in os.environ  # nothing is written before a group is made
@@ -137,10 +134,7 @@ def test_srun_trains_equal_to_launch(slurm, tmp_path):
     assert [v["cluster"] for v in got["views"]] == ["slurm", "slurm"]
     assert [(v["rank"], v["world"], v["local"]) for v in got["views"]] == [(0, 2, 0), (1, 2, 1)]
     assert [v["cluster"] for v in ref["views"]] == ["torchrun", "torchrun"]
-    assert got["step"] == ref["step"] == 12
-    assert_bitwise(got["params"], ref["params"])
-    for key, value in plain_pytorch(12).items():
-        torch.testing.assert_close(got["params"][key], value, rtol=0, atol=1e-6)
+    assert_trained_alike(got, ref, 12)
 
 
 def test_a_refused_requeue_is_named(slurm):
