@@ -207,7 +207,8 @@ def _read_sharded(path: Path, inv: Inventory, opts: Mapping[str, Any], strict: b
     rank_file = _rank_file(path)
     mine = io.read_file(rank_file)
     with dcp_errors(path):
-        stored = sharded.reader(path).read_metadata().state_dict_metadata
+        metadata = sharded.reader(path).read_metadata()  # read and checked once for this load
+    stored = metadata.state_dict_metadata
     mods = inv.models
     # Models and sharded optimizers load into a template of their state (through buffers,
     # copied in only once every chunk is read: sharded.stage_tensors). Two kinds
@@ -230,11 +231,11 @@ def _read_sharded(path: Path, inv: Inventory, opts: Mapping[str, Any], strict: b
     if plain or quantized:
         keys = {f"optimizers.{n}" for n in plain} | {f"models.{n}" for n in quantized}
         with dcp_errors(path):
-            sharded.load_tensors(saved_parts, path, rebuild=True, keys=keys)
+            sharded.load_tensors(saved_parts, path, rebuild=True, keys=keys, metadata=metadata)
     # Read now, into buffers: a chunk that does not fit its tensor, or a file that fails to read,
     # must fail the load before anything is copied in (DCP alone would read into the parameters).
     with dcp_errors(path):
-        copy_ins: list[Callable[[], Any]] = [sharded.stage_tensors(tensors, path, strict=strict)]
+        copy_ins: list[Callable[[], Any]] = [sharded.stage_tensors(tensors, path, strict=strict, metadata=metadata)]
     for name, module in mods.items():
         source = saved_parts.get("models", {}) if name in quantized else tensors["models"]
         copy_ins.append(functools.partial(_load_module, module, source[name], StateDictOptions(strict=strict)))

@@ -61,12 +61,14 @@ def allowed_globals() -> dict[tuple[str, str], Any]:
     return table
 
 
-def reader(path: Path) -> Any:
+def reader(path: Path, checked: Any = None) -> Any:
     """A DCP ``FileSystemReader`` that reads ``.metadata`` through an exact allowlist of classes
     (:func:`allowed_globals`) instead of a bare ``pickle.load`` (which would run whatever a
     crafted file asks for), and checks where it stores each entry (:func:`_check_storage`)
     before DCP opens any file: DCP joins each entry's file name onto the directory, so an
-    absolute name would read any file on the machine, and a FIFO would block the load forever."""
+    absolute name would read any file on the machine, and a FIFO would block the load forever.
+    Given ``checked`` (the metadata such a reader of ``path`` read and checked earlier in the
+    same load), it hands that out instead of reading and checking the file again."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
@@ -74,6 +76,9 @@ def reader(path: Path) -> Any:
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            if checked is not None:
+                checked.storage_meta.load_id = self.load_id
+                return checked
             file = member(path, Path(self._get_metadata_path(kwargs.get("rank"))).name)
             where = f"the sharded checkpoint {str(path)!r}: its file {file.name!r}"
             try:
@@ -328,7 +333,8 @@ def planner(strict: bool, *, rebuild: bool = False, keys: set[str] | None = None
     return SafePlanner(keys=keys) if rebuild else SafePlanner(allow_partial_load=not strict)
 
 
-def stage_tensors(tensors: dict[str, Any], path: Path, *, strict: bool = True) -> Callable[[], None]:
+def stage_tensors(tensors: dict[str, Any], path: Path, *, strict: bool = True,
+                  metadata: Any = None) -> Callable[[], None]:
     """Read from the DCP directory ``path`` everything that belongs in ``tensors`` (a state dict
     whose tensors are live ones: parameters, optimizer state) into new buffers on the CPU, and
     return the copy-in that writes them into ``tensors``.
@@ -353,7 +359,7 @@ def stage_tensors(tensors: dict[str, Any], path: Path, *, strict: bool = True) -
             staged.append((read_item, loaded, False))
 
     staging = Staging(allow_partial_load=not strict)
-    _dcp_load(tensors, path, staging)
+    _dcp_load(tensors, reader(path, metadata), staging)
 
     def copy_in() -> None:
         for read_item, value, is_tensor in staged:
@@ -403,21 +409,21 @@ def save_tensors(tensors: dict[str, Any], path: Path, *, async_save: bool) -> Fu
 
 
 def load_tensors(tensors: dict[str, Any], path: Path, *, strict: bool = True, rebuild: bool = False,
-                 keys: set[str] | None = None) -> None:
+                 keys: set[str] | None = None, metadata: Any = None) -> None:
     """Fill ``tensors`` from the DCP directory ``path`` (with ``rebuild``: an empty dict, filled
     in this process with everything stored, or with the subtrees named in ``keys``)."""
     if rebuild:  # dcp.load keeps only the keys it was given; torch's own dcp_to_torch_save does this
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-        _load_state_dict(tensors, storage_reader=reader(path),
+        _load_state_dict(tensors, storage_reader=reader(path, metadata),
                          planner=planner(strict, rebuild=True, keys=keys), no_dist=True)
     else:
-        _dcp_load(tensors, path, planner(strict))
+        _dcp_load(tensors, reader(path, metadata), planner(strict))
 
 
-def _dcp_load(tensors: dict[str, Any], path: Path, load_planner: Any) -> None:
+def _dcp_load(tensors: dict[str, Any], storage_reader: Any, load_planner: Any) -> None:
     import torch.distributed.checkpoint as dcp
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS)
-        dcp.load(tensors, storage_reader=reader(path), planner=load_planner, no_dist=_no_group())
+        dcp.load(tensors, storage_reader=storage_reader, planner=load_planner, no_dist=_no_group())
