@@ -54,7 +54,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "all_reduce": ("ltransform.distributed.env", "all_reduce"),
     "barrier": ("ltransform.distributed.env", "barrier"),
     "broadcast": ("ltransform.distributed.env", "broadcast"),
+    "accelerator": ("ltransform.distributed.env", "accelerator"),
     "device": ("ltransform.distributed.env", "device"),
+    "use_accelerator": ("ltransform.distributed.env", "use_accelerator"),
     "local_rank": ("ltransform.distributed.env", "local_rank"),
     "rank": ("ltransform.distributed.env", "rank"),
     "world_size": ("ltransform.distributed.env", "world_size"),
@@ -138,7 +140,9 @@ if TYPE_CHECKING:
     from ltransform.distributed.env import all_reduce
     from ltransform.distributed.env import barrier
     from ltransform.distributed.env import broadcast
+    from ltransform.distributed.env import accelerator
     from ltransform.distributed.env import device
+    from ltransform.distributed.env import use_accelerator
     from ltransform.distributed.env import local_rank
     from ltransform.distributed.env import rank
     from ltransform.distributed.env import world_size

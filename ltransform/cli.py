@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=None,
                      help="seconds a collective waits for the other ranks before failing with an error "
                           "naming the rank (sets LTRANSFORM_COLLECTIVE_TIMEOUT; default torch's, 30 min)")
+    run.add_argument("--accelerator", default=None,
+                     help="cpu, cuda (gpu), xla (tpu), mps, xpu or auto (sets LTRANSFORM_ACCELERATOR; default: "
+                          "the first available). On XLA, run the script itself instead: one process per host")
     run.add_argument("script", help="the training script")
     run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     merge = commands.add_parser(
@@ -68,6 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         if not options.timeout > 0:
             raise SystemExit(f"ltransform run: --timeout must be a positive number of seconds, got {options.timeout}")
         os.environ["LTRANSFORM_COLLECTIVE_TIMEOUT"] = f"{options.timeout:g}"  # the ranks inherit it
+    from ltransform.distributed import env
+
+    try:
+        if options.accelerator is not None:
+            env.use_accelerator(options.accelerator)  # the ranks inherit LTRANSFORM_ACCELERATOR
+        accelerator = env.accelerator()
+    except (ValueError, RuntimeError, ImportError) as error:
+        raise SystemExit(f"ltransform run: {error}") from None
+    if accelerator == "xla" and (options.devices > 1 or options.nodes > 1):
+        raise SystemExit(f"ltransform run: {env.XLA_LAUNCH}")
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun

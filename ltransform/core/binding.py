@@ -11,6 +11,7 @@ train two states side by side, each with its own scaler, models and contexts.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -38,16 +39,16 @@ class BoundStep:
     step called inside advanced the counters itself). Metrics are not detached on that path.
     """
 
-    __slots__ = ("step", "signature", "alive", "boundary", "inner", "device", "run", "_frames")
+    __slots__ = ("step", "signature", "alive", "boundary", "inner", "move", "run", "_frames")
 
     def __init__(self, step: TransformedStep, signature: tuple[int, ...], boundary: Pipelines,
-                 inner: Pipelines, device: torch.device | None,
+                 inner: Pipelines, move: Callable[[Any], Any] | None,
                  terminal: Callable[[Frame, Any], Any], fast: Callable[..., Any] | None) -> None:
         self.step = step
         self.signature = signature  # ids of the state's torch objects it was bound to
         self.alive: tuple[Any, ...] = ()  # weak references to them: an id is only theirs while they live
         self.boundary, self.inner = boundary, inner
-        self.device = device  # where batches go (None: leave them, on the CPU)
+        self.move = move  # puts a batch where the models are (None: leave it, on the CPU)
         self._frames = (Frame(inner, False, owner=step), Frame(boundary, True, owner=step))
         self.run = fast if fast is not None else self._make_run(terminal)
 
@@ -58,15 +59,15 @@ class BoundStep:
         return self.step.call_bound(self, state, batch)
 
     def _make_run(self, terminal: Callable[[Frame, Any], Any]) -> Callable[..., Any]:
-        step, frames, device = self.step, self._frames, self.device
+        step, frames, move = self.step, self._frames, self.move
         every, trusted, base = step.every, step.trusted, step.base
         context = not trusted or sees_counters(self)  # user code in the step call may call the effects
         calls = (self.inner.step or terminal, self.boundary.step or terminal)  # as frames: by boundary
         from ltransform.core.step import check_result
 
         def run(state: Any, batch: Any, micro: int) -> tuple[Any, Mapping[str, Any], int]:
-            if device is not None:
-                batch = env.to_device(batch, device)
+            if move is not None:
+                batch = move(batch)
             boundary = every == 1 or (micro + 1) % every == 0
             frame, call = frames[boundary], calls[boundary]
             if frame.busy:  # a re-entrant call (a step calling itself): its own frame
@@ -97,7 +98,7 @@ def bind(step: TransformedStep, state: Any) -> tuple[Any, BoundStep]:
     compose the chains; the binding is kept with the state's objects for direct calls."""
     inv = inventory(state)
     check_optimizers(inv.optimizers.values())
-    device = _place(inv)
+    move = _place(inv)
     bound: list[tuple[Handler, Any]] = []
     for transform in step.ordered():
         ctx = None
@@ -109,10 +110,10 @@ def bind(step: TransformedStep, state: Any) -> tuple[Any, BoundStep]:
     boundary = build_pipelines(bound, True, terminal)
     inner = build_pipelines(bound, False, terminal) if step.every > 1 else boundary
     fast = None
-    if step.body is not None and step.body.kind == "train" and device is None and not bound:
+    if step.body is not None and step.body.kind == "train" and move is None and not bound:
         fast = _fast_train(step, inv) if (len(inv.optimizers), len(inv.models)) == (1, 1) and len(
             inv.schedulers) <= 1 else None
-    binding = BoundStep(step, signature(state, inv), boundary, inner, device, terminal, fast)
+    binding = BoundStep(step, signature(state, inv), boundary, inner, move, terminal, fast)
     binding.alive = tuple(weakref.ref(o) for group in (inv.models, inv.optimizers, inv.schedulers)
                           for o in group.values())
     _remember(anchor(state, inv), step, binding)
@@ -182,20 +183,41 @@ class _Bindings(dict):  # type: ignore[type-arg]
         return _Bindings()
 
 
-def _place(inv: Inventory) -> torch.device | None:
-    """Move the state's models to ``lt.device()`` when that is an accelerator; the device
-    batches go to then (None on the CPU: nothing moves). ``Module.to`` keeps the Parameter
-    objects, so an optimizer built before stays valid. Only models entirely on the CPU move:
-    ones on ``meta`` (not materialized yet), sharded ones, and ones placed by hand on
-    accelerators are left where they are."""
+def _place(inv: Inventory) -> Callable[[Any], Any] | None:
+    """Move the state's models to ``lt.device()`` when that is an accelerator, and return what
+    puts a batch there (None on the CPU: nothing moves; on XLA, batches are split over the mesh
+    a ``distribute("xla")`` or ``shard`` set up). ``Module.to`` keeps the Parameter objects, so an
+    optimizer built before stays valid; on XLA it cannot (an XLA tensor cannot take a CPU one's
+    place), so the optimizers are given the new parameters instead (any state they hold moves
+    with them). Only models entirely on the CPU move: ones on ``meta`` (not materialized yet),
+    sharded ones, and ones placed by hand on accelerators are left where they are."""
     device = env.device()
     if device.type == "cpu":
         return None
     for module in inv.models.values():
         tensors = [*module.parameters(), *module.buffers()]
         if tensors and all(t.device.type == "cpu" and not hasattr(t, "device_mesh") for t in tensors):
+            old = list(module.parameters())
             module.to(device)  # one placed by hand on accelerators (or split over several) stays
-    return device
+            new = {id(a): b for a, b in zip(old, module.parameters()) if a is not b}
+            if new:
+                for optimizer in inv.optimizers.values():
+                    _rebind(optimizer, new, device)
+    if device.type == "xla":
+        from ltransform.distributed import xla
+
+        return xla.batch_mover(device)
+    return functools.partial(env.to_device, device=device)
+
+
+def _rebind(optimizer: torch.optim.Optimizer, new: Mapping[int, torch.Tensor], device: torch.device) -> None:
+    """Point ``optimizer`` at the moved parameters (``new``: old parameter's id -> new one)."""
+    for group in optimizer.param_groups:
+        group["params"] = [new.get(id(p), p) for p in group["params"]]
+    for param in [p for p in list(optimizer.state) if id(p) in new]:
+        state = optimizer.state.pop(param)
+        optimizer.state[new[id(param)]] = {k: v.to(device) if isinstance(v, torch.Tensor) and k != "step" else v
+                                           for k, v in state.items()}
 
 
 def _terminal(step: TransformedStep, inv: Inventory) -> Callable[[Frame, Any], Any]:

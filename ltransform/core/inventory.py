@@ -72,7 +72,7 @@ class Inventory:
         owners: dict[int, tuple[str, str]] = {}
         for model_path, model in self.models.items():
             for name, param in model.named_parameters(remove_duplicate=False):
-                owners.setdefault(id(param), (model_path, name))
+                owners.setdefault(id(param), (model_path, name.replace("_orig_module.", "")))  # XLA's FSDPv2
         orphans = [i for i, p in enumerate(params) if id(p) not in owners]
         if orphans:
             raise ValueError(

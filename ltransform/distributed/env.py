@@ -44,16 +44,28 @@ def ensure_process_group() -> bool:
         return True
     if int(_launcher("WORLD_SIZE", "1")) <= 1:
         return False
+    name = accelerator()
+    if name == "xla":
+        raise RuntimeError(XLA_LAUNCH)
     for key, value in clusters.environment().items():  # srun/mpirun: what init's env:// reads
         os.environ.setdefault(key, value)
-    cuda = torch.cuda.is_available()
+    cuda = name == "cuda"
     if cuda:
         torch.cuda.set_device(device())
     timeout = collective_timeout()
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=device() if cuda else None,
+    backend = {"cuda": "cpu:gloo,cuda:nccl", "xpu": "cpu:gloo,xpu:xccl"}.get(name, "gloo")
+    dist.init_process_group(backend, device_id=device() if cuda else None,
                             timeout=timeout, **_attempt_store(timeout))
     atexit.register(_destroy_process_group)
     return True
+
+
+XLA_LAUNCH = (
+    "XLA runs one process per host (SPMD: that process drives all of the host's chips), so it is not "
+    "started with lt.launch, ltransform run or torchrun (on XLA their processes could not reach each "
+    "other): run the script itself, `python train.py`, on each host (on a TPU pod slice: "
+    "`gcloud compute tpus tpu-vm ssh NAME --worker=all --command='python train.py'`), with "
+    "lt.distribute(step, 'xla') or 'auto'")
 
 
 def collective_timeout() -> datetime.timedelta | None:
@@ -147,7 +159,7 @@ def _destroy_process_group() -> None:
 
 
 def rank() -> int:
-    """This process's global rank (0 in a single process).
+    """This process's global rank (0 in a single process; on XLA, its host's index).
 
     Example:
         >>> import ltransform as lt
@@ -156,14 +168,27 @@ def rank() -> int:
     """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
+    if _on_xla():
+        from ltransform.distributed import xla
+
+        return xla.process_index()
     return int(_launcher("RANK", "0"))
 
 
 def world_size() -> int:
-    """How many processes train together (1 in a single process)."""
+    """How many processes train together (1 in a single process); on XLA, how many devices
+    (SPMD: one process per host drives them all, each batch split over them)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
+    if _on_xla():
+        from ltransform.distributed import xla
+
+        return xla.device_count()
     return int(_launcher("WORLD_SIZE", "1"))
+
+
+def _on_xla() -> bool:
+    return accelerator() == "xla"
 
 
 def local_rank() -> int:
@@ -177,17 +202,153 @@ def _launcher(key: str, default: str) -> str:
     return value if value is not None else clusters.environment().get(key, default)
 
 
+ACCELERATORS = ("cpu", "cuda", "xla", "mps", "xpu")
+_ALIASES = {"gpu": "cuda", "tpu": "xla", "rocm": "cuda"}  # Lightning's names, and AMD's
+_CHOSEN = "LTRANSFORM_ACCELERATOR"
+
+
+def accelerator() -> str:
+    """The accelerator this process trains on: ``"cuda"``, ``"xla"``, ``"mps"``, ``"xpu"`` or ``"cpu"``.
+
+    The one rule every part of ltransform asks (``lt.device()``, ``distribute("auto")``, where
+    the runner puts models and batches): ``LTRANSFORM_ACCELERATOR`` if set (``lt.use_accelerator``,
+    ``lt.launch(accelerator=)`` and ``ltransform run --accelerator`` set it; ``"auto"`` is the
+    rule below); else XLA when the process was started for it (``PJRT_DEVICE`` set, as on a TPU
+    VM), else the first available of CUDA (ROCm builds of torch present AMD GPUs as CUDA),
+    Intel's XPU, Apple's MPS, and the CPU.
+
+    Raises:
+        ValueError: ``LTRANSFORM_ACCELERATOR`` names no accelerator (the message lists them).
+
+    Example:
+        >>> import ltransform as lt
+        >>> lt.accelerator() in ("cpu", "cuda", "xla", "mps", "xpu")
+        True
+    """
+    chosen = os.environ.get(_CHOSEN, "")
+    if chosen and chosen != "auto":
+        return _canonical(chosen, f"{_CHOSEN}={chosen!r}")
+    from ltransform.distributed import xla
+
+    if xla.requested():
+        return "xla"
+    if torch.cuda.is_available():
+        return "cuda"
+    if _xpu_available():
+        return "xpu"
+    if _mps_available():
+        return "mps"
+    return "cpu"
+
+
+def use_accelerator(name: str) -> str:
+    """Train on ``name`` from now on in this process and the ones it launches: ``"auto"``, ``"cpu"``,
+    ``"cuda"`` (or ``"gpu"``), ``"xla"`` (or ``"tpu"``), ``"mps"``, ``"xpu"``; returns the accelerator
+    chosen. Call it before building the model (it sets ``LTRANSFORM_ACCELERATOR``).
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones).
+        RuntimeError: the accelerator is not available on this machine.
+
+    Example:
+        >>> import ltransform as lt
+        >>> lt.use_accelerator("cpu")
+        'cpu'
+        >>> lt.device()
+        device(type='cpu')
+        >>> _ = lt.use_accelerator("auto")
+    """
+    if name == "auto":
+        os.environ[_CHOSEN] = "auto"
+        return accelerator()
+    canonical = _canonical(name, f"lt.use_accelerator({name!r})")
+    check_available(canonical)
+    os.environ[_CHOSEN] = canonical
+    return canonical
+
+
+def _canonical(name: Any, where: str) -> str:
+    canonical = _ALIASES.get(name, name) if isinstance(name, str) else name
+    if canonical not in ACCELERATORS:
+        raise ValueError(f"{where}: unknown accelerator; expected one of: 'auto', "
+                         f"{', '.join(map(repr, ACCELERATORS))} (or 'gpu' for 'cuda', 'tpu' for 'xla')")
+    return canonical
+
+
+def check_available(name: str) -> None:
+    """Raise ``RuntimeError`` unless accelerator ``name`` can be used in this process."""
+    from ltransform.distributed import xla
+
+    if name == "xla":
+        xla.check_versions()
+        if not os.environ.get("PJRT_DEVICE"):
+            raise RuntimeError("accelerator 'xla': set PJRT_DEVICE (TPU on a TPU VM; CPU with CPU_NUM_DEVICES=N "
+                               "to try SPMD on the CPU) before starting Python")
+        return
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": _mps_available(),
+                 "xpu": _xpu_available()}[name]
+    if not available:
+        raise RuntimeError(f"accelerator {name!r} is not available on this machine (torch {torch.__version__}); "
+                           f"available: {', '.join(a for a in ('cuda', 'xpu', 'mps') if _available(a)) or 'cpu only'}")
+
+
+def _available(name: str) -> bool:
+    return {"cuda": torch.cuda.is_available, "mps": _mps_available, "xpu": _xpu_available}[name]()
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def _xpu_available() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
+
+
 def device() -> torch.device:
-    """The device this process trains on: its CUDA GPU if there is one, else the CPU.
+    """The device this process trains on, by :func:`accelerator`: its CUDA GPU (by local rank), the
+    XLA device (SPMD's one virtual device over all chips), Apple's MPS or Intel's XPU device, else
+    the CPU.
 
     Example:
         >>> import torch, ltransform as lt
         >>> lt.device() == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
         True
     """
-    if torch.cuda.is_available():
+    name = accelerator()
+    if name == "cuda":
+        check_available(name)
         return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    if name == "xla":
+        from ltransform.distributed import xla
+
+        return xla.device()
+    if name == "xpu":
+        check_available(name)
+        return torch.device("xpu", local_rank() % torch.xpu.device_count())
+    if name == "mps":
+        check_available(name)
+        return torch.device("mps")
     return torch.device("cpu")
+
+
+def process_count() -> int:
+    """Processes in the job: the world size, but on XLA one process per host (SPMD)."""
+    if accelerator() == "xla":
+        from ltransform.distributed import xla
+
+        return xla.process_count()
+    return world_size()
+
+
+def process_index() -> int:
+    """This process's index among :func:`process_count` (its rank; on XLA, its host's)."""
+    if accelerator() == "xla":
+        from ltransform.distributed import xla
+
+        return xla.process_index()
+    return rank()
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -9,10 +9,11 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ltransform.distributed import clusters
+from ltransform.distributed import clusters, env
 from ltransform.distributed.preemption import Preempted
 
 _START_METHODS = ("spawn", "fork", "forkserver")
@@ -39,6 +40,7 @@ def launch(
     max_restarts: int = 0,
     join_timeout: int = 900,
     timeout: float | None = None,
+    accelerator: str | None = None,
     **kwargs: Any,
 ) -> Any:
     """Run ``fn(*args, **kwargs)`` on ``devices`` processes per node; return rank 0's result.
@@ -68,6 +70,11 @@ def launch(
         timeout: seconds a collective waits for the other ranks before it fails with
             ``lt.CollectiveError`` naming the rank and the operation (default: torch's, 30
             minutes); sets ``LTRANSFORM_COLLECTIVE_TIMEOUT`` in the ranks.
+        accelerator: ``"cpu"``, ``"cuda"``/``"gpu"``, ``"xla"``/``"tpu"``, ``"mps"``, ``"xpu"`` or
+            ``"auto"`` (default: ``lt.accelerator()``'s rule); sets ``LTRANSFORM_ACCELERATOR`` here
+            and in the ranks. On XLA no process is started: SPMD drives all of the host's devices
+            from this one, so ``fn`` runs here (``num_nodes > 1`` is an error: start the script on
+            each host instead).
 
     Returns:
         What ``fn`` returned on rank 0 (None on nodes other than node 0).
@@ -95,6 +102,15 @@ def launch(
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"lt.launch: timeout must be a positive number of seconds or None, got {timeout!r}")
+    if accelerator is not None:
+        env.use_accelerator(accelerator)
+    if env.accelerator() == "xla":
+        if num_nodes > 1:
+            raise ValueError(f"lt.launch(num_nodes={num_nodes}) on XLA: {env.XLA_LAUNCH}")
+        if devices > 1:
+            warnings.warn(f"lt.launch(devices={devices}) on XLA runs fn in this one process: SPMD drives all "
+                          f"{env.world_size()} devices from it (devices=1 says so)", RuntimeWarning, stacklevel=2)
+        return fn(*args, **kwargs)
     outer = clusters.environment()  # an srun / mpirun task of several is launched already
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ or int(outer.get("WORLD_SIZE", "1")) > 1:
         world = int(os.environ.get("WORLD_SIZE") or outer.get("WORLD_SIZE", "1"))

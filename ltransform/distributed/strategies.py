@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-_NAMES = ("auto", "single", "ddp", "fsdp", "hsdp")
+_NAMES = ("auto", "single", "ddp", "fsdp", "hsdp", "xla")
 
 
 @attrs.frozen(kw_only=True)
@@ -12,14 +12,16 @@ class Strategy:
     """How a step's gradients are shared across ranks.
 
     Args:
-        name: ``"auto"`` (``"single"`` on one process, ``"fsdp"``/``"hsdp"`` for a model
-            sharded with ``lt.shard``, else ``"ddp"``), ``"single"``, ``"ddp"`` (torch's
-            composable ``replicate``), ``"fsdp"`` (FSDP2; the model sharded with ``lt.shard``),
-            ``"hsdp"`` (FSDP2 on a 2-D mesh, ``lt.shard(model, mesh=(replicas, shards))``).
+        name: ``"auto"`` (``"xla"`` on XLA, ``"single"`` on one process, ``"fsdp"``/``"hsdp"``
+            for a model sharded with ``lt.shard``, else ``"ddp"``), ``"single"``, ``"ddp"``
+            (torch's composable ``replicate``), ``"fsdp"`` (FSDP2; the model sharded with
+            ``lt.shard``), ``"hsdp"`` (FSDP2 on a 2-D mesh, ``lt.shard(model, mesh=(replicas,
+            shards))``), ``"xla"`` (torch_xla's SPMD: each batch split over the devices).
         sync_micro_steps: also reduce gradients on non-boundary accumulation micro-steps.
             Off by default (no communication until the boundary); for FSDP, turning it on
             keeps gradients sharded between micro-steps, saving memory at the cost of
-            communication.
+            communication. On XLA: cut the traced graph after every micro-step instead of
+            once per accumulation window.
 
     Example:
         >>> import ltransform as lt

@@ -32,6 +32,12 @@ from typing import Any
 import torch
 
 
+def is_xla_sharded(module: torch.nn.Module) -> bool:
+    """A module torch_xla's FSDPv2 wraps (checked by name: importing torch_xla starts its runtime)."""
+    kind = type(module)
+    return kind.__name__ == "SpmdFullyShardedDataParallel" and kind.__module__.startswith("torch_xla")
+
+
 def is_sharded(module: torch.nn.Module) -> bool:
     """A module ``fully_shard`` was applied to (FSDP2's public ``FSDPModule``)."""
     if "torch.distributed.fsdp" not in sys.modules:
@@ -58,8 +64,8 @@ def is_replicated(module: torch.nn.Module) -> bool:
 
 
 def is_checkpointed(module: torch.nn.Module) -> bool:
-    """A module composable activation checkpointing was applied to."""
-    return "checkpoint" in composable_apis(module)
+    """A module composable activation checkpointing (or torch_xla's, on XLA) was applied to."""
+    return "checkpoint" in composable_apis(module) or "_xla_checkpointed_forward_original" in vars(module)
 
 
 def checkpoint(module: torch.nn.Module) -> None:

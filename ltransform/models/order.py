@@ -35,7 +35,7 @@ def applied(model: torch.nn.Module) -> set[str]:
         found.add("torch.compile")
         model = inner
     for module in model.modules():
-        if wrappers.is_sharded(module):
+        if wrappers.is_sharded(module) or wrappers.is_xla_sharded(module):
             found.add("shard")
         if wrappers.is_compiled_in_place(module):
             found.add("torch.compile")

@@ -54,8 +54,13 @@ def shard(
             parameters all-gather in that dtype, gradients reduce in float32. Default: the
             precision ``lt.to_precision`` gave the model, else ``"32-true"`` (no policy).
 
+    On XLA it is torch_xla's FSDPv2 (``SpmdFullyShardedDataParallel``) on a ``("data", "fsdp")``
+    mesh of shape ``mesh`` (default ``(1, devices)``), ``policy`` its ``auto_wrap_policy``; the
+    wrapper is returned (its state dict keys are the unwrapped model's). Mixed precision there
+    is autocast alone (``with_precision``); ``reshard_after_forward`` is left to XLA's compiler.
+
     Returns:
-        The same module, sharded in place.
+        The same module, sharded in place (on XLA: the FSDPv2 wrapper around it).
 
     Raises:
         RuntimeError: applied after it already was, or in the wrong order with
@@ -88,6 +93,8 @@ def shard(
         raise TypeError(f"shard: expected a torch.nn.Module, got {type(model).__name__}")
     check_order(model, "shard")
     _check_mesh(mesh)
+    if env.accelerator() == "xla":
+        return _shard_xla(model, match, mesh, offload)
     if not env.ensure_process_group() and not isinstance(mesh, _device_mesh_type()):
         return model  # one plain process: nothing to shard across
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
@@ -111,6 +118,29 @@ def shard(
     new = {id(p) for p in model.parameters()}
     mark_replaced((p for p in old if id(p) not in new), "lt.shard")
     return model
+
+
+def _shard_xla(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool] | None, mesh: Any,
+               offload: bool) -> torch.nn.Module:
+    """FSDPv2 (torch_xla's SPMD FSDP) in place of FSDP2: see :func:`ltransform.distributed.xla.fsdp`."""
+    from ltransform.distributed import xla
+
+    if mesh is not None and not isinstance(mesh, tuple):
+        raise TypeError("shard on XLA: mesh must be a shape (replicas, shards) (a torch DeviceMesh is for "
+                        "torch.distributed process groups, which XLA's SPMD does not use)")
+    if offload:
+        raise ValueError("shard(offload=True) is not supported on XLA (FSDPv2 keeps the shards on the devices)")
+    if any(xla.is_fsdp(m) for m in model.modules()):
+        raise RuntimeError("shard: the model is already sharded; apply lt.shard once, to the whole model")
+    _check_ties(model, _matches(model, match))
+    if mesh is not None and mesh[0] * mesh[1] != xla.device_count():
+        raise ValueError(f"shard: mesh shape {mesh} needs {mesh[0] * mesh[1]} devices, but XLA has "
+                         f"{xla.device_count()}")
+    old = list(model.parameters())
+    wrapped = xla.fsdp(model, match, mesh)
+    new = {id(p) for p in wrapped.parameters()}
+    mark_replaced((p for p in old if id(p) not in new), "lt.shard")
+    return wrapped
 
 
 def _mp_policy(record: Precision) -> Any:
@@ -255,8 +285,11 @@ def checkpoint_activations(model: Any = MISSING, /, policy: Policy = MISSING) ->
     if not targets:
         raise ValueError(f"checkpoint_activations: policy {policy!r} matches no submodule of "
                          f"{type(model).__name__}")
+    recompute = wrappers.checkpoint
+    if env.accelerator() == "xla":  # XLA's compiler would merge torch's recomputation back into the forward
+        from ltransform.distributed.xla import checkpoint as recompute
     for module in _outermost(targets):
-        wrappers.checkpoint(module)
+        recompute(module)
     return model
 
 

@@ -24,6 +24,7 @@ class _Sync:
 
     strategy: Strategy
     modules: tuple[weakref.ref, ...]  # weak: the binding lives with the model (no cycle)
+    xla: bool = False  # on XLA: the step's graph is cut after the update
 
 
 def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
@@ -39,15 +40,26 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
     (On GPUs every prepared step, distributed or not, puts the models and batches on
     ``lt.device()``.)
 
+    ``"xla"`` is torch_xla's SPMD: one process drives every device of its host; the models are
+    replicated on the XLA device, each batch is split along its first dimension over the devices
+    (over the ``("data", "fsdp")`` mesh of a model sharded with ``lt.shard``), and XLA's compiler
+    puts the gradient all-reduce in the compiled step. The traced graph is cut
+    (``torch_xla.sync()``) once per optimizer update, so an accumulation window compiles to one
+    program (``lt.Strategy(name="xla", sync_micro_steps=True)`` cuts after every micro-step).
+    ``lt.world_size()`` is then the number of devices: a batch of B gives each device B / N, so
+    N devices with batch B train as one process with batch B.
+
     Args:
         step: the step to transform; omit it for the partial form.
-        strategy: ``"auto"``, ``"single"``, ``"ddp"``, ``"fsdp"``, ``"hsdp"``, or an
+        strategy: ``"auto"``, ``"single"``, ``"ddp"``, ``"fsdp"``, ``"hsdp"``, ``"xla"``, or an
             ``lt.Strategy(...)`` record.
 
     Raises:
         ValueError: unknown strategy (lists the valid ones); a second ``distribute``.
         RuntimeError (when prepared): ``"fsdp"`` on a model that was not sharded, ``"ddp"``
-            on one that was, an optimizer built before ``lt.shard``.
+            on one that was, an optimizer built before ``lt.shard``; ``"xla"`` in a process not
+            started for XLA, or ``"ddp"``/``"fsdp"``/``"hsdp"`` in one that was.
+        ImportError (when prepared): ``"xla"`` with torch_xla missing or built for another torch.
 
     Example:
         >>> import torch, ltransform as lt
@@ -65,7 +77,12 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
     if step is not MISSING and not callable(step):
         step, strategy = MISSING, step
     record = resolve_strategy(strategy)
-    no_sync = () if record.sync_micro_steps else (  # then every micro-step synchronises: no handler
+    if record.name == "xla":
+        return apply_step_transform(step, StepTransform(
+            name=f"distribute({record.name!r})", kind="distribute", handlers=(_xla_cut(record),),
+            prepare=lambda state: (_prepare_xla(state, record), _Sync(record, (), xla=True))), "distribute")
+    cut = (_xla_cut(record),) if record.name == "auto" else ()
+    no_sync = cut if record.sync_micro_steps else cut + (  # then every micro-step synchronises: no handler
         Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_no_sync,
                 label="distribute: set_requires_gradient_sync(False) for forward and backward",
                 after="distribute: restore gradient sync", when=When.NON_BOUNDARY,
@@ -80,6 +97,12 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
 
 
 def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
+    if env.accelerator() == "xla":
+        if strategy.name == "auto":
+            return _prepare_xla(state, strategy), _Sync(strategy, (), xla=True)
+        if strategy.name != "single":
+            raise RuntimeError(f"distribute({strategy.name!r}) runs on torch.distributed process groups, but this "
+                               f"process is on XLA (SPMD); use distribute('xla') or 'auto'")
     distributed = env.ensure_process_group()
     modules = [m for m in inventory(state).models.values() if any(p.requires_grad for p in m.parameters())]
     for module in modules:
@@ -156,3 +179,37 @@ def _no_sync(ctx: _Sync, frame, value, *, proceed):
     finally:
         for module, sync in zip(modules, previous):
             module.set_requires_gradient_sync(sync)
+
+
+def _xla_cut(strategy: Strategy) -> Handler:
+    """The graph cut of an XLA step: after the optimizer update (or every micro-step)."""
+    return Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_cut, after="distribute: torch_xla.sync() (run the step)",
+                   when=When.ALWAYS if strategy.sync_micro_steps else When.BOUNDARY,
+                   needed=lambda ctx: ctx.xla, needed_text="on XLA")
+
+
+def _prepare_xla(state: Any, strategy: Strategy) -> Any:
+    from ltransform.distributed import xla
+
+    if env.accelerator() != "xla":
+        raise RuntimeError(
+            f"distribute({strategy.name!r}): this process is not on XLA. Start it with PJRT_DEVICE set "
+            f"(PJRT_DEVICE=TPU on a TPU VM; PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 to try SPMD on the CPU), or "
+            f"LTRANSFORM_ACCELERATOR=xla; on GPUs or the CPU use distribute('auto')")
+    models = inventory(state).models.values()
+    for module in models:
+        check_compiled_before_shard(module)
+        if wrappers.is_sharded(module):
+            raise RuntimeError("distribute('xla'): the model is sharded with FSDP2 (torch.distributed), which "
+                               "does not run on XLA; apply lt.shard on XLA, where it uses FSDPv2")
+    if not any(xla.is_fsdp(m) for m in models):  # a sharded model brought its own mesh
+        xla.use_mesh(xla.make_mesh())
+    return state
+
+
+def _cut(ctx: _Sync, frame, value, *, proceed):
+    from ltransform.distributed import xla
+
+    result = proceed(frame, value)
+    xla.sync()
+    return result
