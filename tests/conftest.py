@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+# tests/xla runs in its own venv (torch 2.9 + torch_xla 2.9): scripts/test-xla.sh sets this
+collect_ignore = [] if os.environ.get("LTRANSFORM_TEST_XLA") else ["xla"]
 
 
 def pytest_configure(config):

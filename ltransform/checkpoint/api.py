@@ -112,6 +112,11 @@ def _tensors(inv: Inventory, filters: Mapping[str, Filter], *, full: bool) -> di
     optimizers = {name: get_optimizer_state_dict(module, opt, options=options) if _has_dtensors(module)
                   else contents.optimizer_state(names, opt)
                   for name, (opt, module, names) in contents.optimizers(inv).items()}
+    if full:  # XLA tensors gathered to the host (a file that holds them would need torch_xla to load)
+        from torch.utils._pytree import tree_map
+
+        optimizers = tree_map(lambda v: v.cpu() if isinstance(v, torch.Tensor) and v.device.type == "xla" else v,
+                              optimizers)
     return {"models": models, "optimizers": optimizers}
 
 

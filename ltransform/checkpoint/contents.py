@@ -71,6 +71,8 @@ def capture_rng() -> dict[str, Any]:
                         "has_gauss": int(has_gauss), "cached": float(cached)}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    if "torch_xla.core.xla_model" in sys.modules:  # XLA's generator: a seed the runtime advances
+        rng["xla"] = int(sys.modules["torch_xla.core.xla_model"].get_rng_state())
     return rng
 
 
@@ -89,6 +91,8 @@ def check_rng(rng: Any, where: str) -> None:
         cuda = rng.get("cuda", [])
         if not (isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)):
             raise TypeError(f"CUDA states must be a list of uint8 tensors, got {type(cuda).__name__}")
+        if "xla" in rng and (type(rng["xla"]) is not int or rng["xla"] < 0):
+            raise TypeError(f"the XLA state must be a non-negative int, got {rng['xla']!r}")
     except Exception as error:
         raise FileFormatError(f"{where}: the saved random generator states cannot be restored "
                               f"({type(error).__name__}: {error}): the file is corrupt; load an earlier "
@@ -104,6 +108,8 @@ def restore_rng(rng: Mapping[str, Any]) -> None:
         numpy.random.set_state(_numpy_state(rng["numpy"]))
     if "cuda" in rng and torch.cuda.is_available():  # (as many devices as both have)
         torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
+    if "xla" in rng and "torch_xla.core.xla_model" in sys.modules:
+        sys.modules["torch_xla.core.xla_model"].set_rng_state(rng["xla"])
 
 
 def _numpy() -> Any:

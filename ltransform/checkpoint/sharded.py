@@ -344,8 +344,13 @@ def stage_tensors(tensors: dict[str, Any], path: Path, *, strict: bool = True,
     others not. Read into buffers first, nothing changes until every chunk is read; the copy-in
     then only copies same-shaped tensors, which cannot fail. It costs one more copy of this
     rank's shards in CPU memory for the length of the load, and one memory copy of each.
+    XLA tensors are read through torch_xla's SPMD planner (this host's shards only), whose
+    commit, once a tensor's every chunk is in, is what writes them to the devices.
     """
-    base = type(planner(strict))
+    from ltransform.distributed import xla
+
+    on_xla = xla.holds_xla(tensors)
+    base = xla.load_planner_class() if on_xla else type(planner(strict))
     staged: list[tuple[Any, Any, bool]] = []  # (read item, buffer or value, is a tensor)
 
     class Staging(base):  # type: ignore[misc, valid-type]
@@ -355,16 +360,22 @@ def stage_tensors(tensors: dict[str, Any], path: Path, *, strict: bool = True,
             staged.append((read_item, buffer, True))
             return buffer
 
+        def commit_tensor(self, read_item: Any, tensor: Any) -> None:
+            pass  # at copy-in
+
         def set_bytes(self, read_item: Any, loaded: Any) -> None:
             staged.append((read_item, loaded, False))
 
-    staging = Staging(allow_partial_load=not strict)
-    _dcp_load(tensors, reader(path, metadata), staging)
+    staging = Staging() if on_xla else Staging(allow_partial_load=not strict)
+    # (an empty part, e.g. no sharded optimizer, is left out: torch_xla's planner takes it for a key)
+    _dcp_load({k: v for k, v in tensors.items() if v}, reader(path, metadata), staging)
 
     def copy_in() -> None:
         for read_item, value, is_tensor in staged:
             if is_tensor:
-                base.resolve_tensor(staging, read_item).copy_(value)
+                target = base.resolve_tensor(staging, read_item)
+                target.copy_(value)
+                base.commit_tensor(staging, read_item, target)
             else:
                 base.set_bytes(staging, read_item, value)
 
@@ -398,8 +409,13 @@ def save_tensors(tensors: dict[str, Any], path: Path, *, async_save: bool) -> Fu
     """Write the model/optimizer part into the partial directory of ``path``."""
     import torch.distributed.checkpoint as dcp
 
+    from ltransform.distributed import xla
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS)
+        if xla.holds_xla(tensors):  # (each host its own shards; written before returning, even if async)
+            dcp.save(tensors, checkpoint_id=str(partial_path(path)), no_dist=_no_group(), planner=xla.save_planner())
+            return None
         if async_save:
             result = dcp.async_save(tensors, checkpoint_id=str(partial_path(path)), no_dist=_no_group(),
                                     process_group=None if _no_group() else _writer_group(_world()))

@@ -227,8 +227,29 @@ def fsdp(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool] | None
         if isinstance(module, FSDPv2):
             module.register_state_dict_post_hook(_unwrapped_keys)
             module.register_load_state_dict_pre_hook(_wrapped_keys)
+            module.register_load_state_dict_post_hook(_reshard)
     use_mesh(mesh)
     return wrapped
+
+
+def _fsdp_spec(param: torch.Tensor) -> tuple[Any, ...]:
+    """FSDPv2's split of a parameter: its largest dimension over the ``"fsdp"`` axis."""
+    spec: list[Any] = [None] * param.dim()
+    if spec:
+        spec[list(param.shape).index(max(param.shape))] = FSDP
+    return tuple(spec)
+
+
+def _reshard(module: torch.nn.Module, incompatible: Any) -> None:
+    """Split the parameters again after ``load_state_dict``: copying into an XLA tensor gives it new,
+    replicated data, so a loaded model would otherwise train unsharded (correct, but whole on every
+    device)."""
+    import torch_xla
+    import torch_xla.distributed.spmd as xs
+
+    for param in module.parameters():
+        if param.dim() and torch_xla._XLAC._get_xla_sharding_spec(param) in ("", "{replicated}"):
+            xs.mark_sharding(param, module._mesh, _fsdp_spec(param))
 
 
 def is_fsdp(module: torch.nn.Module) -> bool:
@@ -266,3 +287,39 @@ def checkpoint(module: torch.nn.Module) -> None:
     checkpoint_module(module)
 
 
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def holds_xla(tree: Any) -> bool:
+    """Whether a (nested) state dict holds XLA tensors: DCP then goes through the SPMD planners."""
+    from torch.utils._pytree import tree_leaves
+
+    return any(is_xla(leaf) for leaf in tree_leaves(tree))
+
+
+def save_planner() -> Any:
+    """torch_xla's ``SPMDSavePlanner``: each host writes the shards its devices hold (a replicated
+    tensor once)."""
+    runtime()
+    from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
+
+    return SPMDSavePlanner()
+
+
+def load_planner_class() -> type:
+    """torch_xla's ``SPMDLoadPlanner`` (reads each host's shards into the live sharded tensors),
+    reading non-tensor items with ``weights_only=True`` (its own reads them with torch's default)."""
+    runtime()
+    from torch.distributed.checkpoint._nested_dict import set_element
+    from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
+
+    class SafeSPMDLoadPlanner(SPMDLoadPlanner):  # type: ignore[misc]
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            self.set_bytes(read_item, torch.load(value, weights_only=True))
+
+        def set_bytes(self, read_item: Any, loaded: Any) -> None:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+
+    return SafeSPMDLoadPlanner

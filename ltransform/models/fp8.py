@@ -9,6 +9,7 @@ when an fp8 precision is used.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import warnings
 from collections.abc import Callable
@@ -23,7 +24,7 @@ TRANSFORMER_ENGINE = "transformer-engine"
 TORCHAO = "torchao"
 _PIP = {TRANSFORMER_ENGINE: "pip install 'ltransform[te]' (or pip install transformer-engine[pytorch]; "
                             "it needs a CUDA build of torch)",
-        TORCHAO: "pip install 'ltransform[torchao]' (or pip install torchao)"}
+        TORCHAO: "pip install 'ltransform[torchao]' (or pip install 'torchao>=0.13,<0.18')"}
 _MODULE = {TRANSFORMER_ENGINE: "transformer_engine", TORCHAO: "torchao"}
 TORCHAO_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 
@@ -102,10 +103,9 @@ def convert(model: torch.nn.Module, p: Precision, *, recipe: Any = None, skip: A
     if p.fp8 == TRANSFORMER_ENGINE:
         _to_transformer_engine(te, model, eligible, skipped, p.param_dtype)
     else:
-        from torchao.float8 import convert_to_float8_training
-
         chosen = {id(m) for m in eligible.values()}
-        convert_to_float8_training(model, config=config, module_filter_fn=lambda m, _: id(m) in chosen)
+        torchao_float8(call).convert_to_float8_training(model, config=config,
+                                                        module_filter_fn=lambda m, _: id(m) in chosen)
 
 
 def _to_transformer_engine(te: Any, model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
@@ -142,8 +142,24 @@ def _te_layer(layer: torch.nn.Module, original: torch.nn.Module) -> torch.nn.Mod
     return layer
 
 
+def torchao_float8(call: str) -> Any:
+    """``torchao.float8``, or an ImportError naming the pip command where the installed torchao
+    does not import next to this torch: torchao's wheels name no torch version, so pip can pair
+    them wrongly (torchao 0.18 does not import on torch 2.9, nor 0.12 on torch 2.13)."""
+    try:
+        import torchao.float8
+    except ImportError as error:
+        try:
+            installed = f"torchao {importlib.metadata.version('torchao')}"
+        except importlib.metadata.PackageNotFoundError:
+            installed = "the installed torchao"
+        raise ImportError(f"{call}: {installed} does not import with torch {torch.__version__} ({error}); "
+                          f"install a torchao that does: {_PIP[TORCHAO]}") from error
+    return torchao.float8
+
+
 def _torchao_config(recipe: Any, call: str) -> Any:
-    from torchao.float8 import Float8LinearConfig
+    Float8LinearConfig = torchao_float8(call).Float8LinearConfig
 
     from ltransform.distributed.env import world_size
 

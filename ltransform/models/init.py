@@ -112,7 +112,7 @@ def materialize(
             sentinel fill and check) for tensors no initialiser wrote.
 
     Returns:
-        ``model``, allocated and initialised in place.
+        ``model``, allocated and initialised in place (unchanged if nothing of it is on ``meta``).
 
     Raises:
         RuntimeError: with ``uninitialized="raise"``, naming each parameter or buffer left
@@ -133,10 +133,22 @@ def materialize(
                        f"materialize(device={device!r})")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"materialize: expected a torch.nn.Module, got {type(model).__name__}")
+    if not any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers())):
+        return model  # nothing on meta: materialized already (lt.shard does it on XLA), or never empty
     if device is None:
         from ltransform.distributed.env import device as this_device
 
         device = this_device()
+    check = materialize_then_check(model, device, init, uninitialized)
+    check()
+    return model
+
+
+def materialize_then_check(model: torch.nn.Module, device: Any, init: Any = None,
+                           uninitialized: str = "raise") -> Callable[[], None]:
+    """Materialize ``model`` (as :func:`materialize`) and return the check for tensors no initialiser
+    wrote, to call later: on XLA the initialisers are only traced until something reads a value, so
+    a model sharded before the check is initialised shard by shard, never whole on one device."""
     ties = _tied(model)
     model.to_empty(device=device)  # breaks ties of plain tensors (not of FSDP2's DTensors)
     _untie(model, ties)
@@ -146,15 +158,18 @@ def materialize(
     _initialise(model, init)
     _tie(model, ties)
     _warn_if_shards_repeat(model)
-    missing = _still_sentinel(model) if check else []
-    if missing:
-        message = (f"materialize: no initialiser wrote {', '.join(missing)}: give the module(s) a "
-                   f"reset_parameters(), the model an init_weights() or _init_weights(module), or "
-                   f"pass materialize(init=fn); uninitialized='warn' or 'ignore' lets it pass")
-        if uninitialized == "raise":
-            raise RuntimeError(message)
-        warnings.warn(message, stacklevel=2)
-    return model
+
+    def check_written() -> None:
+        missing = _still_sentinel(model) if check else []
+        if missing:
+            message = (f"materialize: no initialiser wrote {', '.join(missing)}: give the module(s) a "
+                       f"reset_parameters(), the model an init_weights() or _init_weights(module), or "
+                       f"pass materialize(init=fn); uninitialized='warn' or 'ignore' lets it pass")
+            if uninitialized == "raise":
+                raise RuntimeError(message)
+            warnings.warn(message, stacklevel=3)
+
+    return check_written
 
 
 def _warn_if_shards_repeat(model: torch.nn.Module) -> None:
@@ -319,9 +334,9 @@ def _holds_sentinel(tensor: torch.Tensor) -> torch.Tensor:
     view, value = _sentinel(tensor)
     if view.numel() == 0:
         return torch.zeros((), dtype=torch.bool, device=view.device)
-    if value != value:
-        return view.amax().isnan()
-    return (view.amin() if value < 0 else view.amax()) == value
+    if value != value:  # (not amax(): on XLA it returns the tensor unreduced)
+        return view.isnan().any()
+    return (view == value).any()
 
 
 @torch.no_grad()

@@ -137,7 +137,17 @@ def _shard_xla(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool] 
         raise ValueError(f"shard: mesh shape {mesh} needs {mesh[0] * mesh[1]} devices, but XLA has "
                          f"{xla.device_count()}")
     old = list(model.parameters())
+    check = None
+    if any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers())):
+        # FSDPv2 cannot take a meta model: materialize it here, traced only (XLA is lazy), so the
+        # initialisers then run shard by shard once the parameters are marked; lt.materialize
+        # after lt.shard (the order on GPUs) finds nothing left to do
+        from ltransform.models.init import materialize_then_check
+
+        check = materialize_then_check(model, xla.device())
     wrapped = xla.fsdp(model, match, mesh)
+    if check is not None:
+        check()
     new = {id(p) for p in wrapped.parameters()}
     mark_replaced((p for p in old if id(p) not in new), "lt.shard")
     return wrapped

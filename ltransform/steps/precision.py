@@ -129,8 +129,31 @@ def _short(dtype: torch.dtype | None) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def check_supported(p: Precision, device_type: str) -> None:
+    """Raise ``ValueError`` for a precision the accelerator cannot run, before torch fails inside.
+
+    Apple's MPS has no float64, and bfloat16 only from macOS 14 on. (XLA runs ``16-mixed`` too,
+    with torch's GradScaler, which reads its inf flag on the host at every update: ``bf16-mixed``
+    is the precision TPUs are built for.)
+    """
+    if device_type != "mps":
+        return
+    if p.param_dtype == torch.float64:
+        raise ValueError(f"with_precision({p.name!r}): Apple's MPS has no float64; use '32-true' (or "
+                         f"lt.use_accelerator('cpu') for float64)")
+    bf16 = torch.bfloat16 in (p.param_dtype, p.autocast_dtype)
+    newer = getattr(torch.backends.mps, "is_macos_or_newer", None)
+    if bf16 and newer is not None and not newer(14, 0):
+        raise ValueError(f"with_precision({p.name!r}): MPS computes in bfloat16 only on macOS 14 or newer; "
+                         f"use '16-mixed' or '32-true'")
+    if p.fp8:
+        raise ValueError(f"with_precision({p.name!r}): float8 needs an NVIDIA GPU (Hopper or newer), not MPS")
+
+
 def _prepare(state: Any, p: Precision, recipe: Any) -> tuple[Any, _Runtime]:
     modules = list(inventory(state).models.values())
+    first = next((q for m in modules for q in m.parameters()), None)
+    check_supported(p, first.device.type if first is not None else "cpu")
     for module in modules:  # everything that can fail first; then the models change
         _check_fp8(module, p, recipe)
         _check_shard_policy(module, p)
