@@ -31,7 +31,9 @@ def batches(n: int, size: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.
 
 def mse(model, batch):
     x, y = batch
-    return F.mse_loss(model(x), y)
+    out = model(x)  # half under FSDP's 16-mixed policy outside autocast, and y float32: newer torch
+    dtype = torch.promote_types(out.dtype, y.dtype)  # promotes them itself, but torch 2.9's mse_loss
+    return F.mse_loss(out.to(dtype), y.to(dtype))  # backward refuses mixed dtypes
 
 
 def my_part(batch):
