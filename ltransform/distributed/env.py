@@ -227,7 +227,7 @@ def accelerator() -> str:
     """
     chosen = os.environ.get(_CHOSEN, "")
     if chosen and chosen != "auto":
-        return _canonical(chosen, f"{_CHOSEN}={chosen!r}")
+        return canonical(chosen, f"{_CHOSEN}={chosen!r}")
     from ltransform.distributed import xla
 
     if xla.requested():
@@ -249,6 +249,8 @@ def use_accelerator(name: str) -> str:
     Raises:
         ValueError: an unknown name (the message lists the valid ones).
         RuntimeError: the accelerator is not available on this machine.
+        ImportError: ``"xla"`` with torch_xla missing, or built for another torch (the message
+            names both versions and the pip command).
 
     Example:
         >>> import ltransform as lt
@@ -261,13 +263,15 @@ def use_accelerator(name: str) -> str:
     if name == "auto":
         os.environ[_CHOSEN] = "auto"
         return accelerator()
-    canonical = _canonical(name, f"lt.use_accelerator({name!r})")
-    check_available(canonical)
-    os.environ[_CHOSEN] = canonical
-    return canonical
+    chosen = canonical(name, f"lt.use_accelerator({name!r})")
+    check_available(chosen)
+    os.environ[_CHOSEN] = chosen
+    return chosen
 
 
-def _canonical(name: Any, where: str) -> str:
+def canonical(name: Any, where: str) -> str:
+    """``name``'s accelerator (``"gpu"`` is ``"cuda"``, ``"tpu"`` is ``"xla"``); ``where`` names the
+    caller in the error."""
     canonical = _ALIASES.get(name, name) if isinstance(name, str) else name
     if canonical not in ACCELERATORS:
         raise ValueError(f"{where}: unknown accelerator; expected one of: 'auto', "
@@ -276,14 +280,12 @@ def _canonical(name: Any, where: str) -> str:
 
 
 def check_available(name: str) -> None:
-    """Raise ``RuntimeError`` unless accelerator ``name`` can be used in this process."""
+    """Raise ``RuntimeError`` unless accelerator ``name`` can be used in this process (``ImportError``
+    for ``"xla"`` without a torch_xla built for this torch)."""
     from ltransform.distributed import xla
 
-    if name == "xla":
+    if name == "xla":  # (without PJRT_DEVICE, torch_xla picks a TPU if there is one, else the CPU)
         xla.check_versions()
-        if not os.environ.get("PJRT_DEVICE"):
-            raise RuntimeError("accelerator 'xla': set PJRT_DEVICE (TPU on a TPU VM; CPU with CPU_NUM_DEVICES=N "
-                               "to try SPMD on the CPU) before starting Python")
         return
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": _mps_available(),
                  "xpu": _xpu_available()}[name]
