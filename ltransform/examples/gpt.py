@@ -1,6 +1,7 @@
 """Train a small character-level GPT on the Python standard library's own sources.
 
     python -m ltransform.examples.gpt [--precision bf16-mixed] [--accumulate 2] [--clip 1.0]
+    PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 python -m ltransform.examples.gpt --strategy xla  # (torch_xla)
 
 Every machine with Python has the corpus: the ``.py`` files of the standard library. The
 run shows a progress bar, prints the falling loss, writes CSV (and TensorBoard, if
@@ -158,13 +159,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--devices", type=int, default=1, help="processes to train on (lt.launch)")
-    p.add_argument("--strategy", default="auto", help="auto, ddp, fsdp or hsdp (with --devices > 1)")
+    p.add_argument("--strategy", default="auto",
+                   help="auto, ddp, fsdp or hsdp (with --devices > 1); xla (torch_xla's SPMD over every XLA "
+                        "device of this host, e.g. PJRT_DEVICE=TPU, or PJRT_DEVICE=CPU CPU_NUM_DEVICES=4); "
+                        "xla-fsdp (the same with the blocks sharded: FSDPv2)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> lt.State | None:
     """Train on one process, or on ``--devices`` processes started by ``lt.launch``."""
     args = parse_args(argv)
+    if args.strategy.startswith("xla"):
+        lt.use_accelerator("xla")  # one process drives every device of the host: no lt.launch
+        return train(args)
     if args.devices > 1:
         lt.launch(train, args, devices=args.devices)  # under torchrun it just calls train
         return None
@@ -185,23 +192,25 @@ def train(args: argparse.Namespace) -> lt.State | None:
     model = lt.init_module(GPT, cfg, precision=args.precision)
     if lt.PRECISIONS.get(args.precision) is not None and lt.PRECISIONS[args.precision].fp8:
         model = lt.to_precision(model, args.precision)  # fp8 layers go in before sharding
-    if args.strategy in ("fsdp", "hsdp"):  # FSDP2 takes its mixed-precision policy when sharding
+    if args.strategy in ("fsdp", "hsdp", "xla-fsdp"):  # FSDP2 takes its mixed-precision policy when sharding
         model = lt.shard(model, policy={Block}, mesh=(lt.world_size(), 1) if args.strategy == "hsdp" else None,
                          precision=args.precision)
+    strategy = "xla" if args.strategy == "xla-fsdp" else args.strategy
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(30, args.max_steps))
     state = lt.State(model=model, optimizer=optimizer, scheduler=scheduler)
 
-    transforms = [lt.with_precision(args.precision), lt.accumulate(args.accumulate), lt.distribute(args.strategy)]
+    transforms = [lt.with_precision(args.precision), lt.accumulate(args.accumulate), lt.distribute(strategy)]
     if args.clip > 0:
         transforms.append(lt.clip_gradients(max_norm=args.clip))
     step = lt.pipe(lt.train_step(loss_fn), *transforms)
-    eval_step = lt.pipe(lt.eval_step(loss_fn), lt.with_precision(args.precision), lt.distribute(args.strategy))
+    eval_step = lt.pipe(lt.eval_step(loss_fn), lt.with_precision(args.precision), lt.distribute(strategy))
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"ltransform GPT: {n_params / 1e6:.2f}M parameters, {len(corpus) / 1e6:.1f} MB of Python "
           f"standard library source, precision {args.precision}, accumulate {args.accumulate}, "
-          f"clip {args.clip or 'off'}, {lt.world_size()} process(es), strategy {args.strategy}; "
+          f"clip {args.clip or 'off'}, {lt.world_size()} {'XLA device' if lt.accelerator() == 'xla' else 'process'}"
+          f"(s), strategy {args.strategy}; "
           f"logs in {run_dir}/")
     loggers = [lt.CSVLogger(run_dir), _print_loss]
     try:
@@ -222,7 +231,11 @@ def train(args: argparse.Namespace) -> lt.State | None:
             logger.close()
     say(f"trained {state.step} steps in {time.perf_counter() - started:.0f} s")
     rule = "-" * 60
-    sample = generate(model, "def ", args.sample_chars, seed=args.seed)  # every rank: FSDP gathers
+    sampler = model
+    if lt.accelerator() == "xla":  # each new length would compile a new XLA program: sample on the CPU
+        sampler = GPT(cfg)
+        sampler.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+    sample = generate(sampler, "def ", args.sample_chars, seed=args.seed)  # every rank: FSDP gathers
     say(f"sample:\n{rule}\n{sample}\n{rule}")
     return state if lt.world_size() == 1 else None
 
