@@ -277,14 +277,15 @@ def manifest_files(path: Path) -> Mapping[str, tuple[int, int]] | None:
 
 
 def _share(sizes: Mapping[str, int]) -> list[str]:
-    """This rank's share of the files to hash: the largest first to the least loaded rank (the
-    same split on every rank)."""
-    loads, shares = [0] * env.world_size(), [[] for _ in range(env.world_size())]
+    """This process's share of the files to hash: the largest first to the least loaded process (the
+    same split on every process; on XLA one process per host drives several devices)."""
+    count = env.process_count()
+    loads, shares = [0] * count, [[] for _ in range(count)]
     for name in sorted(sizes, key=lambda n: (-int(sizes[n]), n)):
         least = loads.index(min(loads))
         loads[least] += int(sizes[name])
         shares[least].append(name)
-    return shares[env.rank()]
+    return shares[env.process_index()]
 
 
 def _check_file(path: Path, name: str, recorded: tuple[int, int]) -> tuple[str, str] | None:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ltransform.core.effects import (ACTIVE, Effect, Frame, Handler, Pipelines, backward_in, build_pipelines,
-                                     optimizer_step_in, run_backward)
+from ltransform.core.effects import (ACTIVE, Effect, Frame, Handler, Pipelines, Stage, backward_in,
+                                     build_pipelines, optimizer_step_in, run_backward)
 from ltransform.core.inventory import Inventory, anchor, inventory
 from ltransform.core.state import State, check_optimizers
 from ltransform.distributed import env
@@ -106,6 +106,8 @@ def bind(step: TransformedStep, state: Any) -> tuple[Any, BoundStep]:
             state, ctx = transform.prepare(state)
         bound.extend((h, ctx) for h in transform.handlers)
     inv = inventory(state)  # as prepared (a transform's prepare returns a new state)
+    if move is not None and env.accelerator() == "xla" and not any(t.kind == "distribute" for t in step.transforms):
+        bound.append((_XLA_CUT, None))  # else the traced graph would grow until something reads a value
     terminal = _terminal(step, inv)
     boundary = build_pipelines(bound, True, terminal)
     inner = build_pipelines(bound, False, terminal) if step.every > 1 else boundary
@@ -208,6 +210,15 @@ def _place(inv: Inventory) -> Callable[[Any], Any] | None:
 
         return xla.batch_mover(device)
     return functools.partial(env.to_device, device=device)
+
+
+def _cut(ctx: Any, frame: Frame, value: Any, *, proceed: Callable[..., Any]) -> Any:
+    from ltransform.distributed.xla import cut
+
+    return cut(ctx, frame, value, proceed=proceed)
+
+
+_XLA_CUT = Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_cut, after="on XLA: torch_xla.sync() (run the step)")
 
 
 def _rebind(optimizer: torch.optim.Optimizer, new: Mapping[int, torch.Tensor], device: torch.device) -> None:

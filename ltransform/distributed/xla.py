@@ -127,6 +127,14 @@ def sync() -> None:
     runtime().sync()
 
 
+def cut(ctx: Any, frame: Any, value: Any, *, proceed: Callable[..., Any]) -> Any:
+    """The step-call handler that cuts the graph once the step (its optimizer update) is traced:
+    ``distribute("xla")``'s, and the one a step bound on XLA without ``distribute`` gets."""
+    result = proceed(frame, value)
+    runtime().sync()
+    return result
+
+
 def is_xla(tensor: Any) -> bool:
     return isinstance(tensor, torch.Tensor) and tensor.device.type == "xla"
 
@@ -167,7 +175,8 @@ def _batch_spec(ndim: int) -> Any:
     import torch_xla.distributed.spmd as xs
 
     mesh = _STATE["mesh"]
-    return xs.ShardingSpec(mesh, (tuple(mesh.axis_names),) + (None,) * (ndim - 1))
+    # on several hosts each holds its own part of the batch (lt.run splits a DataLoader by host)
+    return xs.ShardingSpec(mesh, (tuple(mesh.axis_names),) + (None,) * (ndim - 1), minibatch=process_count() > 1)
 
 
 def batch_mover(device: torch.device) -> Callable[[Any], Any]:
@@ -179,12 +188,14 @@ def batch_mover(device: torch.device) -> Callable[[Any], Any]:
     import torch_xla.core.xla_model as xm
     from torch.utils._pytree import tree_map
 
+    hosts = process_count()
+
     def move(tensor: Any) -> Any:
         if not isinstance(tensor, torch.Tensor) or tensor.device.type == "xla":
             return tensor
         mesh = _STATE["mesh"]
         spec = None
-        if mesh is not None and tensor.dim() > 0 and tensor.shape[0] % mesh.size() == 0:
+        if mesh is not None and tensor.dim() > 0 and tensor.shape[0] % (mesh.size() // hosts) == 0:
             spec = _batch_spec(tensor.dim())
         return xm.send_cpu_data_to_device([tensor.cpu()], device, input_sharding=spec)[0]
 

@@ -237,7 +237,7 @@ def train(args: argparse.Namespace) -> lt.State | None:
         sampler.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
     sample = generate(sampler, "def ", args.sample_chars, seed=args.seed)  # every rank: FSDP gathers
     say(f"sample:\n{rule}\n{sample}\n{rule}")
-    return state if lt.world_size() == 1 else None
+    return state if lt.world_size() == 1 or lt.accelerator() == "xla" else None
 
 
 def _print_loss(metrics: dict[str, float], step: int) -> None:

@@ -131,6 +131,13 @@ def run(
             check_same_length(eval_data, "eval_data")
         if env.rank() != 0:
             loggers, progress = [], False
+    elif env.accelerator() == "xla" and env.process_count() > 1:  # SPMD on several hosts: one process each
+        if distributed_sampler:
+            data = per_rank(data, world=env.process_count(), rank=env.process_index())
+            if eval_data is not None:
+                eval_data = per_rank(eval_data, world=env.process_count(), rank=env.process_index())
+        if env.rank() != 0:
+            loggers, progress = [], False
     state, bound = bound_to(step, state)  # a state bound before (an earlier run) keeps its binding
     evaluate = None
     if eval_step is not None:

@@ -44,8 +44,8 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
     replicated on the XLA device, each batch is split along its first dimension over the devices
     (over the ``("data", "fsdp")`` mesh of a model sharded with ``lt.shard``), and XLA's compiler
     puts the gradient all-reduce in the compiled step. The traced graph is cut
-    (``torch_xla.sync()``) once per optimizer update, so an accumulation window compiles to one
-    program (``lt.Strategy(name="xla", sync_micro_steps=True)`` cuts after every micro-step).
+    (``torch_xla.sync()``) after every micro-step (``lt.Strategy(name="xla",
+    graph_per_update=True)`` traces a whole accumulation window into one program instead).
     ``lt.world_size()`` is then the number of devices: a batch of B gives each device B / N, so
     N devices with batch B train as one process with batch B.
 
@@ -100,9 +100,10 @@ def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
     if env.accelerator() == "xla":
         if strategy.name == "auto":
             return _prepare_xla(state, strategy), _Sync(strategy, (), xla=True)
-        if strategy.name != "single":
-            raise RuntimeError(f"distribute({strategy.name!r}) runs on torch.distributed process groups, but this "
-                               f"process is on XLA (SPMD); use distribute('xla') or 'auto'")
+        what = ("trains on one device, but XLA's SPMD runs every step over all of them" if strategy.name == "single"
+                else "runs on torch.distributed process groups, but this process is on XLA (SPMD)")
+        raise RuntimeError(f"distribute({strategy.name!r}) {what}; use distribute('xla') or 'auto' (on one "
+                           f"device: CPU_NUM_DEVICES=1, or TPU_VISIBLE_CHIPS=0 on a TPU VM)")
     distributed = env.ensure_process_group()
     modules = [m for m in inventory(state).models.values() if any(p.requires_grad for p in m.parameters())]
     for module in modules:
@@ -182,9 +183,9 @@ def _no_sync(ctx: _Sync, frame, value, *, proceed):
 
 
 def _xla_cut(strategy: Strategy) -> Handler:
-    """The graph cut of an XLA step: after the optimizer update (or every micro-step)."""
+    """The graph cut of an XLA step: after every micro-step (or only after the optimizer update)."""
     return Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_cut, after="distribute: torch_xla.sync() (run the step)",
-                   when=When.ALWAYS if strategy.sync_micro_steps else When.BOUNDARY,
+                   when=When.BOUNDARY if strategy.graph_per_update else When.ALWAYS,
                    needed=lambda ctx: ctx.xla, needed_text="on XLA")
 
 
@@ -208,8 +209,6 @@ def _prepare_xla(state: Any, strategy: Strategy) -> Any:
 
 
 def _cut(ctx: _Sync, frame, value, *, proceed):
-    from ltransform.distributed import xla
+    from ltransform.distributed.xla import cut
 
-    result = proceed(frame, value)
-    xla.sync()
-    return result
+    return cut(ctx, frame, value, proceed=proceed)

@@ -105,7 +105,9 @@ def step_of(*, every: int = 1, clip: float | None = None, precision: str = "32-t
         transforms.append(lt.accumulate(every))
     if clip is not None:
         transforms.append(lt.clip_gradients(max_norm=clip))
-    return lt.pipe(lt.train_step(loss_fn), *transforms, lt.distribute(strategy))
+    if strategy != "none":  # (none: a step with no distribute; on XLA its graph is cut all the same)
+        transforms.append(lt.distribute(strategy))
+    return lt.pipe(lt.train_step(loss_fn), *transforms)
 
 
 # --- checks ---------------------------------------------------------------------------------------
@@ -218,7 +220,14 @@ def check_save(directory: str, kind: str = "sharded", model_kind: str = "shard")
     lt.save(path, state, sharded=kind == "sharded")
     straight = lt.run(step, state, data[3:], progress=False)  # the run that goes on: what a resume must equal
     torch.save({"at_save": reference(data[:3]), "straight": cpu_state(straight.model)}, Path(directory) / "expected.pt")
-    assert (path / ".metadata").exists() if kind == "sharded" else path.is_file()
+    if kind == "sharded":  # the manifest records every file (each host hashes its share of them)
+        from ltransform.checkpoint.sharded import manifest_files
+
+        recorded = set(manifest_files(path))
+        present = {p.name for p in path.iterdir() if p.name != "manifest.pt"}
+        assert recorded == present, f"the manifest records {sorted(recorded)}, the directory holds {sorted(present)}"
+    else:
+        assert path.is_file()
     return f"saved {kind} on {lt.world_size()} devices"
 
 
@@ -265,20 +274,45 @@ def check_half():
     return check_distribute("1", "none", "16-mixed")
 
 
-def check_compiles(every: str = "1"):
+def check_window(every: str = "2"):
+    """graph_per_update=True: one cut per accumulation window, and the same training."""
+    import torch_xla.debug.metrics as met
+
+    data = batches(n=8)
+    step = lt.pipe(lt.train_step(loss_fn), lt.accumulate(int(every)),
+                   lt.distribute(lt.Strategy(name="xla", graph_per_update=True)))
+    cuts = met.counter_value("MarkStep") or 0
+    state = trained(step, net(), data)
+    runs = met.counter_value("MarkStep") - cuts
+    assert runs == len(data) // int(every), f"{runs} graph cuts for {len(data) // int(every)} updates"
+    worst = compare(cpu_state(state.model), reference(data, every=int(every)), TOL["32-true"], "graph_per_update")
+    return f"one cut per window of {every}: {runs} cuts for {len(data)} micro-steps; max diff {worst:.2e}"
+
+
+def check_compiles(every: str = "1", strategy: str = "xla"):
     """No recompilation per step after warm-up: the compile count stays flat."""
     import torch_xla.debug.metrics as met
 
     data = batches(n=12)
-    state = lt.State(model=net(), optimizer=None)
-    state = lt.State(model=state.model, optimizer=torch.optim.AdamW(state.model.parameters(), lr=1e-2))
-    step = step_of(every=int(every))
-    state = lt.run(step, state, data[:4], progress=False)
+    model = net()
+    state = lt.State(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+    step, every_ = step_of(every=int(every), strategy=strategy), int(every)
+
+    def more(state, part):  # (lt.run's max_epochs=1 would stop a second call at once)
+        out = lt.run(step, state, part, max_steps=state.step + len(part) // every_, progress=False)
+        assert out.step == state.step + len(part) // every_, (state.step, out.step)
+        return out
+
+    state = more(state, data[:4])
     before = met.metric_data("CompileTime")[0]
-    state = lt.run(step, state, data[4:], progress=False)
+    state = more(state, data[4:8])
     after = met.metric_data("CompileTime")[0]
-    assert after == before, f"{after - before} compilations in 8 steps after warm-up"
-    return f"{before} compilations in warm-up, 0 after (accumulate {every})"
+    assert after == before, f"{after - before} compilations in 4 micro-steps after warm-up"
+    cuts = met.counter_value("MarkStep")
+    state = more(state, data[8:12])
+    runs = met.counter_value("MarkStep") - cuts
+    assert runs == 4, f"{runs} graph cuts for 4 micro-steps: not one per micro-step"
+    return f"{before} compilations in warm-up, 0 after (accumulate {every}, {strategy}); one program per micro-step"
 
 
 def check_launch():

@@ -85,9 +85,17 @@ def test_version_mismatch_is_refused_with_both_versions_and_the_pip_command():
     print(run_check("versions", devices=1))
 
 
-@pytest.mark.parametrize("every", ["1", "2"])
-def test_no_recompilation_after_warm_up(every):
-    print(run_check("compiles", every))
+@pytest.mark.parametrize("every,strategy", [("1", "xla"), ("2", "xla"), ("2", "none")])
+def test_no_recompilation_after_warm_up_and_one_program_per_micro_step(every, strategy):
+    print(run_check("compiles", every, strategy))
+
+
+def test_graph_per_update_cuts_once_per_window():
+    print(run_check("window", "2"))
+
+
+def test_a_step_without_distribute_trains_on_xla_replicated():
+    print(run_check("distribute", "2", "none", "32-true", "none"))
 
 
 def test_launch_runs_in_process_on_xla():
