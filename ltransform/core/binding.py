@@ -199,12 +199,14 @@ def _place(inv: Inventory) -> Callable[[Any], Any] | None:
     for module in inv.models.values():
         tensors = [*module.parameters(), *module.buffers()]
         if tensors and all(t.device.type == "cpu" and not hasattr(t, "device_mesh") for t in tensors):
-            old = list(module.parameters())
-            module.to(device)  # one placed by hand on accelerators (or split over several) stays
-            new = {id(a): b for a, b in zip(old, module.parameters()) if a is not b}
-            if new:
-                for optimizer in inv.optimizers.values():
-                    _rebind(optimizer, new, device)
+            if device.type != "xla":
+                module.to(device)  # one placed by hand on accelerators (or split over several) stays
+                continue
+            from ltransform.distributed import xla
+
+            new = {old: p for old, p in xla.move(module).items() if id(p) != old}
+            for optimizer in inv.optimizers.values():
+                _rebind(optimizer, new, device)
     if device.type == "xla":
         from ltransform.distributed import xla
 

@@ -135,6 +135,25 @@ def cut(ctx: Any, frame: Any, value: Any, *, proceed: Callable[..., Any]) -> Any
     return result
 
 
+def move(module: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """Put ``module`` on the XLA device, its weight ties kept; returns each old parameter's id -> its
+    new parameter. ``Module.to`` cannot keep the Parameter objects here (an XLA tensor cannot take
+    a CPU one's place), and it makes a new Parameter for every module that holds one, so a tied
+    embedding and head would come out as two (GPT-2's would train untied)."""
+    places: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        places.setdefault(id(param), []).append(name)
+    module.to(device())
+    new: dict[int, torch.Tensor] = {}
+    for old, (first, *aliases) in places.items():
+        param = module.get_parameter(first)
+        for alias in aliases:
+            owner, _, attribute = alias.rpartition(".")
+            setattr(module.get_submodule(owner), attribute, param)
+        new[old] = param
+    return new
+
+
 def is_xla(tensor: Any) -> bool:
     return isinstance(tensor, torch.Tensor) and tensor.device.type == "xla"
 
@@ -217,7 +236,7 @@ def fsdp(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool] | None
     count = device_count()
     shape = shape or (1, count)
     mesh = make_mesh(shape, (DATA, FSDP))
-    model = model.to(device())
+    move(model)  # (FSDPv2's own .to would untie tied weights)
 
     def policy(module: torch.nn.Module, recurse: bool, **_: Any) -> bool:
         return True if recurse else bool(match(module))  # descend everywhere; wrap what matches

@@ -134,6 +134,56 @@ def check_distribute(every: str = "1", clip: str = "none", precision: str = "32-
     return f"{lt.world_size()} devices, accumulate {every_}, clip {clip_}, {precision}: max diff {worst:.2e}"
 
 
+def check_loader():
+    """A DataLoader (lt.run's usual input): its batches are split over the mesh the same way."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = batches()
+    x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    state = trained(step_of(), net(), loader)
+    worst = compare(cpu_state(state.model), reference(data), TOL["32-true"], "DataLoader on XLA")
+    return f"DataLoader batches on {lt.world_size()} devices: max diff {worst:.2e}"
+
+
+def check_hf(shard: str = "yes"):
+    """A Hugging Face model (GPT-2, tied embedding and head): its ModelOutput's loss, FSDPv2 on its
+    blocks, against the same model trained by a plain loop on the CPU."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randint(0, 64, (8, 16), generator=g) for _ in range(4)]
+
+    def build():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(config)
+
+    def hf_loss(model, ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    model = build()
+    if shard == "yes":
+        model = lt.shard(model, policy={GPT2Block})
+    state = lt.run(lt.pipe(lt.train_step(hf_loss), lt.distribute("xla")),
+                   lt.State(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3)), data,
+                   progress=False)
+    plain = state.model.module if shard == "yes" else state.model
+    assert plain.lm_head.weight is plain.transformer.wte.weight, "the tied embedding and head came apart"
+    got = cpu_state(state.model)
+    ref = build()  # (after the XLA run: a first backward on the CPU once transformers is imported leaves
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)  # torch's autograd engine without XLA queues)
+    for ids in data:
+        hf_loss(ref, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    # (fp32, 4 AdamW steps through GELU, softmax and layer norms: XLA's CPU kernels round differently)
+    worst = compare(got, {k: v.float() for k, v in ref.state_dict().items()}, 1e-5, "GPT-2 on XLA")
+    return f"GPT-2 (shard={shard}) on {lt.world_size()} devices: max diff {worst:.2e}"
+
+
 def check_batch_split():
     """The batch really is split over the devices (and parameters replicated)."""
     import torch_xla

@@ -53,6 +53,16 @@ def test_precisions_within_the_cpus_own_drift(precision):
     print(run_check("distribute", "1", "1.0", precision))
 
 
+def test_a_dataloader_is_split_over_the_mesh_like_any_batch():
+    print(run_check("loader"))
+
+
+@pytest.mark.parametrize("shard", ["no", "yes"])
+def test_a_hugging_face_gpt2_trains_on_xla_like_on_one_cpu_process(shard):
+    pytest.importorskip("transformers")
+    print(run_check("hf", shard, timeout=400))
+
+
 def test_each_batch_is_split_over_the_devices_and_parameters_replicated():
     print(run_check("batch_split"))
 
