@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if options.accelerator is not None:
-            env.use_accelerator(env.canonical(options.accelerator, f"--accelerator {options.accelerator}"))  # the ranks inherit LTRANSFORM_ACCELERATOR
+            env.use_accelerator(options.accelerator, where=f"--accelerator {options.accelerator}")  # the ranks inherit LTRANSFORM_ACCELERATOR
         accelerator = env.accelerator()
     except (ValueError, RuntimeError, ImportError) as error:
         raise SystemExit(f"ltransform run: {error}") from None

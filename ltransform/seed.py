@@ -46,7 +46,13 @@ def seed_everything(seed: int = 0, *, workers: bool = True) -> int:
         import numpy
 
         numpy.random.seed(seed)
-    torch.manual_seed(seed)  # seeds every device, CUDA included
+    torch.manual_seed(seed)  # seeds every device, CUDA included, but not XLA's
+    from ltransform.distributed.env import on_xla
+
+    if "torch_xla.core.xla_model" in sys.modules or on_xla():
+        from ltransform.distributed import xla
+
+        xla.seed(seed)
     os.environ["LT_SEED"] = str(seed)
     os.environ["LT_SEED_WORKERS"] = "1" if workers else "0"
     return seed

@@ -181,6 +181,14 @@ def test_device_on_cuda_or_xpu_is_the_local_ranks_device(available, monkeypatch,
     assert lt.device() == torch.device(name, 1)  # local rank modulo the devices
 
 
+def test_process_count_and_index_off_xla_follow_the_launcher(monkeypatch):
+    from ltransform.distributed import env
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    assert (env.process_count(), env.process_index()) == (3, 2)
+
+
 def test_process_count_and_index_off_xla_are_world_size_and_rank(available):
     available()
     assert (env.process_count(), env.process_index()) == (1, 0)
@@ -278,7 +286,7 @@ def test_mps_accepts_bfloat16_on_macos_14(monkeypatch):
 
 def test_mps_refuses_fp8(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
-    with pytest.raises(ValueError, match="float8 needs an NVIDIA GPU"):
+    with pytest.raises(ValueError, match="float8 training needs an NVIDIA GPU"):
         check_supported(resolve_precision("torchao-float8"), "mps")
 
 
@@ -289,10 +297,26 @@ def test_mps_accepts_float32_and_float16(monkeypatch, name):
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "cuda", "xla"])
-@pytest.mark.parametrize("name", ["64-true", "bf16-mixed", "bf16-true", "16-mixed", "32-true", "torchao-float8"])
-def test_other_devices_accept_every_precision_here(monkeypatch, device_type, name):
+@pytest.mark.parametrize("name", ["64-true", "bf16-mixed", "bf16-true", "16-mixed", "32-true"])
+def test_other_devices_accept_every_non_fp8_precision(monkeypatch, device_type, name):
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: False)
     assert check_supported(resolve_precision(name), device_type) is None
+
+
+@pytest.mark.parametrize("device_type,accepted", [("cpu", True), ("cuda", True), ("xla", False), ("mps", False)])
+def test_fp8_is_refused_on_xla_and_mps(device_type, accepted):
+    record = resolve_precision("torchao-float8")
+    if accepted:
+        assert check_supported(record, device_type) is None
+    else:
+        with pytest.raises(ValueError, match="float8 training needs an NVIDIA GPU"):
+            check_supported(record, device_type)
+
+
+@pytest.mark.parametrize("given", ["TPU", "Cuda", "GPU", "CPU"])
+def test_accelerator_names_are_case_insensitive(monkeypatch, given):
+    monkeypatch.setenv("LTRANSFORM_ACCELERATOR", given)
+    assert lt.accelerator() == {"tpu": "xla", "gpu": "cuda"}.get(given.lower(), given.lower())
 
 
 def test_float64_trains_on_the_cpu_through_with_precision(available):
@@ -442,3 +466,16 @@ def test_cli_accelerator_tpu_without_torch_xla_exits_with_the_install_message(sc
     assert f"torch_xla=={_MAJOR_MINOR}.*" in result.stderr
     assert "Traceback" not in result.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["auto", "cpu", "CPU"])
+def test_cli_runs_the_script_with_auto_or_cpu(script, name):
+    path, marker = script
+    path.write_text(textwrap.dedent(f"""
+        import os, ltransform as lt
+        assert lt.accelerator() == "cpu", lt.accelerator()
+        open({str(marker)!r}, "w").write(os.environ["LTRANSFORM_ACCELERATOR"])
+    """))
+    result = _cli("run", "--accelerator", name, path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert marker.read_text() == ("auto" if name == "auto" else "cpu")  # the ranks inherit the choice

@@ -22,7 +22,7 @@ from ltransform.core.effects import (ACTIVE, Effect, Frame, Handler, Pipelines, 
                                      build_pipelines, optimizer_step_in, run_backward)
 from ltransform.core.inventory import Inventory, anchor, inventory
 from ltransform.core.state import State, check_optimizers
-from ltransform.distributed import env
+from ltransform.distributed import env, xla
 
 if TYPE_CHECKING:
     from ltransform.core.step import TransformedStep
@@ -202,25 +202,15 @@ def _place(inv: Inventory) -> Callable[[Any], Any] | None:
             if device.type != "xla":
                 module.to(device)  # one placed by hand on accelerators (or split over several) stays
                 continue
-            from ltransform.distributed import xla
-
             new = {old: p for old, p in xla.move(module).items() if id(p) != old}
             for optimizer in inv.optimizers.values():
                 _rebind(optimizer, new, device)
     if device.type == "xla":
-        from ltransform.distributed import xla
-
         return xla.batch_mover(device)
     return functools.partial(env.to_device, device=device)
 
 
-def _cut(ctx: Any, frame: Frame, value: Any, *, proceed: Callable[..., Any]) -> Any:
-    from ltransform.distributed.xla import cut
-
-    return cut(ctx, frame, value, proceed=proceed)
-
-
-_XLA_CUT = Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_cut, after="on XLA: torch_xla.sync() (run the step)")
+_XLA_CUT = Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=xla.cut, after="on XLA: torch_xla.sync() (run the step)")
 
 
 def _rebind(optimizer: torch.optim.Optimizer, new: Mapping[int, torch.Tensor], device: torch.device) -> None:

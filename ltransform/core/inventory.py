@@ -17,6 +17,7 @@ import torch
 
 from ltransform.core.state import State, read_counters, read_epoch
 from ltransform.core.state import extras as state_extras
+from ltransform.distributed.xla import unwrapped_name
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler
 _LEAVES = (torch.Tensor, torch.nn.Module, torch.optim.Optimizer, Scheduler, str, bytes)
@@ -72,7 +73,7 @@ class Inventory:
         owners: dict[int, tuple[str, str]] = {}
         for model_path, model in self.models.items():
             for name, param in model.named_parameters(remove_duplicate=False):
-                owners.setdefault(id(param), (model_path, name.replace("_orig_module.", "")))  # XLA's FSDPv2
+                owners.setdefault(id(param), (model_path, unwrapped_name(name)))  # (XLA's FSDPv2 wraps)
         orphans = [i for i, p in enumerate(params) if id(p) not in owners]
         if orphans:
             raise ValueError(

@@ -44,14 +44,16 @@ def ensure_process_group() -> bool:
         return True
     if int(_launcher("WORLD_SIZE", "1")) <= 1:
         return False
-    name = accelerator()
-    if name == "xla":
+    if on_xla():
         raise RuntimeError(XLA_LAUNCH)
+    name = accelerator()
     for key, value in clusters.environment().items():  # srun/mpirun: what init's env:// reads
         os.environ.setdefault(key, value)
     cuda = name == "cuda"
     if cuda:
         torch.cuda.set_device(device())
+    elif name == "xpu":
+        torch.xpu.set_device(device())
     timeout = collective_timeout()
     backend = {"cuda": "cpu:gloo,cuda:nccl", "xpu": "cpu:gloo,xpu:xccl"}.get(name, "gloo")
     dist.init_process_group(backend, device_id=device() if cuda else None,
@@ -168,7 +170,7 @@ def rank() -> int:
     """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    if _on_xla():
+    if on_xla():
         from ltransform.distributed import xla
 
         return xla.process_index()
@@ -180,15 +182,22 @@ def world_size() -> int:
     (SPMD: one process per host drives them all, each batch split over them)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
-    if _on_xla():
+    if on_xla():
         from ltransform.distributed import xla
 
         return xla.device_count()
     return int(_launcher("WORLD_SIZE", "1"))
 
 
-def _on_xla() -> bool:
-    return accelerator() == "xla"
+def on_xla() -> bool:
+    """Whether XLA is the accelerator, from the environment alone (no CUDA probe, no torch_xla
+    import): what ``rank``, ``world_size`` and the launchers ask."""
+    chosen = os.environ.get(_CHOSEN, "").lower()
+    if chosen and chosen != "auto":
+        return _ALIASES.get(chosen, chosen) == "xla"
+    from ltransform.distributed import xla
+
+    return xla.requested()
 
 
 def local_rank() -> int:
@@ -226,7 +235,7 @@ def accelerator() -> str:
         True
     """
     chosen = os.environ.get(_CHOSEN, "")
-    if chosen and chosen != "auto":
+    if chosen and chosen.lower() != "auto":
         return canonical(chosen, f"{_CHOSEN}={chosen!r}")
     from ltransform.distributed import xla
 
@@ -241,7 +250,7 @@ def accelerator() -> str:
     return "cpu"
 
 
-def use_accelerator(name: str) -> str:
+def use_accelerator(name: str, where: str | None = None) -> str:
     """Train on ``name`` from now on in this process and the ones it launches: ``"auto"``, ``"cpu"``,
     ``"cuda"`` (or ``"gpu"``), ``"xla"`` (or ``"tpu"``), ``"mps"``, ``"xpu"``; returns the accelerator
     chosen. Call it before building the model (it sets ``LTRANSFORM_ACCELERATOR``).
@@ -260,10 +269,10 @@ def use_accelerator(name: str) -> str:
         device(type='cpu')
         >>> _ = lt.use_accelerator("auto")
     """
-    if name == "auto":
+    if isinstance(name, str) and name.lower() == "auto":
         os.environ[_CHOSEN] = "auto"
         return accelerator()
-    chosen = canonical(name, f"lt.use_accelerator({name!r})")
+    chosen = canonical(name, where or f"lt.use_accelerator({name!r})")
     check_available(chosen)
     os.environ[_CHOSEN] = chosen
     return chosen
@@ -272,7 +281,7 @@ def use_accelerator(name: str) -> str:
 def canonical(name: Any, where: str) -> str:
     """``name``'s accelerator (``"gpu"`` is ``"cuda"``, ``"tpu"`` is ``"xla"``); ``where`` names the
     caller in the error."""
-    canonical = _ALIASES.get(name, name) if isinstance(name, str) else name
+    canonical = _ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
     if canonical not in ACCELERATORS:
         raise ValueError(f"{where}: unknown accelerator; expected one of: 'auto', "
                          f"{', '.join(map(repr, ACCELERATORS))} (or 'gpu' for 'cuda', 'tpu' for 'xla')")
@@ -337,7 +346,7 @@ def device() -> torch.device:
 
 def process_count() -> int:
     """Processes in the job: the world size, but on XLA one process per host (SPMD)."""
-    if accelerator() == "xla":
+    if on_xla():
         from ltransform.distributed import xla
 
         return xla.process_count()
@@ -346,7 +355,7 @@ def process_count() -> int:
 
 def process_index() -> int:
     """This process's index among :func:`process_count` (its rank; on XLA, its host's)."""
-    if accelerator() == "xla":
+    if on_xla():
         from ltransform.distributed import xla
 
         return xla.process_index()

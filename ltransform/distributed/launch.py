@@ -104,7 +104,7 @@ def launch(
             raise ValueError(f"lt.launch: timeout must be a positive number of seconds or None, got {timeout!r}")
     if accelerator is not None:
         env.use_accelerator(accelerator)
-    if env.accelerator() == "xla":
+    if env.on_xla():
         if num_nodes > 1:
             raise ValueError(f"lt.launch(num_nodes={num_nodes}) on XLA: {env.XLA_LAUNCH}")
         if devices > 1:

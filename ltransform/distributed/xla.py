@@ -127,6 +127,14 @@ def sync() -> None:
     runtime().sync()
 
 
+def seed(value: int) -> None:
+    """Seed XLA's generator (``torch.manual_seed`` does not)."""
+    runtime()
+    import torch_xla.core.xla_model as xm
+
+    xm.set_rng_state(value)
+
+
 def cut(ctx: Any, frame: Any, value: Any, *, proceed: Callable[..., Any]) -> Any:
     """The step-call handler that cuts the graph once the step (its optimizer update) is traced:
     ``distribute("xla")``'s, and the one a step bound on XLA without ``distribute`` gets."""

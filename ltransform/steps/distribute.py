@@ -12,7 +12,7 @@ from ltransform.core.compose import MISSING
 from ltransform.core.effects import Effect, Handler, Stage, When
 from ltransform.core.inventory import inventory
 from ltransform.core.step import StepTransform, apply_step_transform
-from ltransform.distributed import env, wrappers
+from ltransform.distributed import env, wrappers, xla
 from ltransform.distributed.strategies import Strategy, resolve_strategy
 from ltransform.models.order import check_compiled_before_shard
 
@@ -184,14 +184,12 @@ def _no_sync(ctx: _Sync, frame, value, *, proceed):
 
 def _xla_cut(strategy: Strategy) -> Handler:
     """The graph cut of an XLA step: after every micro-step (or only after the optimizer update)."""
-    return Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_cut, after="distribute: torch_xla.sync() (run the step)",
+    return Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=xla.cut, after="distribute: torch_xla.sync() (run the step)",
                    when=When.BOUNDARY if strategy.graph_per_update else When.ALWAYS,
                    needed=lambda ctx: ctx.xla, needed_text="on XLA")
 
 
 def _prepare_xla(state: Any, strategy: Strategy) -> Any:
-    from ltransform.distributed import xla
-
     if env.accelerator() != "xla":
         raise RuntimeError(
             f"distribute({strategy.name!r}): this process is not on XLA. Start it with PJRT_DEVICE set "
@@ -206,9 +204,3 @@ def _prepare_xla(state: Any, strategy: Strategy) -> Any:
     if not any(xla.is_fsdp(m) for m in models):  # a sharded model brought its own mesh
         xla.use_mesh(xla.make_mesh())
     return state
-
-
-def _cut(ctx: _Sync, frame, value, *, proceed):
-    from ltransform.distributed.xla import cut
-
-    return cut(ctx, frame, value, proceed=proceed)

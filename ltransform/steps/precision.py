@@ -132,10 +132,14 @@ def _short(dtype: torch.dtype | None) -> str:
 def check_supported(p: Precision, device_type: str) -> None:
     """Raise ``ValueError`` for a precision the accelerator cannot run, before torch fails inside.
 
-    Apple's MPS has no float64, and bfloat16 only from macOS 14 on. (XLA runs ``16-mixed`` too,
+    Apple's MPS has no float64, and bfloat16 only from macOS 14 on; float8 needs an NVIDIA GPU (it
+    is refused on XLA and MPS; on the CPU torchao's runs, slowly, for tests). (XLA runs ``16-mixed`` too,
     with torch's GradScaler, which reads its inf flag on the host at every update: ``bf16-mixed``
     is the precision TPUs are built for.)
     """
+    if p.fp8 and device_type in ("xla", "mps"):
+        raise ValueError(f"with_precision({p.name!r}): float8 training needs an NVIDIA GPU (Ada or Hopper and "
+                         f"newer), not {device_type.upper()}; use 'bf16-mixed'")
     if device_type != "mps":
         return
     if p.param_dtype == torch.float64:
@@ -146,21 +150,19 @@ def check_supported(p: Precision, device_type: str) -> None:
     if bf16 and newer is not None and not newer(14, 0):
         raise ValueError(f"with_precision({p.name!r}): MPS computes in bfloat16 only on macOS 14 or newer; "
                          f"use '16-mixed' or '32-true'")
-    if p.fp8:
-        raise ValueError(f"with_precision({p.name!r}): float8 needs an NVIDIA GPU (Hopper or newer), not MPS")
 
 
 def _prepare(state: Any, p: Precision, recipe: Any) -> tuple[Any, _Runtime]:
     modules = list(inventory(state).models.values())
-    first = next((q for m in modules for q in m.parameters()), None)
-    check_supported(p, first.device.type if first is not None else "cpu")
+    params = [(n, q) for m in modules for n, q in m.named_parameters()]
+    device_type = params[0][1].device.type if params else "cpu"
+    check_supported(p, device_type)
     for module in modules:  # everything that can fail first; then the models change
         _check_fp8(module, p, recipe)
         _check_shard_policy(module, p)
     for module in modules:
         _prepare_weights(module, p, recipe)
-    params = [(n, q) for m in modules for n, q in m.named_parameters()]
-    device_type = params[0][1].device.type if params else "cpu"
+    params = [(n, q) for m in modules for n, q in m.named_parameters()]  # (as the weights are now)
     if p.mixed:
         low = [(n, q.dtype) for n, q in params
                if q.requires_grad and q.dtype in (torch.float16, torch.bfloat16)]
