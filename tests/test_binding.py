@@ -371,3 +371,21 @@ def test_a_user_handler_of_the_step_call_reaches_the_effects_of_the_train_step()
         lt.Handler(effect=lt.Effect.STEP, stage=lt.Stage.SYNC, fn=around, label="around"),))
     lt.run(lt.train_step(mse).with_transform(t), _scaled_state(0), make_data(2), progress=False)
     assert calls == [True, True]
+
+
+def test_rebind_gives_an_optimizer_the_moved_parameters_and_their_state():
+    """What a step bound on XLA does for an optimizer built before the model moved there (a move
+    that makes new Parameters; tests/xla trains through it): here the move is simulated on the CPU."""
+    from ltransform.core.binding import _rebind
+
+    old = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))]
+    opt = torch.optim.Adam(old, lr=0.1)
+    old[0].grad, old[1].grad = torch.ones(3), torch.ones(2)
+    opt.step()
+    new = {id(p): torch.nn.Parameter(p.detach().clone()) for p in old}
+    _rebind(opt, new, torch.device("cpu"))
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(new[id(p)]) for p in old]
+    moved = new[id(old[0])]
+    assert set(opt.state) == {new[id(p)] for p in old}
+    assert torch.equal(opt.state[moved]["exp_avg"], torch.full((3,), 0.1))  # (1 - beta1) * grad
+    assert opt.state[moved]["step"].item() == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -273,6 +274,11 @@ def _copy_in(state: Any, inv: Inventory, common: Mapping[str, Any], mine: Mappin
     try:
         for copy_in in copy_ins:
             copy_in()
+        if "torch_xla" in sys.modules:  # a loaded optimizer state is replicated on XLA: split it again
+            from ltransform.distributed import xla
+
+            for optimizer in inv.optimizers.values():
+                xla.reshard_optimizer(optimizer)
     except BaseException as error:  # none should; if one does, say what is left half-done
         undo()
         if not isinstance(error, Exception):

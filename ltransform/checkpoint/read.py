@@ -227,6 +227,8 @@ def _read_sharded(path: Path, inv: Inventory, opts: Mapping[str, Any], strict: b
             raise io.CheckpointKeyError(f"lt.load({str(path)!r}): the checkpoint has no model {name!r}")
         live = tensors["models"][name] if name in tensors["models"] else module.state_dict()
         check_tensors(path, name, live, saved, strict, shapes=name not in quantized)
+        if not strict and name in tensors["models"]:  # only what was saved is read (XLA's planner reads
+            tensors["models"][name] = {k: v for k, v in live.items() if k in saved}  # every key it is given)
     saved_parts: dict[str, Any] = {}
     if plain or quantized:
         keys = {f"optimizers.{n}" for n in plain} | {f"models.{n}" for n in quantized}

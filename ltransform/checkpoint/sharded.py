@@ -414,7 +414,10 @@ def save_tensors(tensors: dict[str, Any], path: Path, *, async_save: bool) -> Fu
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS)
-        if xla.holds_xla(tensors):  # (each host its own shards; written before returning, even if async)
+        if xla.holds_xla(tensors):  # each host its own shards
+            if async_save:
+                warnings.warn("async_save on XLA: the sharded save is written before lt.save returns (DCP's "
+                              "background writer cannot stage XLA tensors)", RuntimeWarning, stacklevel=4)
             dcp.save(tensors, checkpoint_id=str(partial_path(path)), no_dist=_no_group(), planner=xla.save_planner())
             return None
         if async_save:

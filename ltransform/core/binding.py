@@ -196,15 +196,18 @@ def _place(inv: Inventory) -> Callable[[Any], Any] | None:
     device = env.device()
     if device.type == "cpu":
         return None
+    moved: dict[int, torch.Tensor] = {}  # (XLA: one tensor shared by two models stays one)
     for module in inv.models.values():
         tensors = [*module.parameters(), *module.buffers()]
         if tensors and all(t.device.type == "cpu" and not hasattr(t, "device_mesh") for t in tensors):
             if device.type != "xla":
                 module.to(device)  # one placed by hand on accelerators (or split over several) stays
                 continue
-            new = {old: p for old, p in xla.move(module).items() if id(p) != old}
-            for optimizer in inv.optimizers.values():
-                _rebind(optimizer, new, device)
+            xla.move(module, moved)
+    if moved:
+        new = {old: t for old, t in moved.items() if id(t) != old and isinstance(t, torch.nn.Parameter)}
+        for optimizer in inv.optimizers.values():
+            _rebind(optimizer, new, device)
     if device.type == "xla":
         return xla.batch_mover(device)
     return functools.partial(env.to_device, device=device)
@@ -217,10 +220,12 @@ def _rebind(optimizer: torch.optim.Optimizer, new: Mapping[int, torch.Tensor], d
     """Point ``optimizer`` at the moved parameters (``new``: old parameter's id -> new one)."""
     for group in optimizer.param_groups:
         group["params"] = [new.get(id(p), p) for p in group["params"]]
+    capturable = any(g.get("capturable") or g.get("fused") for g in optimizer.param_groups)  # (their step too)
     for param in [p for p in list(optimizer.state) if id(p) in new]:
         state = optimizer.state.pop(param)
-        optimizer.state[new[id(param)]] = {k: v.to(device) if isinstance(v, torch.Tensor) and k != "step" else v
-                                           for k, v in state.items()}
+        optimizer.state[new[id(param)]] = {
+            k: v.to(device) if isinstance(v, torch.Tensor) and (k != "step" or capturable) else v
+            for k, v in state.items()}
 
 
 def _terminal(step: TransformedStep, inv: Inventory) -> Callable[[Frame, Any], Any]:

@@ -15,6 +15,8 @@ one small function each, so a torch upgrade that moves one breaks this file (and
   (:func:`gradient_sync`), so a caller can restore it; torch has setters but no getters.
 - ``OptimizedModule._orig_mod``: the module ``torch.compile(model)`` wraps (:func:`compiled_original`).
 - ``Module._compiled_call_impl``: set by ``module.compile()`` (:func:`is_compiled_in_place`).
+- ``torch_xla._XLAC._get_xla_sharding_spec(tensor)``: whether an XLA tensor is split over the
+  devices (:func:`xla_sharded`); torch_xla has no public query.
 
 Everything else ltransform does with these modules is torch's public API: FSDP2's
 ``MixedPrecisionPolicy`` in particular is a ``fully_shard`` argument, decided by ``lt.shard``.
@@ -36,6 +38,15 @@ def is_xla_sharded(module: torch.nn.Module) -> bool:
     """A module torch_xla's FSDPv2 wraps (checked by name: importing torch_xla starts its runtime)."""
     kind = type(module)
     return kind.__name__ == "SpmdFullyShardedDataParallel" and kind.__module__.startswith("torch_xla")
+
+
+def xla_sharded(tensor: torch.Tensor) -> bool:
+    """An XLA tensor split over devices (not replicated): torch_xla's ``_get_xla_sharding_spec``,
+    which has no public form."""
+    import torch_xla
+
+    spec = torch_xla._XLAC._get_xla_sharding_spec(tensor)
+    return bool(spec) and spec != "{replicated}"
 
 
 def is_sharded(module: torch.nn.Module) -> bool:

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from ltransform.distributed import wrappers
+
 INSTALL = "pip install 'torch=={v}.*' 'torch_xla=={v}.*'"
 DATA, FSDP = "data", "fsdp"  # the mesh axes: data parallel (replicas), fully sharded
 _WRAPPED = "_orig_module."  # the prefix FSDPv2 adds to every name under it
@@ -143,23 +145,29 @@ def cut(ctx: Any, frame: Any, value: Any, *, proceed: Callable[..., Any]) -> Any
     return result
 
 
-def move(module: torch.nn.Module) -> dict[int, torch.Tensor]:
-    """Put ``module`` on the XLA device, its weight ties kept; returns each old parameter's id -> its
-    new parameter. ``Module.to`` cannot keep the Parameter objects here (an XLA tensor cannot take
-    a CPU one's place), and it makes a new Parameter for every module that holds one, so a tied
-    embedding and head would come out as two (GPT-2's would train untied)."""
-    places: dict[int, list[str]] = {}
+def move(module: torch.nn.Module, moved: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """Put ``module`` on the XLA device, its weight ties kept; returns ``moved``, each old parameter's
+    (and buffer's) id -> its new one, updated. ``Module.to`` cannot keep the Parameter objects here (an
+    XLA tensor cannot take a CPU one's place), and it makes a new one for every module that holds
+    one, so a tied embedding and head would come out as two (GPT-2's would train untied). Pass the
+    same ``moved`` for several models that share a tensor: each holder gets the first one moved."""
+    moved = {} if moved is None else moved
+    places: dict[int, list[tuple[str, bool]]] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
-        places.setdefault(id(param), []).append(name)
+        places.setdefault(id(param), []).append((name, True))
+    for name, buffer in module.named_buffers(remove_duplicate=False):
+        if buffer is not None:
+            places.setdefault(id(buffer), []).append((name, False))
     module.to(device())
-    new: dict[int, torch.Tensor] = {}
-    for old, (first, *aliases) in places.items():
-        param = module.get_parameter(first)
-        for alias in aliases:
-            owner, _, attribute = alias.rpartition(".")
-            setattr(module.get_submodule(owner), attribute, param)
-        new[old] = param
-    return new
+    for old, names in places.items():
+        first, is_param = names[0]
+        tensor = moved.setdefault(old, module.get_parameter(first) if is_param else module.get_buffer(first))
+        for name, _ in names:
+            owner, _, attribute = name.rpartition(".")
+            holder = module.get_submodule(owner)
+            if getattr(holder, attribute) is not tensor:
+                setattr(holder, attribute, tensor)  # (a registered buffer stays one, as persistent as it was)
+    return moved
 
 
 def is_xla(tensor: Any) -> bool:
@@ -222,8 +230,13 @@ def batch_mover(device: torch.device) -> Callable[[Any], Any]:
             return tensor
         mesh = _STATE["mesh"]
         spec = None
-        if mesh is not None and tensor.dim() > 0 and tensor.shape[0] % (mesh.size() // hosts) == 0:
-            spec = _batch_spec(tensor.dim())
+        if mesh is not None and tensor.dim() > 0:
+            if tensor.shape[0] % (mesh.size() // hosts) == 0:
+                spec = _batch_spec(tensor.dim())
+            elif hosts > 1:  # each host's part would be taken for the whole batch
+                raise ValueError(f"XLA on {hosts} hosts: a batch tensor of shape {tuple(tensor.shape)} does not "
+                                 f"split over this host's {mesh.size() // hosts} devices; use a batch size they "
+                                 f"divide, and drop_last=True in the DataLoader")
         return xm.send_cpu_data_to_device([tensor.cpu()], device, input_sharding=spec)[0]
 
     return lambda batch: tree_map(move, batch)
@@ -265,7 +278,7 @@ def fsdp(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool] | None
         if isinstance(module, FSDPv2):
             module.register_state_dict_post_hook(_unwrapped_keys)
             module.register_load_state_dict_pre_hook(_wrapped_keys)
-            module.register_load_state_dict_post_hook(_reshard)
+            module.register_load_state_dict_post_hook(functools.partial(_reshard, mesh))
     use_mesh(mesh)
     return wrapped
 
@@ -278,16 +291,33 @@ def _fsdp_spec(param: torch.Tensor) -> tuple[Any, ...]:
     return tuple(spec)
 
 
-def _reshard(module: torch.nn.Module, incompatible: Any) -> None:
+def _reshard(mesh: Any, module: torch.nn.Module, incompatible: Any) -> None:
     """Split the parameters again after ``load_state_dict``: copying into an XLA tensor gives it new,
     replicated data, so a loaded model would otherwise train unsharded (correct, but whole on every
     device)."""
-    import torch_xla
     import torch_xla.distributed.spmd as xs
 
     for param in module.parameters():
-        if param.dim() and torch_xla._XLAC._get_xla_sharding_spec(param) in ("", "{replicated}"):
-            xs.mark_sharding(param, module._mesh, _fsdp_spec(param))
+        if param.dim() and not wrappers.xla_sharded(param):
+            xs.mark_sharding(param, mesh, _fsdp_spec(param))
+
+
+def reshard_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Give each optimizer state tensor shaped like its parameter the parameter's FSDPv2 split again:
+    ``Optimizer.load_state_dict`` puts a loaded state on the parameter's device replicated, which
+    would hold the whole Adam moments on every device."""
+    mesh = _STATE["mesh"]
+    if mesh is None or FSDP not in mesh.axis_names:
+        return
+    import torch_xla.distributed.spmd as xs
+
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not (is_xla(param) and wrappers.xla_sharded(param)):
+                continue
+            for value in optimizer.state.get(param, {}).values():
+                if is_xla(value) and value.shape == param.shape and not wrappers.xla_sharded(value):
+                    xs.mark_sharding(value, mesh, _fsdp_spec(param))
 
 
 def is_fsdp(module: torch.nn.Module) -> bool:
@@ -300,9 +330,11 @@ def is_fsdp(module: torch.nn.Module) -> bool:
 def _unwrapped_keys(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     for key in [k for k in state_dict if k.startswith(prefix + _WRAPPED)]:
         state_dict[prefix + key[len(prefix) + len(_WRAPPED):]] = state_dict.pop(key)
-    for key in [k for k in state_dict._metadata if k.startswith(prefix + _WRAPPED[:-1])] if hasattr(
-            state_dict, "_metadata") else ():
-        state_dict._metadata[prefix + key[len(prefix) + len(_WRAPPED):].lstrip(".")] = state_dict._metadata.pop(key)
+    metadata = getattr(state_dict, "_metadata", None)  # module versions, keyed by module path
+    if metadata is not None:
+        for key in [k for k in metadata if k == prefix + _WRAPPED[:-1] or k.startswith(prefix + _WRAPPED)]:
+            value = metadata.pop(key)
+            metadata[prefix[:-1] if key == prefix + _WRAPPED[:-1] else prefix + key[len(prefix) + len(_WRAPPED):]] = value
 
 
 def _wrapped_keys(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -112,12 +112,15 @@ def materialize(
             sentinel fill and check) for tensors no initialiser wrote.
 
     Returns:
-        ``model``, allocated and initialised in place (unchanged if nothing of it is on ``meta``).
+        ``model``, allocated and initialised in place. A model that ``lt.shard`` on XLA already
+        allocated (FSDPv2 cannot take a meta model) is only re-initialised with ``init``, if given;
+        any other model with nothing on ``meta`` is returned as it is.
 
     Raises:
         RuntimeError: with ``uninitialized="raise"``, naming each parameter or buffer left
             uninitialised and how to initialise it.
-        ValueError: an unknown ``uninitialized``. TypeError: ``model`` is not a module.
+        ValueError: an unknown ``uninitialized``; ``init`` or ``device`` given for a model with
+            nothing on ``meta``. TypeError: ``model`` is not a module.
 
     Example:
         >>> import torch, ltransform as lt
@@ -134,7 +137,16 @@ def materialize(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"materialize: expected a torch.nn.Module, got {type(model).__name__}")
     if not any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers())):
-        return model  # nothing on meta: materialized already (lt.shard does it on XLA), or never empty
+        if getattr(model, SHARD_MATERIALIZED, False):  # lt.shard on XLA allocated it (it cannot take meta)
+            if init is not None:
+                with torch.no_grad():
+                    _initialise(model, init)
+            return model
+        if init is not None or device is not None:
+            raise ValueError("materialize: nothing of this model is on the meta device, so there is nothing to "
+                             "allocate; build it with lt.init_module(..., empty=True) (to re-initialise a "
+                             "built model, call its reset_parameters())")
+        return model
     if device is None:
         from ltransform.distributed.env import device as this_device
 
@@ -142,6 +154,9 @@ def materialize(
     check = materialize_then_check(model, device, init, uninitialized)
     check()
     return model
+
+
+SHARD_MATERIALIZED = "_ltransform_materialized_by_shard"  # set by lt.shard on XLA
 
 
 def materialize_then_check(model: torch.nn.Module, device: Any, init: Any = None,

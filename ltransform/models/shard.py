@@ -142,12 +142,18 @@ def _shard_xla(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool] 
         # FSDPv2 cannot take a meta model: materialize it here, traced only (XLA is lazy), so the
         # initialisers then run shard by shard once the parameters are marked; lt.materialize
         # after lt.shard (the order on GPUs) finds nothing left to do
-        from ltransform.models.init import materialize_then_check
+        from ltransform.models.init import SHARD_MATERIALIZED, materialize_then_check
 
         check = materialize_then_check(model, xla.device())
     wrapped = xla.fsdp(model, match, mesh)
     if check is not None:
-        check()
+        try:
+            check()
+        except RuntimeError as error:
+            raise RuntimeError(f"shard on XLA initialises a meta model with its own initialisers (FSDPv2 cannot "
+                               f"take a meta model), and {str(error).partition('materialize: ')[2].split(':')[0]}: "
+                               f"on XLA call lt.materialize(model, init=fn) before lt.shard") from None
+        setattr(wrapped, SHARD_MATERIALIZED, True)  # a later lt.materialize(model, init=fn) re-initialises
     new = {id(p) for p in wrapped.parameters()}
     mark_replaced((p for p in old if id(p) not in new), "lt.shard")
     return wrapped

@@ -54,9 +54,37 @@ def batches(n: int = 6, size: int = 16, seed: int = 1) -> list[tuple[torch.Tenso
     return [(torch.randn(size, 8, generator=g), torch.randn(size, 1, generator=g)) for _ in range(n)]
 
 
+SEEN: list[str] = []  # the sharding of every batch the loss saw on XLA
+
+
 def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     x, y = batch
+    if x.device.type == "xla":
+        SEEN.append(spec_of(x))
     return F.mse_loss(model(x).float(), y)
+
+
+def spec_of(tensor: torch.Tensor) -> str:
+    import torch_xla
+
+    return torch_xla._XLAC._get_xla_sharding_spec(tensor)
+
+
+def split(spec: str, devices: int | None = None) -> bool:
+    """An XLA sharding that splits the tensor (over ``devices`` along its first dimension, if given)."""
+    if "devices=[" not in spec or spec.startswith("{replicated"):
+        return False
+    return devices is None or spec.startswith(f"{{devices=[{devices},")
+
+
+def check_batches_split(strategy: str) -> str:
+    """Every batch the step saw was split over all devices (or, with no distribute, replicated)."""
+    assert SEEN, "the loss saw no XLA batch"
+    if strategy == "none":
+        assert all(not split(s) for s in SEEN), SEEN[:3]
+        return "batches replicated"
+    assert all(split(s, lt.world_size()) for s in SEEN), SEEN[:3]
+    return f"batches {SEEN[0]}"
 
 
 def reference(data, *, every: int = 1, clip: float | None = None, precision: str = "32-true") -> dict:
@@ -131,7 +159,8 @@ def check_distribute(every: str = "1", clip: str = "none", precision: str = "32-
         drift = max((want[k] - exact[k]).abs().max().item() for k in exact)
         worst = compare(got, exact, 2 * drift, what + " vs fp32")
         assert worst > 1e-5, f"{what}: equals fp32 ({worst:.2g}): the precision did not apply"
-    return f"{lt.world_size()} devices, accumulate {every_}, clip {clip_}, {precision}: max diff {worst:.2e}"
+    split_text = check_batches_split(strategy)
+    return f"{lt.world_size()} devices, accumulate {every_}, clip {clip_}, {precision}: max diff {worst:.2e}; {split_text}"
 
 
 def check_loader():
@@ -143,7 +172,7 @@ def check_loader():
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     state = trained(step_of(), net(), loader)
     worst = compare(cpu_state(state.model), reference(data), TOL["32-true"], "DataLoader on XLA")
-    return f"DataLoader batches on {lt.world_size()} devices: max diff {worst:.2e}"
+    return f"DataLoader batches on {lt.world_size()} devices: max diff {worst:.2e}; {check_batches_split('xla')}"
 
 
 def check_hf(shard: str = "yes"):
@@ -221,7 +250,11 @@ def check_shard(mesh: str = "none", ckpt: str = "no", init: str = "plain"):
         model = lt.checkpoint_activations(model, policy={Block})
     model = lt.shard(model, policy={Block}, mesh=shape)
     if init.startswith("meta"):
-        model = lt.materialize(model)  # (after shard: nothing left on meta, so nothing happens)
+        model = lt.materialize(model)  # (after shard: allocated already, so nothing happens)
+        first = model.module.blocks[0].module
+        assert not any(p.isnan().any().item() for p in model.parameters()), "a sentinel survived"
+        assert torch.equal(first.norm.weight.cpu(), torch.ones(16)), "LayerNorm was not initialised"
+        assert first.up.weight.std().item() > 0, "Linear was not initialised"
         model.load_state_dict(state)
     from ltransform.distributed import xla
 
@@ -295,14 +328,28 @@ def check_load(directory: str, where: str = "xla", model_kind: str = "shard"):
         assert "torch_xla" not in sys.modules, "a plain CPU load imported torch_xla"
         assert next(state.model.parameters()).device.type == "cpu"
         return f"loaded on plain CPU without torch_xla: max diff {worst:.2e}"
-    if model_kind == "shard":  # still split over the devices after the copy-in
-        import torch_xla
-
-        spec = torch_xla._XLAC._get_xla_sharding_spec(state.model.module.blocks[0].module.up.weight)
-        assert "devices=" in spec, f"the loaded parameter is no longer sharded: {spec}"
+    if model_kind == "shard":  # still split over the devices after the copy-in, and so is Adam's state
+        weight = state.model.module.blocks[0].module.up.weight
+        assert split(spec_of(weight), lt.world_size()), f"the loaded parameter is no longer sharded: {spec_of(weight)}"
+        moment = state.optimizer.state[weight]["exp_avg"]
+        assert split(spec_of(moment), lt.world_size()), f"the loaded Adam state is replicated: {spec_of(moment)}"
     resumed = lt.run(step_of(strategy="auto"), state, batches()[3:], progress=False)
     exact = compare(cpu_state(resumed.model), expected["straight"], 0.0, "resume vs the straight run")
     return f"loaded on {lt.world_size()} devices: max diff {worst:.2e}; resumed exactly ({exact:.1e})"
+
+
+def check_partial(directory: str):
+    """strict=False on XLA: a model with a layer the checkpoint lacks loads what it has."""
+    expected = torch.load(Path(directory) / "expected.pt", weights_only=True)
+    model = net(seed=7)
+    model.extra = torch.nn.Linear(2, 2)
+    model = lt.shard(model, policy={Block})
+    state = lt.load(Path(directory) / "ckpt", lt.State(model=model), strict=False)
+    got = cpu_state(state.model)
+    assert "extra.weight" in got
+    worst = compare({k: v for k, v in got.items() if not k.startswith("extra.")}, expected["at_save"], 1e-6,
+                    "strict=False load on XLA")
+    return f"strict=False: loaded what the checkpoint has, max diff {worst:.2e}"
 
 
 def check_versions():

@@ -86,6 +86,11 @@ def test_save_on_2_devices_loads_on_4_and_on_plain_cpu_and_resumes_exactly(tmp_p
     print(run_check("load", str(tmp_path), "cpu", model, devices=None))
 
 
+def test_strict_false_loads_what_the_checkpoint_has(tmp_path):
+    print(run_check("save", str(tmp_path), "sharded", "shard", devices=2))
+    print(run_check("partial", str(tmp_path)))
+
+
 def test_a_checkpoint_saved_on_plain_cpu_loads_sharded_on_xla(tmp_path):
     print(run_check("save", str(tmp_path), "sharded", "shard", devices=None))
     print(run_check("load", str(tmp_path), "xla", "shard", devices=4))
