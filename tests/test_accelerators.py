@@ -421,9 +421,13 @@ def test_process_group_on_xla_with_a_world_size_refuses_with_the_xla_launch_text
     assert not dist.is_initialized()
 
 
-def test_process_group_on_xla_with_world_size_one_stays_a_plain_process(monkeypatch):
+def test_process_group_on_one_xla_host_stays_a_plain_process(monkeypatch):
+    """On XLA the group is one of hosts (torch_xla counts them): one host, no group."""
+    from ltransform.distributed import xla
+
     monkeypatch.setenv("LTRANSFORM_ACCELERATOR", "xla")
     monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(xla, "process_count", lambda: 1)
     assert env.ensure_process_group() is False
     assert not dist.is_initialized()
 

@@ -42,10 +42,10 @@ def ensure_process_group() -> bool:
         return False
     if dist.is_initialized():
         return True
+    if on_xla():
+        return _xla_hosts_group()
     if int(_launcher("WORLD_SIZE", "1")) <= 1:
         return False
-    if on_xla():
-        raise RuntimeError(XLA_LAUNCH)
     name = accelerator()
     for key, value in clusters.environment().items():  # srun/mpirun: what init's env:// reads
         os.environ.setdefault(key, value)
@@ -68,6 +68,31 @@ XLA_LAUNCH = (
     "other): run the script itself, `python train.py`, on each host (on a TPU pod slice: "
     "`gcloud compute tpus tpu-vm ssh NAME --worker=all --command='python train.py'`), with "
     "lt.distribute(step, 'xla') or 'auto'")
+
+
+def _xla_hosts_group() -> bool:
+    """On XLA: no group on one host; on several, a gloo group of the hosts' processes (one each),
+    met through torch_xla's ``xla://`` rendezvous, for what crosses hosts outside the compiled
+    step: checkpoint coordination, data lengths, logged metrics (torch_xla's own advice for
+    SPMD checkpoints). Not run here: no TPU pod is reachable."""
+    if int(_launcher("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(XLA_LAUNCH)
+    from ltransform.distributed import xla
+
+    if xla.process_count() <= 1:
+        return False
+    import torch_xla.distributed.xla_backend  # noqa: F401  (registers the xla:// rendezvous)
+
+    dist.init_process_group("gloo", init_method="xla://", timeout=collective_timeout())
+    atexit.register(_destroy_process_group)
+    return True
+
+
+def collective_device() -> torch.device:
+    """Where tensors for ltransform's own collectives live: the GPU for nccl, else the CPU (gloo;
+    on XLA too, whose hosts meet over gloo)."""
+    name = accelerator()
+    return device() if name in ("cuda", "xpu") else torch.device("cpu")
 
 
 def collective_timeout() -> datetime.timedelta | None:
@@ -180,12 +205,12 @@ def rank() -> int:
 def world_size() -> int:
     """How many processes train together (1 in a single process); on XLA, how many devices
     (SPMD: one process per host drives them all, each batch split over them)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    if on_xla():
+    if on_xla():  # (before the group: on several hosts it is one of processes, not devices)
         from ltransform.distributed import xla
 
         return xla.device_count()
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
     return int(_launcher("WORLD_SIZE", "1"))
 
 

@@ -109,7 +109,9 @@ def launch(
             raise ValueError(f"lt.launch(num_nodes={num_nodes}) on XLA: {env.XLA_LAUNCH}")
         if devices > 1:
             warnings.warn(f"lt.launch(devices={devices}) on XLA runs fn in this one process: SPMD drives all "
-                          f"{env.world_size()} devices from it (devices=1 says so)", RuntimeWarning, stacklevel=2)
+                          f"of this host's devices from it (devices=1 says so)", RuntimeWarning, stacklevel=2)
+        if timeout is not None:  # for the hosts' group, on several hosts
+            os.environ["LTRANSFORM_COLLECTIVE_TIMEOUT"] = f"{timeout:g}"
         return fn(*args, **kwargs)
     outer = clusters.environment()  # an srun / mpirun task of several is launched already
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ or int(outer.get("WORLD_SIZE", "1")) > 1:

@@ -34,7 +34,13 @@ class Strategy:
 
     name: str = attrs.field(validator=attrs.validators.in_(_NAMES))
     sync_micro_steps: bool = False
-    graph_per_update: bool = False
+    graph_per_update: bool = attrs.field(default=False)
+
+    @graph_per_update.validator
+    def _only_on_xla(self, attribute: attrs.Attribute, value: bool) -> None:
+        if value and self.name not in ("xla", "auto"):
+            raise ValueError(f"Strategy(name={self.name!r}, graph_per_update=True): graph_per_update is about XLA's "
+                             f"traced graph; it applies to name='xla' (or 'auto' on XLA)")
 
     @property
     def shards(self) -> bool:

@@ -71,7 +71,7 @@ def check_same_length(data: Iterable[Any], name: str) -> None:
         length = len(data)  # type: ignore[arg-type]
     except TypeError:
         length = -1  # unknown: checked by nobody, documented
-    lengths = [int(t) for t in env.all_gather(torch.tensor([length], device=env.device()))]
+    lengths = [int(t) for t in env.all_gather(torch.tensor([length], device=env.collective_device()))]
     if len(set(lengths)) > 1 and -1 not in lengths:
         per_rank_text = ", ".join(f"rank {r}: {n}" for r, n in enumerate(lengths))
         raise ValueError(

@@ -52,7 +52,7 @@ def mean_across_ranks(metrics: Mapping[str, Any]) -> dict[str, float]:
     host sync for all of them together."""
     if not metrics:
         return {}
-    device = env.device()
+    device = env.collective_device()
     stacked = torch.stack([
         v.detach().float().mean().to(device, torch.float64) if isinstance(v, torch.Tensor)
         else torch.tensor(float(v), dtype=torch.float64, device=device)

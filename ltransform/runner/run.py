@@ -119,24 +119,18 @@ def run(
     loggers = _check_loggers(loggers)
     hooks = list(hooks)
     bound_hooks = [(bind_hook(h), getattr(h, "cadence", 1), getattr(h, "__name__", repr(h))) for h in hooks]
-    distributed = env.ensure_process_group() and env.world_size() > 1
+    distributed = env.ensure_process_group() and env.process_count() > 1  # (on XLA: one process per host)
     if distributed:
+        processes, me = env.process_count(), env.process_index()
         if distributed_sampler:
-            data = per_rank(data, world=env.world_size(), rank=env.rank())
+            data = per_rank(data, world=processes, rank=me)
             if eval_data is not None:
-                eval_data = per_rank(eval_data, world=env.world_size(), rank=env.rank())
+                eval_data = per_rank(eval_data, world=processes, rank=me)
         _warn_if_not_distributed(step, state)
         check_same_length(data, "data")
         if eval_data is not None:
             check_same_length(eval_data, "eval_data")
-        if env.rank() != 0:
-            loggers, progress = [], False
-    elif env.accelerator() == "xla" and env.process_count() > 1:  # SPMD on several hosts: one process each
-        if distributed_sampler:
-            data = per_rank(data, world=env.process_count(), rank=env.process_index())
-            if eval_data is not None:
-                eval_data = per_rank(eval_data, world=env.process_count(), rank=env.process_index())
-        if env.rank() != 0:
+        if me != 0:
             loggers, progress = [], False
     state, bound = bound_to(step, state)  # a state bound before (an earlier run) keeps its binding
     evaluate = None
