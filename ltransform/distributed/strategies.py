@@ -23,7 +23,7 @@ class Strategy:
             communication. (On XLA gradients are reduced inside the compiled step: no effect.)
         graph_per_update: on XLA, trace a whole accumulation window into one program, cut
             only at the optimizer update, instead of one program per micro-step (the default:
-            measured ~8% faster on XLA's CPU backend with ``accumulate(4)``, and its programs
+            measured 8-10% faster on XLA's CPU backend with ``accumulate(4)``, and its programs
             compile in half the time).
 
     Example:
