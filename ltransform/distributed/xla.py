@@ -201,10 +201,6 @@ def use_mesh(mesh: Any) -> None:
     _batch_spec.cache_clear()
 
 
-def active_mesh() -> Any:
-    return _STATE["mesh"]
-
-
 @functools.lru_cache(maxsize=16)
 def _batch_spec(ndim: int) -> Any:
     import torch_xla.distributed.spmd as xs
