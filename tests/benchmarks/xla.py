@@ -19,7 +19,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import ltransform as lt
 from ltransform.examples.gpt import GPT, GPTConfig, loss_fn
