@@ -80,6 +80,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "stop": ("ltransform.runner.hooks", "stop"),
     "CSVLogger": ("ltransform.runner.loggers", "CSVLogger"),
     "TensorBoardLogger": ("ltransform.runner.loggers", "TensorBoardLogger"),
+    "WandbLogger": ("ltransform.runner.loggers", "WandbLogger"),
+    "MLflowLogger": ("ltransform.runner.loggers", "MLflowLogger"),
     "run": ("ltransform.runner.run", "run"),
     "seed_everything": ("ltransform.seed", "seed_everything"),
     "accumulate": ("ltransform.steps.accumulate", "accumulate"),
@@ -165,7 +167,9 @@ if TYPE_CHECKING:
     from ltransform.runner.hooks import every
     from ltransform.runner.hooks import stop
     from ltransform.runner.loggers import CSVLogger
+    from ltransform.runner.loggers import MLflowLogger
     from ltransform.runner.loggers import TensorBoardLogger
+    from ltransform.runner.loggers import WandbLogger
     from ltransform.runner.run import run
     from ltransform.seed import seed_everything
     from ltransform.steps.accumulate import accumulate

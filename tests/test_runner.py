@@ -102,8 +102,21 @@ def test_csv_logger_writes_rows_at_log_points_and_adds_late_columns(tmp_path):
            loggers=[log], eval_step=lt.eval_step(mse), eval_data=make_data(2), progress=False)
     lines = log.path.read_text().splitlines()
     assert lines[0] == "step,loss,lr,epoch,val_loss"
-    assert [line.split(",")[0] for line in lines[1:]] == ["3", "6", "6"]
-    assert lines[3].startswith("6,,,,")  # the epoch-end evaluation row
+    assert [line.split(",")[0] for line in lines[1:]] == ["3", "6"]  # one row per step
+    assert lines[1].endswith(",")  # no val_loss at step 3
+    assert lines[2].startswith("6,") and not lines[2].endswith(",")  # train and epoch-end val in one row
+
+
+def test_csv_logger_appends_on_resume_and_redoes_the_steps_after_the_checkpoint(tmp_path):
+    first = lt.CSVLogger(tmp_path)
+    for step in (10, 20, 30):
+        first({"loss": step / 10}, step=step)
+    first({"val_loss": 9.0}, step=30)
+    resumed = lt.CSVLogger(tmp_path)  # a run resumed from a checkpoint at step 20 logs 30 again
+    resumed({"loss": 3.5}, step=30)
+    resumed({"loss": 4.0}, step=40)
+    lines = resumed.path.read_text().splitlines()
+    assert lines == ["step,loss,val_loss", "10,1.0,", "20,2.0,", "30,3.5,", "40,4.0,"]
 
 
 def test_tensorboard_logger_writes_scalars(tmp_path):

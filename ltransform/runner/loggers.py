@@ -1,24 +1,31 @@
-"""Loggers: any callable ``(metrics: dict[str, float], step: int)``; CSV and TensorBoard here."""
+"""Loggers: any callable ``(metrics: dict[str, float], step: int)``; CSV, TensorBoard, Weights &
+Biases and MLflow here, each writing on rank 0 only and importing its package when built."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 
 class CSVLogger:
-    """Write metrics to ``<dir>/metrics.csv``, one row per log call, one column per metric.
+    """Write metrics to ``<dir>/metrics.csv``: one row per step, one column per metric.
 
-    A metric first seen later (e.g. ``val_loss``) adds a column; the file is rewritten then.
+    Metrics logged at the same step (the training loss and, later, ``val_loss``) share a row; a
+    metric first seen later adds a column (the file is rewritten then). A logger opened on a
+    ``metrics.csv`` that exists keeps its rows, so a resumed run appends to it: at its first
+    step, the rows from that step on are dropped (the run that wrote them is the one redone).
+    Hyper-parameters go to ``<dir>/hparams.json``. It writes on rank 0 only.
 
     Example:
         >>> import tempfile, ltransform as lt
-        >>> log = lt.CSVLogger(tempfile.mkdtemp()); log({"loss": 1.5}, step=10)
+        >>> log = lt.CSVLogger(tempfile.mkdtemp()); log({"loss": 1.5}, step=10); log({"val_loss": 2.0}, step=10)
         >>> log.path.read_text().splitlines()
-        ['step,loss', '10,1.5']
+        ['step,loss,val_loss', '10,1.5,2.0']
     """
 
     def __init__(self, dir: str | os.PathLike[str], filename: str = "metrics.csv") -> None:
@@ -26,23 +33,58 @@ class CSVLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._columns: list[str] = ["step"]
         self._rows: list[dict[str, Any]] = []
+        self._resumed = False
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                self._columns = list(reader.fieldnames or ["step"])
+                self._rows = [{k: v for k, v in row.items() if v != ""} for row in reader]
+            for row in self._rows:
+                row["step"] = int(row["step"])
 
     def __call__(self, metrics: Mapping[str, float], step: int) -> None:
-        row = {"step": step, **metrics}
-        self._rows.append(row)
-        new = [k for k in row if k not in self._columns]
-        if new or len(self._rows) == 1:
-            self._columns += new
-            self._write("w", self._rows, header=True)
+        if not _rank_zero():
+            return
+        if not self._resumed:  # rows a resumed run redoes
+            self._resumed = True
+            self._rows = [r for r in self._rows if r["step"] < step]
+        new = [k for k in metrics if k not in self._columns]
+        self._columns += new
+        if self._rows and self._rows[-1]["step"] == step:
+            self._rows[-1].update(metrics)
         else:
-            self._write("a", [row], header=False)
-
-    def _write(self, mode: str, rows: list[dict[str, Any]], header: bool) -> None:
-        with open(self.path, mode, newline="") as f:
+            self._rows.append({"step": step, **metrics})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", newline="") as f:  # (small, and written at log points only)
             writer = csv.DictWriter(f, fieldnames=self._columns)
-            if header:
-                writer.writeheader()
-            writer.writerows(rows)
+            writer.writeheader()
+            writer.writerows(self._rows)
+
+    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        """Write ``params`` to ``hparams.json`` beside the metrics."""
+        if _rank_zero():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            (self.path.parent / "hparams.json").write_text(json.dumps(dict(params), indent=1, default=str) + "\n")
+
+    def close(self) -> None:
+        """Nothing is held open (each log point rewrites the file)."""
+
+
+def _rank_zero() -> bool:
+    from ltransform.distributed import env
+
+    return env.rank() == 0
+
+
+def _needs(package: str, logger: str) -> Any:
+    """``import package``, or an ImportError naming the pip command."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError as error:
+        raise ImportError(f"{logger} needs {package}: pip install 'ltransform[loggers]' (or pip install "
+                          f"{package})") from error
 
 
 class TensorBoardLogger:
@@ -66,10 +108,19 @@ class TensorBoardLogger:
         self._writer: Any = None  # created on first use: ranks that never log write no file
 
     def __call__(self, metrics: Mapping[str, float], step: int) -> None:
+        if not _rank_zero():
+            return
         if self._writer is None:
             self._writer = self._make()
         for name, value in metrics.items():
             self._writer.add_scalar(name, value, global_step=step)
+
+    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        """Record ``params`` as the text ``hparams`` (JSON)."""
+        if _rank_zero():
+            if self._writer is None:
+                self._writer = self._make()
+            self._writer.add_text("hparams", json.dumps(dict(params), default=str))
 
     def flush(self) -> None:
         if self._writer is not None:
@@ -78,3 +129,101 @@ class TensorBoardLogger:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
+
+
+class WandbLogger:
+    """Log metrics to a Weights & Biases run (needs ``wandb``); the run starts at the first log.
+
+    Args:
+        project, name, dir, config: ``wandb.init``'s; ``config`` is the run's hyper-parameters.
+        mode: ``"online"``, ``"offline"`` (written under ``dir``, synced later with ``wandb sync``)
+            or ``"disabled"``; default wandb's (``WANDB_MODE``).
+        **init: any other ``wandb.init`` argument.
+
+    Example:
+        >>> import tempfile, ltransform as lt
+        >>> log = lt.WandbLogger(project="demo", dir=tempfile.mkdtemp(), mode="disabled")
+        >>> log({"loss": 1.5}, step=10); log.close()
+    """
+
+    def __init__(self, project: str | None = None, name: str | None = None, dir: str | os.PathLike[str] | None = None,
+                 config: Mapping[str, Any] | None = None, mode: str | None = None, **init: Any) -> None:
+        self._wandb = _needs("wandb", "WandbLogger")
+        self._init = dict(project=project, name=name, dir=None if dir is None else str(dir),
+                          config=dict(config or {}), mode=mode, **init)
+        if dir is not None:
+            Path(dir).mkdir(parents=True, exist_ok=True)
+        self.run: Any = None
+
+    def _run(self) -> Any:
+        if self.run is None:
+            self.run = self._wandb.init(**{k: v for k, v in self._init.items() if v is not None})
+        return self.run
+
+    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
+        if _rank_zero():
+            self._run().log(dict(metrics), step=step)
+
+    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        """Add ``params`` to the run's config."""
+        if _rank_zero():
+            self._run().config.update(dict(params), allow_val_change=True)
+
+    def close(self) -> None:
+        """Finish the run (an offline run's files are complete then)."""
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+class MLflowLogger:
+    """Log metrics to an MLflow run (needs ``mlflow``) through its client (no global active run).
+
+    Args:
+        experiment: the experiment's name (created if missing).
+        run_name: the run's name; ``tracking_uri``: e.g. ``"sqlite:///mlflow.db"`` or an MLflow
+            server (default: mlflow's, ``MLFLOW_TRACKING_URI``); ``tags``: the run's tags.
+
+    Example:
+        >>> import tempfile, ltransform as lt
+        >>> log = lt.MLflowLogger("demo", tracking_uri=f"sqlite:///{tempfile.mkdtemp()}/mlflow.db")
+        >>> log({"loss": 1.5}, step=10); log.close()
+        >>> log.client.get_metric_history(log.run_id, "loss")[0].value
+        1.5
+    """
+
+    def __init__(self, experiment: str = "ltransform", run_name: str | None = None, tracking_uri: str | None = None,
+                 tags: Mapping[str, str] | None = None) -> None:
+        _needs("mlflow", "MLflowLogger")
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._experiment, self._run_name, self._tags = experiment, run_name, dict(tags or {})
+        self.run_id: str | None = None
+
+    def _run(self) -> str:
+        if self.run_id is None:
+            found = self.client.get_experiment_by_name(self._experiment)
+            experiment = found.experiment_id if found is not None else self.client.create_experiment(self._experiment)
+            self.run_id = self.client.create_run(experiment, run_name=self._run_name, tags=self._tags).info.run_id
+        return self.run_id
+
+    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
+        if _rank_zero():
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self._run(), metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        """Record ``params`` as the run's parameters (as strings, MLflow's form)."""
+        if _rank_zero():
+            from mlflow.entities import Param
+
+            self.client.log_batch(self._run(), params=[Param(k, str(v)) for k, v in params.items()])
+
+    def close(self) -> None:
+        """Mark the run finished."""
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id)
