@@ -10,7 +10,8 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ltransform", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ltransform", description=__doc__.replace("``", ""))
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "run", help="run a training script on N processes per node (through torchrun)",
@@ -38,9 +39,24 @@ def _parser() -> argparse.ArgumentParser:
         "consolidate", help="turn a sharded checkpoint directory into one file",
         description="Read a sharded (DCP) checkpoint in one process and write one full checkpoint "
                     "file, or only the model weights if OUT ends in .safetensors.")
-    merge.add_argument("sharded_dir")
-    merge.add_argument("out")
+    merge.add_argument("sharded_dir", help="the sharded checkpoint: a directory lt.save(..., sharded=True) wrote")
+    merge.add_argument("out", help="the file to write: a full checkpoint (.pt), or the weights only (.safetensors)")
     return parser
+
+
+def _version() -> str:
+    import importlib.metadata
+    import platform
+
+    try:
+        mine = importlib.metadata.version("ltransform")
+    except importlib.metadata.PackageNotFoundError:
+        mine = "unknown (not installed)"
+    try:
+        torch = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch = "not installed"
+    return f"ltransform {mine} (torch {torch}, Python {platform.python_version()})"
 
 
 def torchrun_args(options: argparse.Namespace) -> list[str]:

@@ -118,3 +118,19 @@ def test_two_nodes_on_one_machine_join_one_world(tmp_path):
     printed = [[line for line in out.splitlines() if not line.startswith("[Gloo] ")] for out, _ in outs]
     assert printed[0] == ["(0, 4, 0, 10.0)"]  # rank 0 of 4 processes on 2 nodes; 1+2+3+4
     assert printed[1] == ["None"]  # node 1 has no rank 0
+
+
+def test_cli_version_and_help_without_markup():
+    import subprocess
+    import sys
+
+    version = subprocess.run([sys.executable, "-m", "ltransform", "--version"], capture_output=True, text=True,
+                             timeout=120)
+    assert version.returncode == 0 and version.stdout.startswith("ltransform 0.") and "torch" in version.stdout
+    for args in (["--help"], ["consolidate", "--help"], ["run", "--help"]):
+        shown = subprocess.run([sys.executable, "-m", "ltransform", *args], capture_output=True, text=True,
+                               timeout=120).stdout
+        assert "``" not in shown, shown
+    shown = subprocess.run([sys.executable, "-m", "ltransform", "consolidate", "--help"], capture_output=True,
+                           text=True, timeout=120).stdout
+    assert "sharded checkpoint" in shown and ".safetensors" in shown
