@@ -113,12 +113,20 @@ def write_safetensors(weights: dict[str, torch.Tensor], path: str | os.PathLike[
         tensors, str(tmp), metadata={"format": "pt", "writer": "ltransform"}))
 
 
+def _umask() -> int:
+    """This process's umask (read by setting it: there is no getter; set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as file:
+            os.fchmod(file.fileno(), 0o666 & ~_umask())  # the usual mode (safetensors' writer makes 0600)
             os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:

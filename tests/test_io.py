@@ -219,3 +219,21 @@ def test_no_two_tensors_share_a_checksum_path_whatever_their_keys():
     assert paths[:2] == ["models/m/0.weight", "ranks/0/rng"]  # ordinary keys read as they always did
     assert paths[2:] == ["extra/0", "extra/'0'", "extra/'a/b'", "extra/a/b", "extra/!'None'", "extra/None",
                          "extra/\"'x\"", "extra/''"]
+
+
+def test_files_ltransform_writes_get_the_usual_mode(tmp_path):
+    """0666 less the umask, whatever the writer (safetensors' own made them 0600)."""
+    import os
+    import stat
+
+    pytest.importorskip("safetensors")
+    from ltransform import io as ltio
+
+    old = os.umask(0o022)
+    try:
+        pt = ltio.write_file(tmp_path / "a.pt", {"x": torch.ones(2)})
+        st = ltio.write_safetensors({"x": torch.ones(2)}, tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(pt.stat().st_mode) == 0o644
+    assert stat.S_IMODE(st.stat().st_mode) == 0o644
