@@ -311,3 +311,13 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_p
     again = lt.load(path, lt.State(model=torch.nn.Linear(2, 2), extra={}))  # still the first one
     assert torch.equal(again.model.weight, first.model.weight)
     assert again.extra["big"].numel() == 1
+
+
+def test_a_resumed_run_says_where_it_resumed_from(tmp_path, capsys):
+    hook = lt.every(3, lt.checkpoint_sharded(dir=tmp_path))
+    lt.run(STEP, fresh_state(), loader(), max_steps=2, progress=False, resume="latest", hooks=[hook])
+    assert f"lt.run: no checkpoint in {str(tmp_path)!r} yet: starting from step 0" in capsys.readouterr().err
+    lt.run(STEP, fresh_state(), loader(), max_steps=3, progress=False, hooks=[hook])
+    lt.run(STEP, fresh_state(), loader(), max_steps=4, progress=False, resume="latest", hooks=[hook])
+    said = capsys.readouterr().err
+    assert f"lt.run: resumed from {str(tmp_path / 'step-00000003')!r} (step 3, epoch 0)" in said, said

@@ -425,9 +425,21 @@ def _resume(resume: Any, hooks: Iterable[Any], state: Any) -> tuple[Any, Any]:
             )
         path = latest(dirs[0])
         if path is None:
+            _say(f"lt.run: no checkpoint in {str(dirs[0])!r} yet: starting from step {read_counters(state)[0]}")
             return state, None  # nothing saved yet: a first start
         resume = path
-    return load_with_position(resume, state)
+    state, position = load_with_position(resume, state)
+    step, _ = read_counters(state)
+    _say(f"lt.run: resumed from {str(resume)!r} (step {step}, epoch {read_epoch(state)})")
+    return state, position
+
+
+def _say(text: str) -> None:
+    """A line on rank 0's stderr that does not break a progress bar."""
+    if env.rank() == 0:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text, file=sys.stderr)
 
 
 def _save_at_stop(saver: Any, state: Any, loop: _Loop, start: int) -> Path:
