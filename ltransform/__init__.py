@@ -79,6 +79,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "every": ("ltransform.runner.hooks", "every"),
     "stop": ("ltransform.runner.hooks", "stop"),
     "CSVLogger": ("ltransform.runner.loggers", "CSVLogger"),
+    "describe_checkpoint": ("ltransform.checkpoint.describe", "describe"),
     "TensorBoardLogger": ("ltransform.runner.loggers", "TensorBoardLogger"),
     "WandbLogger": ("ltransform.runner.loggers", "WandbLogger"),
     "MLflowLogger": ("ltransform.runner.loggers", "MLflowLogger"),
@@ -166,6 +167,7 @@ if TYPE_CHECKING:
     from ltransform.models.shard import shard
     from ltransform.runner.hooks import every
     from ltransform.runner.hooks import stop
+    from ltransform.checkpoint.describe import describe as describe_checkpoint
     from ltransform.runner.loggers import CSVLogger
     from ltransform.runner.loggers import MLflowLogger
     from ltransform.runner.loggers import TensorBoardLogger

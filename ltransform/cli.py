@@ -1,5 +1,6 @@
 """The ``ltransform`` command: ``ltransform run --devices N script.py ARGS`` hands over to torchrun;
-``ltransform consolidate SHARDED_DIR OUT`` turns a sharded checkpoint into one file."""
+``ltransform consolidate SHARDED_DIR OUT`` turns a sharded checkpoint into one file; ``ltransform
+inspect CKPT`` says what a checkpoint holds."""
 
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
                     "file, or only the model weights if OUT ends in .safetensors.")
     merge.add_argument("sharded_dir", help="the sharded checkpoint: a directory lt.save(..., sharded=True) wrote")
     merge.add_argument("out", help="the file to write: a full checkpoint (.pt), or the weights only (.safetensors)")
+    inspect = commands.add_parser(
+        "inspect", help="say what a checkpoint holds (without loading its tensors)",
+        description="Print a checkpoint's format, the ltransform and torch that wrote it, world size, precision, "
+                    "counters, and every tensor's name, shape, dtype and size, for a full file or a sharded "
+                    "directory; tensor data is not read.")
+    inspect.add_argument("checkpoint", help="a checkpoint file or sharded directory lt.save wrote")
     return parser
 
 
@@ -75,6 +82,15 @@ def torchrun_args(options: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     options = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if options.command == "inspect":
+        from ltransform.checkpoint.describe import describe
+        from ltransform.io import CheckpointError
+
+        try:
+            print(describe(options.checkpoint))
+        except CheckpointError as error:
+            raise SystemExit(f"ltransform inspect: {error}") from None
+        return 0
     if options.command == "consolidate":
         from ltransform.checkpoint.convert import consolidate
 

@@ -321,3 +321,28 @@ def test_a_resumed_run_says_where_it_resumed_from(tmp_path, capsys):
     lt.run(STEP, fresh_state(), loader(), max_steps=4, progress=False, resume="latest", hooks=[hook])
     said = capsys.readouterr().err
     assert f"lt.run: resumed from {str(tmp_path / 'step-00000003')!r} (step 3, epoch 0)" in said, said
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_inspect_lists_every_tensor_without_loading_and_the_cli_prints_it(tmp_path, sharded):
+    import subprocess
+    import sys
+
+    state = lt.run(STEP, fresh_state(), loader(), max_steps=3, progress=False)
+    path = lt.save(tmp_path / ("ckpt" if sharded else "ckpt.pt"), state, sharded=sharded)
+    text = lt.describe_checkpoint(path)
+    assert ("sharded directory" if sharded else "full file") in text
+    assert f"step {state.step}, micro-step {state.micro_step}, epoch {state.epoch}" in text
+    assert f"torch {torch.__version__}" in text
+    assert "  models.model.0.weight  [16, 4]  torch.float32  256 B" in text
+    assert "optimizers.optimizer.state.0.weight.exp_avg  [16, 4]  torch.float32  256 B" in text
+    count = sum(1 for _ in state.model.parameters())
+    names = [line.split()[0] for line in text.splitlines() if line.startswith("  ")]
+    assert sum(n.startswith("models.") for n in names) == count  # every parameter
+    assert sum(n.endswith(("exp_avg", "exp_avg_sq")) for n in names) == 2 * count  # Adam's two moments of each
+    shown = subprocess.run([sys.executable, "-m", "ltransform", "inspect", str(path)], capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.strip() == text
+    missing = subprocess.run([sys.executable, "-m", "ltransform", "inspect", str(tmp_path / "nothing")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
