@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -56,7 +57,7 @@ def describe(path: str | os.PathLike[str]) -> str:
              f"tensors ({len(tensors)}):"]
     total = 0
     for name, shape, dtype in sorted(tensors):
-        size = _numel(shape) * (dtype.itemsize if isinstance(dtype, torch.dtype) else 0)
+        size = math.prod(shape) * (dtype.itemsize if isinstance(dtype, torch.dtype) else 0)
         total += size
         lines.append(f"  {name}  {list(shape)}  {dtype}  {_size(size)}")
     lines.append(f"total: {len(tensors)} tensors, {_size(total)}")
@@ -79,16 +80,11 @@ def _tensors(tree: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield from _tensors(value, f"{prefix}.{index}")
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB"):
         n /= 1024
-    return f"{n} B"
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"

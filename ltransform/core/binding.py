@@ -106,7 +106,7 @@ def bind(step: TransformedStep, state: Any) -> tuple[Any, BoundStep]:
             state, ctx = transform.prepare(state)
         bound.extend((h, ctx) for h in transform.handlers)
     inv = inventory(state)  # as prepared (a transform's prepare returns a new state)
-    if move is not None and env.accelerator() == "xla" and not any(t.kind == "distribute" for t in step.transforms):
+    if move is not None and env.on_xla() and not any(t.kind == "distribute" for t in step.transforms):
         bound.append((_XLA_CUT, None))  # else the traced graph would grow until something reads a value
     terminal = _terminal(step, inv)
     boundary = build_pipelines(bound, True, terminal)

@@ -217,12 +217,18 @@ def world_size() -> int:
 def on_xla() -> bool:
     """Whether XLA is the accelerator, from the environment alone (no CUDA probe, no torch_xla
     import): what ``rank``, ``world_size`` and the launchers ask."""
-    chosen = os.environ.get(_CHOSEN, "").lower()
-    if chosen and chosen != "auto":
+    chosen = _chosen()
+    if chosen:
         return _ALIASES.get(chosen, chosen) == "xla"
     from ltransform.distributed import xla
 
     return xla.requested()
+
+
+def _chosen() -> str:
+    """``LTRANSFORM_ACCELERATOR``, lower-cased; "" when unset or ``"auto"`` (the rule decides)."""
+    chosen = os.environ.get(_CHOSEN, "").lower()
+    return "" if chosen == "auto" else chosen
 
 
 def local_rank() -> int:
@@ -259,12 +265,10 @@ def accelerator() -> str:
         >>> lt.accelerator() in ("cpu", "cuda", "xla", "mps", "xpu")
         True
     """
-    chosen = os.environ.get(_CHOSEN, "")
-    if chosen and chosen.lower() != "auto":
-        return canonical(chosen, f"{_CHOSEN}={chosen!r}")
-    from ltransform.distributed import xla
-
-    if xla.requested():
+    chosen = _chosen()
+    if chosen:
+        return canonical(chosen, f"{_CHOSEN}={os.environ[_CHOSEN]!r}")
+    if on_xla():
         return "xla"
     if torch.cuda.is_available():
         return "cuda"
@@ -321,9 +325,7 @@ def check_available(name: str) -> None:
     if name == "xla":  # (without PJRT_DEVICE, torch_xla picks a TPU if there is one, else the CPU)
         xla.check_versions()
         return
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": _mps_available(),
-                 "xpu": _xpu_available()}[name]
-    if not available:
+    if not (name == "cpu" or _available(name)):
         raise RuntimeError(f"accelerator {name!r} is not available on this machine (torch {torch.__version__}); "
                            f"available: {', '.join(a for a in ('cuda', 'xpu', 'mps') if _available(a)) or 'cpu only'}")
 

@@ -141,7 +141,7 @@ def cut(ctx: Any, frame: Any, value: Any, *, proceed: Callable[..., Any]) -> Any
     """The step-call handler that cuts the graph once the step (its optimizer update) is traced:
     ``distribute("xla")``'s, and the one a step bound on XLA without ``distribute`` gets."""
     result = proceed(frame, value)
-    runtime().sync()
+    sync()
     return result
 
 

@@ -333,8 +333,8 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 def _sentinel(tensor: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The view to fill and the value: NaN, a signed integer's minimum, an unsigned one's
-    maximum, or byte 255 (no valid bool). Each is found again by one reduction (``amax`` keeps
-    NaN; the minimum / maximum is the sentinel iff some element is), with no temporary."""
+    maximum, or byte 255 (no valid bool). Each is found again by one comparison and ``any()``
+    (not ``amax()``, which XLA returns unreduced)."""
     if tensor.dtype == torch.bool:
         return tensor.view(torch.uint8), 255
     if tensor.is_complex():

@@ -92,15 +92,15 @@ def shard(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"shard: expected a torch.nn.Module, got {type(model).__name__}")
     check_order(model, "shard")
+    if "shard" in applied(model):  # (FSDP2's fully_shard, or XLA's FSDPv2)
+        raise RuntimeError("shard: the model is already sharded; apply lt.shard once, to the whole model")
     _check_mesh(mesh)
     if env.accelerator() == "xla":
         return _shard_xla(model, match, mesh, offload)
     if not env.ensure_process_group() and not isinstance(mesh, _device_mesh_type()):
         return model  # one plain process: nothing to shard across
-    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
-        raise RuntimeError("shard: the model is already sharded; apply lt.shard once, to the whole model")
     device_mesh = resolve_mesh(mesh)
     record = record or recorded_precision(model) or PRECISIONS["32-true"]
     old = list(model.parameters())
@@ -130,8 +130,6 @@ def _shard_xla(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool] 
                         "torch.distributed process groups, which XLA's SPMD does not use)")
     if offload:
         raise ValueError("shard(offload=True) is not supported on XLA (FSDPv2 keeps the shards on the devices)")
-    if any(xla.is_fsdp(m) for m in model.modules()):
-        raise RuntimeError("shard: the model is already sharded; apply lt.shard once, to the whole model")
     _check_ties(model, _matches(model, match))
     if mesh is not None and mesh[0] * mesh[1] != xla.device_count():
         raise ValueError(f"shard: mesh shape {mesh} needs {mesh[0] * mesh[1]} devices, but XLA has "

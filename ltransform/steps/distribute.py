@@ -77,12 +77,9 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
     if step is not MISSING and not callable(step):
         step, strategy = MISSING, step
     record = resolve_strategy(strategy)
-    if record.name == "xla":
-        return apply_step_transform(step, StepTransform(
-            name=f"distribute({record.name!r})", kind="distribute", handlers=(_xla_cut(record),),
-            prepare=lambda state: (_prepare_xla(state, record), _Sync(record, (), xla=True))), "distribute")
-    cut = (_xla_cut(record),) if record.name == "auto" else ()
-    no_sync = cut if record.sync_micro_steps else cut + (  # then every micro-step synchronises: no handler
+    cut = (_xla_cut(record),) if record.name in ("auto", "xla") else ()  # (left out of a chain off XLA)
+    # with sync_micro_steps every micro-step synchronises, and on XLA the compiled step reduces: no handler
+    no_sync = () if record.sync_micro_steps or record.name == "xla" else (
         Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_no_sync,
                 label="distribute: set_requires_gradient_sync(False) for forward and backward",
                 after="distribute: restore gradient sync", when=When.NON_BOUNDARY,
@@ -90,15 +87,15 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
     transform = StepTransform(
         name=f"distribute({record.name!r})",
         kind="distribute",
-        handlers=no_sync,
+        handlers=cut + no_sync,
         prepare=lambda state: _prepare(state, record),
     )
     return apply_step_transform(step, transform, "distribute")
 
 
 def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
-    if env.accelerator() == "xla":
-        if strategy.name == "auto":
+    if strategy.name == "xla" or env.accelerator() == "xla":
+        if strategy.name in ("auto", "xla"):
             return _prepare_xla(state, strategy), _Sync(strategy, (), xla=True)
         what = ("trains on one device, but XLA's SPMD runs every step over all of them" if strategy.name == "single"
                 else "runs on torch.distributed process groups, but this process is on XLA (SPMD)")

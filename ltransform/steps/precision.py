@@ -154,8 +154,8 @@ def check_supported(p: Precision, device_type: str) -> None:
 
 def _prepare(state: Any, p: Precision, recipe: Any) -> tuple[Any, _Runtime]:
     modules = list(inventory(state).models.values())
-    params = [(n, q) for m in modules for n, q in m.named_parameters()]
-    device_type = params[0][1].device.type if params else "cpu"
+    first = next((q for m in modules for q in m.parameters()), None)
+    device_type = first.device.type if first is not None else "cpu"  # (the weights' casts keep it)
     check_supported(p, device_type)
     for module in modules:  # everything that can fail first; then the models change
         _check_fp8(module, p, recipe)
