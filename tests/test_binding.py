@@ -188,10 +188,13 @@ def test_the_calls_of_a_real_micro_step_are_explains_lines(micro, monkeypatch):
     for t in base.transforms:
         step = step.with_transform(_recording(t, log))
     real_backward, real_step = torch.Tensor.backward, torch.optim.SGD.step
-    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: log.append("backward") or real_backward(self, *a, **k))
-    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: log.append("optimizer.step") or real_step(self, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "backward",
+                        lambda self, *a, **k: log.append("backward") or real_backward(self, *a, **k))
+    monkeypatch.setattr(torch.optim.SGD, "step",
+                        lambda self, *a, **k: log.append("optimizer.step") or real_step(self, *a, **k))
     real_zero = torch.optim.SGD.zero_grad
-    monkeypatch.setattr(torch.optim.SGD, "zero_grad", lambda self, *a, **k: log.append("ZERO_GRAD") or real_zero(self, *a, **k))
+    monkeypatch.setattr(torch.optim.SGD, "zero_grad",
+                        lambda self, *a, **k: log.append("ZERO_GRAD") or real_zero(self, *a, **k))
     state = lt.State(model=make_model(), micro_step=micro)
     state = attrs.evolve(state, optimizer=sgd(state.model))
     state = lt.prepare(step, state)
@@ -267,9 +270,11 @@ def test_the_plain_train_step_runs_with_no_frame_and_no_context(monkeypatch):
     by_hand, detached[:] = len(detached), []
     state = _scaled_state(0)
     copies = []
-    import ltransform.runner.run as run_module
-    real_with = run_module.with_counters
-    monkeypatch.setattr(run_module, "with_counters", lambda *a: copies.append(1) or real_with(*a))
+    import ltransform.runner.context as context
+    import ltransform.runner.loop as loop
+    real_with = context.with_counters
+    monkeypatch.setattr(context, "with_counters", lambda *a: copies.append(1) or real_with(*a))
+    monkeypatch.setattr(loop, "with_counters", lambda *a: copies.append(1) or real_with(*a))
     state = lt.run(lt.train_step(loss), state, make_data(20), progress=False, log_every=None)
     assert frames == [None] * 20 and state.step == 20
     assert len(detached) == by_hand  # no per-step detach of ours (metrics are detached where read)
@@ -345,8 +350,6 @@ def test_an_unreduced_loss_says_to_reduce_it(transforms):
 
 
 def test_the_data_position_counts_batches_when_a_nested_step_counts_micro_steps():
-    from ltransform.core import position
-
     inner = lt.pipe(lt.train_step(mse), lt.accumulate(2))
 
     def outer(state, batch):  # two micro-steps of the inner step per batch
@@ -356,7 +359,7 @@ def test_the_data_position_counts_batches_when_a_nested_step_counts_micro_steps(
 
     seen = []
     lt.run(outer, _scaled_state(0), make_data(6), progress=False,
-           hooks=[lambda s: seen.append((s.step, s.micro_step, position.current()["batches"]))])
+           hooks=[lambda s, run: seen.append((s.step, s.micro_step, run.position.batches))])
     assert seen == [(i, 2 * i, i) for i in range(1, 7)]
 
 

@@ -59,7 +59,7 @@ def test_resume_mid_epoch_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, how
     if how == "sharded-hook":
         hook, resume = lt.every(7, lt.checkpoint_sharded(dir=tmp_path)), "latest"
     else:
-        hook, resume = lt.every(7, lambda s: lt.save(tmp_path / "ckpt.pt", s) and None), tmp_path / "ckpt.pt"
+        hook, resume = lt.every(7, lambda s, run: lt.save(tmp_path / "ckpt.pt", s, run=run) and None), tmp_path / "ckpt.pt"
     first = lt.run(STEP, fresh_state(), loader(), max_steps=7, progress=False, hooks=[hook])
     assert first.step == 7
     torch.manual_seed(123)  # a new process: other RNG states, which the checkpoint replaces
@@ -69,7 +69,8 @@ def test_resume_mid_epoch_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, how
     assert same(resumed.model, straight.model)
     assert resumed.scheduler.last_epoch == straight.scheduler.last_epoch == 9
     assert resumed.extra["grad_scaler"].get_scale() == straight.extra["grad_scaler"].get_scale()
-    assert resumed.optimizer.state_dict()["state"][0]["exp_avg"].equal(straight.optimizer.state_dict()["state"][0]["exp_avg"])
+    exp_avg = straight.optimizer.state_dict()["state"][0]["exp_avg"]
+    assert resumed.optimizer.state_dict()["state"][0]["exp_avg"].equal(exp_avg)
 
 
 def test_resume_latest_with_no_checkpoint_yet_starts_from_the_beginning(tmp_path):
@@ -93,7 +94,8 @@ def test_contents_round_trip(tmp_path, sharded):
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected  # RNG states restored
     assert (loaded.step, loaded.micro_step, loaded.epoch) == (state.step, state.micro_step, 4)
     assert same(loaded.model, state.model)
-    assert loaded.optimizer.state_dict()["state"][0]["exp_avg"].equal(state.optimizer.state_dict()["state"][0]["exp_avg"])
+    exp_avg = state.optimizer.state_dict()["state"][0]["exp_avg"]
+    assert loaded.optimizer.state_dict()["state"][0]["exp_avg"].equal(exp_avg)
     assert loaded.scheduler.state_dict() == state.scheduler.state_dict()
     assert loaded.extra["grad_scaler"] is target.extra["grad_scaler"]  # loaded in place
     assert loaded.extra["grad_scaler"].state_dict() == state.extra["grad_scaler"].state_dict()
@@ -229,7 +231,8 @@ def test_async_save_equals_a_sync_save_and_is_waited_for_before_the_next_update(
     lt.save(tmp_path / "async", state, sharded=True, async_save=True)
     state, _ = step(state, torch.ones(8, 4))  # changes the parameters: waits for the save first
     assert not (tmp_path / ".async.partial").exists() and (tmp_path / "async").is_dir()
-    a, b = lt.load(tmp_path / "sync", lt.State(model=make_model(9))), lt.load(tmp_path / "async", lt.State(model=make_model(9)))
+    a = lt.load(tmp_path / "sync", lt.State(model=make_model(9)))
+    b = lt.load(tmp_path / "async", lt.State(model=make_model(9)))
     assert same(a.model, b.model) and not same(a.model, model)
     with pytest.raises(ValueError, match="async_save=True needs sharded=True"):
         lt.save(tmp_path / "x.pt", state, async_save=True)

@@ -101,7 +101,7 @@ def test_imports_point_down_the_layers():
     ("ltransform.core.step", "ltransform.io", True),
     ("ltransform.core.step", "ltransform.models.order", False),
     ("ltransform.distributed.env", "ltransform.checkpoint.api", False),
-    ("ltransform.checkpoint.api", "ltransform.runner.position", False),
+    ("ltransform.checkpoint.api", "ltransform.runner.context", False),
     ("ltransform.checkpoint.api", "ltransform.models.quantize", False),
     ("ltransform.checkpoint.api", "ltransform.steps.precision", False),
     ("ltransform.checkpoint.api", "ltransform", True),

@@ -27,12 +27,12 @@ Filter = Callable[[str, torch.Tensor], bool]
 
 
 def save(path: str | os.PathLike[str], state: Any, *, sharded: bool = False, filter: Any = None,
-         async_save: bool = False) -> Path:
+         async_save: bool = False, run: Any = None) -> Path:
     """Save ``state`` to ``path``: one file, or with ``sharded=True`` a DCP directory.
 
     Holds every model and optimizer, schedulers, ``step``/``micro_step``/``epoch``, each rank's
-    RNG states (Python, NumPy, torch CPU and CUDA), the data position of the ``lt.run`` in
-    progress, ``state.extra`` (objects by their ``state_dict``) and metadata (format version,
+    RNG states (Python, NumPy, torch CPU and CUDA), the data position of the ``lt.run`` given
+    as ``run``, ``state.extra`` (objects by their ``state_dict``) and metadata (format version,
     ltransform and torch versions, world size, time). The file or directory is written aside
     and renamed into place, so a crash mid-save leaves the previous checkpoint loadable.
 
@@ -45,6 +45,9 @@ def save(path: str | os.PathLike[str], state: Any, *, sharded: bool = False, fil
             ``{"model": fn}`` by the model's field name. Load such a file with ``strict=False``.
         async_save: sharded only: write in the background; the next ``lt.optimizer_step`` waits
             for it before touching parameters.
+        run: in a hook of ``lt.run``, its second argument (the run context): the checkpoint
+            then records the data position (so ``lt.run(..., resume=path)`` continues the data
+            where it was) and the step's precision.
 
     Returns:
         The path written.
@@ -63,9 +66,10 @@ def save(path: str | os.PathLike[str], state: Any, *, sharded: bool = False, fil
     inv = inventory(state)
     finish_pending(inv)
     filters = _filters(filter, inv.models)
+    position = getattr(run, "position", None)
     if sharded:
-        return _save_sharded(path, inv, filters, async_save)
-    return _save_full(path, inv, filters)
+        return _save_sharded(path, inv, filters, async_save, position)
+    return _save_full(path, inv, filters, position)
 
 
 def _filters(filter: Any, modules: Mapping[str, torch.nn.Module]) -> dict[str, Filter]:
@@ -82,21 +86,16 @@ def _filters(filter: Any, modules: Mapping[str, torch.nn.Module]) -> dict[str, F
     raise TypeError(f"lt.save: filter must be fn(name, tensor) -> bool or {{model: fn}}, got {filter!r}")
 
 
-def _common(inv: Inventory, sharded_: bool) -> dict[str, Any]:
-    from ltransform.core.position import RUNNING
-
-    running = RUNNING.get()
-    precision = running.precision if running is not None else None
+def _common(inv: Inventory, sharded_: bool, position: Any) -> dict[str, Any]:
+    precision = position.precision if position is not None else None
     return {"meta": contents.metadata(sharded=sharded_, precision=precision),
             "counters": contents.counters(inv),
             "schedulers": {n: s.state_dict() for n, s in inv.schedulers.items()},
             "extra": contents.capture_extras(inv)}
 
 
-def _per_rank() -> dict[str, Any]:
-    from ltransform.core.position import current
-
-    return {"rng": contents.capture_rng(), "data": current()}
+def _per_rank(position: Any) -> dict[str, Any]:
+    return {"rng": contents.capture_rng(), "data": None if position is None else position.as_dict()}
 
 
 def _tensors(inv: Inventory, filters: Mapping[str, Filter], *, full: bool) -> dict[str, Any]:
@@ -121,25 +120,26 @@ def _tensors(inv: Inventory, filters: Mapping[str, Filter], *, full: bool) -> di
     return {"models": models, "optimizers": optimizers}
 
 
-def _save_full(path: Path, inv: Inventory, filters: Mapping[str, Filter]) -> Path:
+def _save_full(path: Path, inv: Inventory, filters: Mapping[str, Filter], position: Any) -> Path:
     tensors = _tensors(inv, filters, full=True)
-    per_rank = env.all_gather_objects(_per_rank())
+    per_rank = env.all_gather_objects(_per_rank(position))
     if env.rank() == 0:
-        write_full(path, {**_common(inv, False), **tensors, "ranks": per_rank})
+        write_full(path, {**_common(inv, False, position), **tensors, "ranks": per_rank})
     env.barrier()
     return path
 
 
-def _save_sharded(path: Path, inv: Inventory, filters: Mapping[str, Filter], async_save: bool) -> Path:
+def _save_sharded(path: Path, inv: Inventory, filters: Mapping[str, Filter], async_save: bool,
+                  position: Any) -> Path:
     if env.rank() == 0:
         shutil.rmtree(io.partial_path(path), ignore_errors=True)
     env.barrier()
     future = sharded.save_tensors(_tensors(inv, filters, full=False), path, async_save=async_save)
     tmp = io.partial_path(path)
     tmp.mkdir(parents=True, exist_ok=True)
-    io.write_file(tmp / f"rank-{env.rank()}.pt", _per_rank())
+    io.write_file(tmp / f"rank-{env.rank()}.pt", _per_rank(position))
     if env.rank() == 0:
-        io.write_file(tmp / "common.pt", _common(inv, True))
+        io.write_file(tmp / "common.pt", _common(inv, True, position))
     if future is None:
         _publish(path)
     else:

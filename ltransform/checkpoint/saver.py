@@ -64,13 +64,13 @@ class _Saver:
     def __repr__(self) -> str:
         return self.__name__
 
-    def __call__(self, state: Any) -> Any:
+    def __call__(self, state: Any, run: Any = None) -> Any:
         path = self.checkpoint_dir / f"step-{read_counters(state)[0]:08d}"
         finish_pending(state)  # this state's previous async save publishes first
         env.barrier()  # every rank is done writing earlier saves: any partial left is dead
         if env.rank() == 0:
             files.remove_leftovers(self.checkpoint_dir)
-        save(path, state, sharded=True, async_save=self.async_save)
+        save(path, state, sharded=True, async_save=self.async_save, run=run)
         if self.keep is not None and env.rank() == 0:  # published ones only; a pending one is not yet
             files.prune(self.checkpoint_dir, self.keep)
         return state

@@ -2,12 +2,11 @@
 the torch RNG state its data iterator was created with (a shuffling ``DataLoader`` draws its
 order from it), so a resumed run replays the same order and skips what was done.
 
-It lives in ``core`` because checkpoints read what the runner writes here: the run's context
-sits below both."""
+It lives in ``core`` because checkpoints read what the runner writes here; the runner hands it
+to them explicitly (``lt.save(..., run=run)``), there is no module-level state."""
 
 from __future__ import annotations
 
-import contextvars
 from typing import Any
 
 import torch
@@ -26,12 +25,3 @@ class Position:
 
     def as_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches": self.batches, "epoch_rng": self.epoch_rng}
-
-
-RUNNING: contextvars.ContextVar[Position | None] = contextvars.ContextVar("ltransform_running", default=None)
-
-
-def current() -> dict[str, Any] | None:
-    """The data position of the ``lt.run`` in progress, or None outside one."""
-    position = RUNNING.get()
-    return None if position is None else position.as_dict()

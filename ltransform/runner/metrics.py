@@ -2,36 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ltransform.core.inventory import inventory
 from ltransform.distributed import env
-
-
-def evaluate_all(eval_step: Any, state: Any, data: Iterable[Any]) -> dict[str, float]:
-    """Average ``eval_step``'s metrics over ``data`` with every model in eval mode."""
-    modules = list(inventory(state).models.values())
-    modes = [m.training for m in modules]
-    for module in modules:
-        module.eval()
-    sums: dict[str, Any] = {}
-    batches = 0
-    try:
-        for batch in data:
-            state, metrics = eval_step(state, batch)
-            for name, value in metrics.items():
-                value = value.detach().float() if isinstance(value, torch.Tensor) else value
-                sums[name] = sums[name] + value if name in sums else value
-            batches += 1
-    finally:
-        for module, mode in zip(modules, modes):
-            module.train(mode)
-    if not batches:
-        raise ValueError("lt.run: eval_data yielded no batches")
-    return {f"val_{k}": v / batches for k, v in to_floats(sums).items()}
 
 
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -258,8 +258,9 @@ def float8() -> dict[str, object] | None:
     unconverted = lt.shard(wide(), policy={torch.nn.Linear})
     late = _error(lambda: lt.with_precision(lt.train_step(mse), "torchao-float8")(
         lt.State(model=unconverted, optimizer=torch.optim.SGD(unconverted.parameters())), my_part(data[0])))
-    return {"late_error": late, "vs_hand_written": max_diff(fsdp, hand_written(True)), "vs_one_process": max_diff(fsdp, one),
-            "ddp_vs_one_process": max_diff(ddp, one), "local_weight": type(sharded[0].weight.to_local()).__name__}
+    return {"late_error": late, "vs_hand_written": max_diff(fsdp, hand_written(True)),
+            "vs_one_process": max_diff(fsdp, one), "ddp_vs_one_process": max_diff(ddp, one),
+            "local_weight": type(sharded[0].weight.to_local()).__name__}
 
 
 def float8_checkpoint(tmp: str) -> dict[str, object] | None:
@@ -387,7 +388,7 @@ def run_loader() -> dict[str, object]:
     logged: list[tuple[int, dict]] = []
     seen: list[list[int]] = []
     calls = {"mean_across_ranks": 0}
-    from ltransform.runner import run as run_module
+    from ltransform.runner.hooks import logs as run_module
 
     original = run_module.mean_across_ranks
 
@@ -517,8 +518,8 @@ def all_scenarios(tmp: str | None = None) -> dict[str, object]:
         results["checkpoints"] = checkpoints(tmp)
         results["exact_resume"] = exact_resume(tmp)
         results["float8_checkpoint"] = float8_checkpoint(tmp)
-    for fn in (meta_init_peak_memory, equivalence, clip_norm, no_sync_on_micro_steps, sharded_memory, precision_fsdp, float8, fp16_inf_on_one_shard, errors, collectives,
-               run_loader, uneven_data):
+    for fn in (meta_init_peak_memory, equivalence, clip_norm, no_sync_on_micro_steps, sharded_memory, precision_fsdp,
+               float8, fp16_inf_on_one_shard, errors, collectives, run_loader, uneven_data):
         results[fn.__name__] = fn()
     gathered = [None] * lt.world_size()
     dist.all_gather_object(gathered, results)  # every rank's results, so the test sees rank 1's too

@@ -1,0 +1,139 @@
+"""Runner hooks: what ``lt.run`` calls around its loop, built-in features and users' functions alike.
+
+A hook is a plain function ``fn(state)`` or ``fn(state, run)``, called after every optimizer
+step, or an object with any of these (all optional except ``__call__``):
+
+- ``__call__(state, run)``: called at the steps it is due; returns a new state, None (keep the
+  state) or ``lt.stop(...)``;
+- ``next_step(step) -> int``: the first step after ``step`` at which it is due (default: every
+  ``cadence`` steps, ``cadence`` defaulting to 1); ``math.inf`` for never;
+- ``start(state, run)``, ``epoch_end(state, run)``, ``end(state, run)``: before the first step,
+  after each epoch, after the last step (same returns as ``__call__``);
+- ``close()``: always, last, also after an error or an interrupt;
+- ``reads_state = False``: it does not look at the state's counters (saves materialising them).
+
+``run`` is the run context (:class:`ltransform.runner.context.Run`): the counters, the latest
+metrics (it is a mapping of them, so ``run["loss"]`` works), logged and evaluated values, the
+data position, ``run.log(values)``. Logging, evaluation, the progress bar, checkpoints,
+preemption and the monitors are hooks of this shape, assembled by ``lt.run``'s keywords.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from ltransform.core.state import read_counters
+
+Hook = Callable[..., Any]
+
+
+@attrs.frozen
+class Stop:
+    """Returned by a hook to end the run after the current step (see :func:`stop`)."""
+
+    state: Any = None
+
+
+def stop(state: Any = None) -> Stop:
+    """What a hook returns to stop ``lt.run`` early; ``state`` replaces the current one if given.
+
+    Example:
+        >>> import ltransform as lt
+        >>> def stop_at_loss(state, metrics):
+        ...     return lt.stop() if metrics["loss"] < 0.1 else None
+    """
+    return Stop(state)
+
+
+def _wants_run(fn: Callable[..., Any]) -> bool:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
+def bind_hook(fn: Any) -> Callable[[Any, Any], Any]:
+    """``fn`` as ``hook(state, run)``, whether it takes ``(state)`` or ``(state, run)``."""
+    if not callable(fn):
+        raise TypeError(f"lt.run: a hook must be callable state -> state | None, got {fn!r}")
+    if _wants_run(fn):
+        return fn
+    return lambda state, run: fn(state)
+
+
+class Slot:
+    """A hook as the loop holds it: the call, when it is next due, and whether it reads the state."""
+
+    __slots__ = ("call", "hook", "name", "next_step", "reads_state")
+
+    def __init__(self, hook: Any) -> None:
+        self.hook = hook
+        self.call = bind_hook(hook)
+        self.name = getattr(hook, "__name__", None) or type(hook).__name__
+        self.reads_state = getattr(hook, "reads_state", True)
+        next_step = getattr(hook, "next_step", None)
+        if next_step is None:
+            n = getattr(hook, "cadence", 1)
+            next_step = (lambda step: step + 1) if n == 1 else (lambda step: (step // n + 1) * n)
+        self.next_step: Callable[[int], float] = next_step
+
+
+def every(n: int, fn: Hook, /) -> Callable[[Any, Any], Any]:
+    """A hook running ``fn`` every ``n`` optimizer steps (when ``state.step % n == 0``).
+
+    ``fn`` takes ``(state)`` or ``(state, run)`` (``run`` is also a mapping of the latest
+    metrics) and returns a new state, None (keep the state) or ``lt.stop(...)``.
+
+    Example:
+        >>> import ltransform as lt
+        >>> hook = lt.every(100, lambda state: print("step", state.step))
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"every: n must be a positive int (optimizer steps), got {n!r}")
+    inner = bind_hook(fn)
+
+    def hook(state: Any, run: Any) -> Any:
+        if read_counters(state)[0] % n == 0:
+            return inner(state, run)
+        return None
+
+    hook.__name__ = f"every({n}, {getattr(fn, '__name__', repr(fn))})"
+    hook.cadence = n  # type: ignore[attr-defined]  # lt.run calls it only at multiples of n
+    hook.checkpoint_dir = getattr(fn, "checkpoint_dir", None)  # type: ignore[attr-defined]  # for resume="latest"
+    hook.saver = fn if hook.checkpoint_dir is not None else None  # type: ignore[attr-defined]  # for preemption
+    return hook
+
+
+def apply_hook(hook: Callable[..., Any], state: Any, run: Any) -> tuple[Any, bool]:
+    """Run one hook (bound: ``(state, run)``); returns ``(state, stop)``."""
+    result = hook(state, run)
+    if result is None:
+        return state, False
+    if isinstance(result, Stop):
+        return (state if result.state is None else result.state), True
+    if type(result) is not type(state):
+        raise TypeError(
+            f"hook {getattr(hook, '__name__', hook)!r} returned {type(result).__name__}; a hook "
+            f"returns the state ({type(state).__name__}), None, or lt.stop(state)"
+        )
+    return result, False
+
+
+NEVER = math.inf
+
+
+def cadence_next(n: int | None) -> Callable[[int], float]:
+    """``next_step`` for a hook due every ``n`` steps (None: never)."""
+    if not n:
+        return lambda step: NEVER
+    return lambda step: (step // n + 1) * n
+
+
+__all__ = ["NEVER", "Hook", "Slot", "Stop", "apply_hook", "bind_hook", "cadence_next", "every", "stop"]

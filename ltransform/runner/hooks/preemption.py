@@ -1,0 +1,29 @@
+"""The preemption hook: the ranks agree, at checks spaced about a second apart, whether a
+preemption signal arrived; if so the run stops after that step (``lt.run`` then saves and exits)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ltransform.distributed.preemption import Preemption, Watch
+from ltransform.runner.hooks import stop
+
+
+class Preempting:
+    __name__ = "preemption"
+    reads_state = False
+
+    def __init__(self, preemption: Preemption, start: int) -> None:
+        self.watch = Watch(preemption, start)
+        self.watch.install()
+
+    def next_step(self, step: int) -> int:
+        return self.watch.next_check
+
+    def __call__(self, state: Any, run: Any) -> Any:
+        run.doing = "the preemption check (an all_reduce)"
+        run.preempted = self.watch.check(run.step)
+        return stop() if run.preempted else None
+
+    def close(self, run: Any = None) -> None:
+        self.watch.uninstall()
