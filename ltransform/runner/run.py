@@ -66,13 +66,21 @@ def run(
         max_epochs: stop after this many passes over ``data`` (default 1 if no ``max_steps``).
         log_every: log every this many optimizer steps (and at the end); None disables.
         loggers: callables ``(metrics: dict[str, float], step: int)``, e.g. ``lt.CSVLogger``.
-        eval_step: a step (e.g. ``lt.eval_step(fn)``) run over ``eval_data``, models in eval mode.
-        eval_data: batches for evaluation; metrics are averaged and logged with a ``val_`` prefix.
+        eval_step: a step (e.g. ``lt.eval_step(fn)``) run over ``eval_data``, models in eval mode,
+            in the training step's precision unless it has its own (``lt.with_precision``).
+        eval_data: batches for evaluation; each batch's metrics count with its batch size, the
+            samples a ``DistributedSampler`` repeats to even out the ranks are left out, and the
+            sums are added over the ranks: 1 process and N give the same ``val_*`` metrics.
         eval_every: evaluate every this many optimizer steps; None: at the end of each epoch.
-        hooks: functions ``(state) or (state, metrics) -> state | None | lt.stop(...)`` run
-            after each optimizer step, e.g. ``lt.every(100, fn)``. On several ranks a hook
-            runs on every rank and must decide to stop from values that agree across ranks
-            (the step, ``val_*`` metrics, which are averaged), not from a rank's own loss.
+        hooks: functions ``(state)`` or ``(state, run)`` run after each optimizer step, e.g.
+            ``lt.every(100, fn)``, or hook objects with their own cadence (see
+            ``ltransform.runner.hooks``: ``lt.early_stopping``, ``lt.checkpoint_best``,
+            ``lt.throughput``, ``lt.ema``, ``lt.profile``, ...). ``run`` is the run context: the
+            counters, the data position, ``run.log(values)``, ``run.fresh("val_loss")`` (a value
+            logged at this very step, else None), and a mapping of the latest metrics. A hook
+            returns a new state, None, or ``lt.stop(...)``. On several ranks a hook runs on
+            every rank and must decide to stop from values that agree across ranks (logged and
+            ``val_*`` values, which are averaged), not from a rank's own loss.
         progress: show a tqdm progress bar (terminal or Jupyter); on rank 0 only.
         distributed_sampler: on several ranks, give a ``DataLoader`` (``data`` and
             ``eval_data``) a ``DistributedSampler`` so each rank sees its own part; False if

@@ -157,6 +157,27 @@ def test_run_splits_a_dataloader_averages_metrics_and_logs_on_rank_0_only(ranks)
     assert zero["seen"][:4] != zero["seen"][4:]
 
 
+def test_evaluation_gives_the_same_metrics_on_2_ranks_as_in_one_process(ranks):
+    # sharded + bf16-mixed: the eval step runs in the training precision on 1 and on 2 processes;
+    # 13 samples: the DistributedSampler repeats sample 0 on rank 1, which must not count
+    one = workers.eval_run(batch=4)
+    val = one["val"][-1]["val_loss"]
+    assert one["seen"] == [4, 4, 4, 1]
+    assert ranks[0]["eval_run"]["seen"] == [4, 3]  # samples 0, 2, ..., 12
+    assert ranks[1]["eval_run"]["seen"] == [4, 2]  # 1, 3, ..., 11 and a repeat of 0, cut off
+    for results in ranks:
+        assert results["eval_run"]["val"][-1]["val_loss"] == pytest.approx(val, rel=1e-6)
+    # ...and that is the bf16 value: a float32 evaluation differs by far more than the tolerance
+    gen = torch.Generator().manual_seed(3)
+    torch.randn(8, 16, generator=gen), torch.randn(8, 1, generator=gen)
+    x, y = torch.randn(13, 16, generator=gen), torch.randn(13, 1, generator=gen)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
+    with torch.no_grad():
+        fp32 = torch.nn.functional.mse_loss(model(x), y).item()
+    assert abs(fp32 - val) > 100 * 1e-6 * abs(val)
+
+
 def test_uneven_per_rank_data_is_an_error_not_a_hang(ranks):
     for results in ranks:
         assert ("data has a different number of batches on each rank (rank 0: 3, rank 1: 4)"

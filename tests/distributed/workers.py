@@ -512,6 +512,38 @@ def exact_resume(tmp: str) -> dict[str, bool]:
             "counters": (resumed.step, resumed.epoch) == (straight.step, straight.epoch) == (8, 1)}
 
 
+def eval_run(batch: int = 4) -> dict[str, object]:
+    """lt.run's evaluation of a sharded bf16-mixed model (lr 0: the weights stay the initial ones)
+    over 13 samples in loader batches of ``batch``; also run in one process by the test."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gen = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(8, 16, generator=gen), torch.randn(8, 1, generator=gen))
+    evals = TensorDataset(torch.randn(13, 16, generator=gen), torch.randn(13, 1, generator=gen))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
+    model = lt.shard(model, precision="bf16-mixed")
+    state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+    step = lt.pipe(lt.train_step(mse), lt.with_precision("bf16-mixed"), lt.distribute("auto"))
+    logged: list[dict] = []
+    seen: list[int] = []
+
+    def val(model, batch):
+        seen.append(len(batch[0]))
+        return mse(model, batch)
+
+    class Record:  # a hook object: its end() runs after the epoch's evaluation
+        def __call__(self, state, run):
+            pass
+
+        def end(self, state, run):
+            logged.append(dict(run.evaluated))
+
+    lt.run(step, state, DataLoader(data, batch_size=4), max_epochs=1, log_every=None, progress=False,
+           eval_step=lt.eval_step(val), eval_data=DataLoader(evals, batch_size=batch), hooks=[Record()])
+    return {"val": logged, "seen": seen}
+
+
 def all_scenarios(tmp: str | None = None) -> dict[str, object]:
     results = {}
     if tmp is not None:
@@ -519,7 +551,7 @@ def all_scenarios(tmp: str | None = None) -> dict[str, object]:
         results["exact_resume"] = exact_resume(tmp)
         results["float8_checkpoint"] = float8_checkpoint(tmp)
     for fn in (meta_init_peak_memory, equivalence, clip_norm, no_sync_on_micro_steps, sharded_memory, precision_fsdp,
-               float8, fp16_inf_on_one_shard, errors, collectives, run_loader, uneven_data):
+               float8, fp16_inf_on_one_shard, errors, collectives, run_loader, uneven_data, eval_run):
         results[fn.__name__] = fn()
     gathered = [None] * lt.world_size()
     dist.all_gather_object(gathered, results)  # every rank's results, so the test sees rank 1's too

@@ -4,12 +4,12 @@ A hook is a plain function ``fn(state)`` or ``fn(state, run)``, called after eve
 step, or an object with any of these (all optional except ``__call__``):
 
 - ``__call__(state, run)``: called at the steps it is due; returns a new state, None (keep the
-  state) or ``lt.stop(...)``;
+  state) or ``lt.stop(...)`` (an object without it is called only at the points below);
 - ``next_step(step) -> int``: the first step after ``step`` at which it is due (default: every
   ``cadence`` steps, ``cadence`` defaulting to 1); ``math.inf`` for never;
 - ``start(state, run)``, ``epoch_end(state, run)``, ``end(state, run)``: before the first step,
   after each epoch, after the last step (same returns as ``__call__``);
-- ``close()``: always, last, also after an error or an interrupt;
+- ``close(run)``: always, last, also after an error or an interrupt;
 - ``reads_state = False``: it does not look at the state's counters (saves materialising them).
 
 ``run`` is the run context (:class:`ltransform.runner.context.Run`): the counters, the latest
@@ -30,6 +30,7 @@ import attrs
 from ltransform.core.state import read_counters
 
 Hook = Callable[..., Any]
+NEVER = math.inf  # the next_step of a hook that is not due again
 
 
 @attrs.frozen
@@ -75,6 +76,10 @@ class Slot:
 
     def __init__(self, hook: Any) -> None:
         self.hook = hook
+        if not callable(hook) and any(hasattr(hook, m) for m in ("start", "epoch_end", "end", "close")):
+            self.call, self.next_step = (lambda state, run: None), (lambda step: NEVER)  # no step calls
+            self.name, self.reads_state = getattr(hook, "__name__", None) or type(hook).__name__, False
+            return
         self.call = bind_hook(hook)
         self.name = getattr(hook, "__name__", None) or type(hook).__name__
         self.reads_state = getattr(hook, "reads_state", True)
@@ -125,8 +130,6 @@ def apply_hook(hook: Callable[..., Any], state: Any, run: Any) -> tuple[Any, boo
         )
     return result, False
 
-
-NEVER = math.inf
 
 
 def cadence_next(n: int | None) -> Callable[[int], float]:
