@@ -48,3 +48,8 @@ def test_counters_are_replaced_not_edited():
     assert read_counters(advance(new, False)) == (5, 10)
     d = {"model": 1}
     assert advance(d, True) == {"model": 1, "step": 1, "micro_step": 1} and d == {"model": 1}
+
+
+def test_state_takes_keyword_arguments_only_and_says_so():
+    with pytest.raises(TypeError, match=r"keyword arguments only: lt.State\(model=\.\.\., optimizer=\.\.\.\)"):
+        lt.State(torch.nn.Linear(1, 1))

@@ -17,7 +17,7 @@ import torch
 
 @attrs.frozen(kw_only=True, slots=False)  # a __dict__ makes the per-step copy one dict copy
 class State:
-    """What a step reads and returns.
+    """What a step reads and returns; keyword arguments only.
 
     Args:
         model: a ``torch.nn.Module`` (or a dict/list of them for several models).
@@ -43,6 +43,14 @@ class State:
     micro_step: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     epoch: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     extra: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> State:
+        if args:  # attrs' own message ("takes 1 positional argument") does not say what to do
+            raise TypeError(
+                f"lt.State takes keyword arguments only: lt.State(model=..., optimizer=...), got "
+                f"{len(args)} positional argument{'s' * (len(args) > 1)}"
+            )
+        return super().__new__(cls)
 
 
 _new, _set = object.__new__, object.__setattr__
