@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import sys
 
 import pytest
 import torch
@@ -260,3 +261,20 @@ def test_to_floats_syncs_once_and_keeps_order():
     values = to_floats({"a": torch.tensor(1.5), "n": 2, "b": torch.tensor([1.0, 3.0])})
     assert values == {"a": 1.5, "n": 2.0, "b": 2.0}
     assert all(isinstance(v, float) for v in values.values()) and not math.isnan(values["b"])
+
+
+def test_what_a_hook_prints_goes_above_the_progress_bar_not_onto_its_line(capsys):
+    model = make_model()
+    streams = []
+
+    def hook(state):
+        streams.append(sys.stdout)
+        print("step", state.step)
+
+    original = sys.stdout
+    lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(3), hooks=[hook])
+    assert sys.stdout is original  # restored after the run
+    assert all(s is not original for s in streams)  # printed through tqdm.write while the bar was up
+    out, err = capsys.readouterr()
+    assert out == "step 1\nstep 2\nstep 3\n"
+    assert "3/3" in err  # the bar itself, on stderr

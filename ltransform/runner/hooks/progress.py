@@ -1,10 +1,12 @@
 """The progress bar hook: a tqdm bar (terminal or Jupyter) on rank 0, showing the logged values.
 
 It advances every few steps, the stride adapting to about ten redraws a second, so that it is
-usually not the next event."""
+usually not the next event. While a terminal bar is shown, what hooks print goes through
+``tqdm.write`` (above the bar, not onto its line)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -21,6 +23,11 @@ class Progress:
         self.stride = 1
         self._time = time.monotonic()
         self._shown: dict[str, str] = {}
+        self._stdout = None
+        if "notebook" not in type(self.bar).__module__:  # a Jupyter widget is not broken by prints
+            from tqdm.contrib import DummyTqdmFile
+
+            self._stdout, sys.stdout = sys.stdout, DummyTqdmFile(sys.stdout)
 
     def next_step(self, step: int) -> int:
         return self.at + self.stride
@@ -51,3 +58,8 @@ class Progress:
             self.bar.update(run.step - self.at)
             self.at = run.step
         self.bar.close()
+        if self._stdout is not None:
+            proxy, sys.stdout, self._stdout = sys.stdout, self._stdout, None
+            rest = "".join(getattr(proxy, "_buf", []))
+            if rest:  # a last line printed without a newline
+                sys.stdout.write(rest)
