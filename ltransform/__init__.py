@@ -79,6 +79,15 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "every": ("ltransform.runner.hooks", "every"),
     "stop": ("ltransform.runner.hooks", "stop"),
     "CSVLogger": ("ltransform.runner.loggers", "CSVLogger"),
+    "checkpoint_best": ("ltransform.runner.hooks.checkpoint_best", "checkpoint_best"),
+    "early_stopping": ("ltransform.runner.hooks.quality", "early_stopping"),
+    "memory_snapshot": ("ltransform.runner.hooks.profiling", "memory_snapshot"),
+    "profile": ("ltransform.runner.hooks.profiling", "profile"),
+    "lr_monitor": ("ltransform.runner.hooks.monitors", "lr_monitor"),
+    "memory_monitor": ("ltransform.runner.hooks.monitors", "memory_monitor"),
+    "throughput": ("ltransform.runner.hooks.monitors", "throughput"),
+    "ema": ("ltransform.runner.hooks.ema", "ema"),
+    "ema_weights": ("ltransform.runner.hooks.ema", "ema_weights"),
     "describe_checkpoint": ("ltransform.checkpoint.describe", "describe"),
     "TensorBoardLogger": ("ltransform.runner.loggers", "TensorBoardLogger"),
     "WandbLogger": ("ltransform.runner.loggers", "WandbLogger"),
@@ -93,7 +102,21 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "with_precision": ("ltransform.steps.precision", "with_precision"),
 }
 
-__all__ = sorted(_EXPORTS)
+# spelled out (not sorted(_EXPORTS)) so type checkers and linters can read it; a test keeps it equal
+__all__ = [
+    "CSVLogger", "CheckpointError", "CollectiveError", "Effect", "Handler", "LaunchError",
+    "MLflowLogger", "NonFiniteError", "PRECISIONS", "Precision", "Preempted", "Preemption",
+    "QUANTIZATIONS", "Quantization", "STRATEGIES", "Stage", "State", "StepTransform", "Strategy",
+    "TensorBoardLogger", "WandbLogger", "When", "accelerator", "accumulate", "add_adapters",
+    "all_gather", "all_reduce", "apply_step_transform", "backward", "barrier", "broadcast",
+    "checkpoint_activations", "checkpoint_best", "checkpoint_sharded", "clip_gradients", "cluster",
+    "compose", "consolidate", "describe_checkpoint", "device", "distribute", "early_stopping",
+    "ema", "ema_weights", "eval_step", "every", "explain", "export_safetensors", "guard_nonfinite", "init_module",
+    "latest_checkpoint", "launch", "load", "load_raw", "local_rank", "lr_monitor", "materialize",
+    "memory_monitor", "memory_snapshot", "optimizer_step", "pipe", "prepare", "profile", "quantize",
+    "rank", "requeue", "run", "save", "seed_everything", "shard", "stop", "throughput",
+    "to_precision", "train_step", "use_accelerator", "with_precision", "world_size",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -169,6 +192,15 @@ if TYPE_CHECKING:
     from ltransform.runner.hooks import stop
     from ltransform.checkpoint.describe import describe as describe_checkpoint
     from ltransform.runner.loggers import CSVLogger
+    from ltransform.runner.hooks.checkpoint_best import checkpoint_best
+    from ltransform.runner.hooks.quality import early_stopping
+    from ltransform.runner.hooks.profiling import memory_snapshot
+    from ltransform.runner.hooks.profiling import profile
+    from ltransform.runner.hooks.monitors import lr_monitor
+    from ltransform.runner.hooks.monitors import memory_monitor
+    from ltransform.runner.hooks.monitors import throughput
+    from ltransform.runner.hooks.ema import ema
+    from ltransform.runner.hooks.ema import ema_weights
     from ltransform.runner.loggers import MLflowLogger
     from ltransform.runner.loggers import TensorBoardLogger
     from ltransform.runner.loggers import WandbLogger

@@ -86,12 +86,12 @@ def _filters(filter: Any, modules: Mapping[str, torch.nn.Module]) -> dict[str, F
     raise TypeError(f"lt.save: filter must be fn(name, tensor) -> bool or {{model: fn}}, got {filter!r}")
 
 
-def _common(inv: Inventory, sharded_: bool, position: Any) -> dict[str, Any]:
+def _common(inv: Inventory, sharded_: bool, position: Any, apart: Mapping[str, Any]) -> dict[str, Any]:
     precision = position.precision if position is not None else None
     return {"meta": contents.metadata(sharded=sharded_, precision=precision),
             "counters": contents.counters(inv),
             "schedulers": {n: s.state_dict() for n, s in inv.schedulers.items()},
-            "extra": contents.capture_extras(inv)}
+            "extra": contents.capture_extras(inv, apart, sharded=sharded_)}
 
 
 def _per_rank(position: Any) -> dict[str, Any]:
@@ -122,9 +122,10 @@ def _tensors(inv: Inventory, filters: Mapping[str, Filter], *, full: bool) -> di
 
 def _save_full(path: Path, inv: Inventory, filters: Mapping[str, Filter], position: Any) -> Path:
     tensors = _tensors(inv, filters, full=True)
+    gathered = contents.gather_extras(inv)  # (extras holding DTensors: on every rank)
     per_rank = env.all_gather_objects(_per_rank(position))
     if env.rank() == 0:
-        write_full(path, {**_common(inv, False, position), **tensors, "ranks": per_rank})
+        write_full(path, {**_common(inv, False, position, gathered), **tensors, "ranks": per_rank})
     env.barrier()
     return path
 
@@ -134,12 +135,16 @@ def _save_sharded(path: Path, inv: Inventory, filters: Mapping[str, Filter], asy
     if env.rank() == 0:
         shutil.rmtree(io.partial_path(path), ignore_errors=True)
     env.barrier()
-    future = sharded.save_tensors(_tensors(inv, filters, full=False), path, async_save=async_save)
+    tensors = _tensors(inv, filters, full=False)
+    apart = contents.sharded_extras(inv)  # extras holding DTensors: each rank its shards, as the models
+    if apart:
+        tensors["extras"] = apart
+    future = sharded.save_tensors(tensors, path, async_save=async_save)
     tmp = io.partial_path(path)
     tmp.mkdir(parents=True, exist_ok=True)
     io.write_file(tmp / f"rank-{env.rank()}.pt", _per_rank(position))
     if env.rank() == 0:
-        io.write_file(tmp / "common.pt", _common(inv, True, position))
+        io.write_file(tmp / "common.pt", _common(inv, True, position, apart))
     if future is None:
         _publish(path)
     else:

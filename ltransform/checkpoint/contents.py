@@ -93,7 +93,7 @@ def check_rng(rng: Any, where: str) -> None:
             raise TypeError(f"CUDA states must be a list of uint8 tensors, got {type(cuda).__name__}")
         if "xla" in rng and (type(rng["xla"]) is not int or rng["xla"] < 0):
             raise TypeError(f"the XLA state must be a non-negative int, got {rng['xla']!r}")
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - whatever the restore raised, the file is at fault
         raise FileFormatError(f"{where}: the saved random generator states cannot be restored "
                               f"({type(error).__name__}: {error}): the file is corrupt; load an earlier "
                               f"checkpoint") from None
@@ -129,12 +129,18 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def capture_extras(inv: Inventory) -> dict[str, Any]:
+def capture_extras(inv: Inventory, apart: Mapping[str, Any] | None = None, *, sharded: bool = False) -> dict[str, Any]:
     """``state.extra``: objects with ``state_dict`` by their state, plain data as it is. Models,
-    optimizers and schedulers kept in extra are saved with the others, not here again."""
-    out = {}
+    optimizers and schedulers kept in extra are saved with the others, not here again. The
+    objects holding DTensors (``apart``, see :func:`sharded_extras`) are marked ``sharded`` if
+    ``sharded`` (their state is saved with the models, each rank its shards), else saved as
+    given (gathered by :func:`gather_extras`)."""
+    out: dict[str, Any] = {}
+    apart = apart or {}
     for key, value in inv.extras.items():
-        if callable(getattr(value, "state_dict", None)):
+        if key in apart:
+            out[key] = {"sharded": True} if sharded else {"stateful": apart[key]}
+        elif callable(getattr(value, "state_dict", None)):
             out[key] = {"stateful": value.state_dict()}
         elif _plain(value):
             out[key] = {"value": value}
@@ -147,6 +153,37 @@ def capture_extras(inv: Inventory) -> dict[str, Any]:
     return out
 
 
+def sharded_extras(inv: Inventory) -> dict[str, Any]:
+    """The state dicts of the ``state.extra`` objects that hold DTensors (sharded like a sharded
+    model, e.g. its ``lt.ema`` average), which no one rank holds whole: a sharded checkpoint saves
+    them with the models (each rank its shards), a full one gathers them. Call on every rank."""
+    from torch.utils._pytree import tree_leaves
+
+    out = {}
+    for key, value in inv.extras.items():
+        if callable(getattr(value, "state_dict", None)):
+            saved = value.state_dict()
+            if any(isinstance(leaf, torch.Tensor) and hasattr(leaf, "device_mesh") for leaf in tree_leaves(saved)):
+                out[key] = saved
+    return out
+
+
+def gather_extras(inv: Inventory) -> dict[str, Any]:
+    """:func:`sharded_extras` gathered, on rank 0 and on the CPU (None elsewhere): every rank calls
+    it, the same all-gathers in the same order."""
+    from torch.utils._pytree import tree_map
+
+    from ltransform.distributed import env
+
+    def gather(value: Any) -> Any:
+        if not (isinstance(value, torch.Tensor) and hasattr(value, "device_mesh")):
+            return value
+        full = value.full_tensor()  # type: ignore[attr-defined]
+        return full.cpu() if env.rank() == 0 else None
+
+    return {key: tree_map(gather, saved) for key, saved in sharded_extras(inv).items()}
+
+
 def check_extras(state: Any, saved: Mapping[str, Any], where: str) -> None:
     """Check that ``restore_extras`` can restore ``saved``: each entry well formed, and each
     object's state_dict with a live object to load it into.
@@ -157,14 +194,14 @@ def check_extras(state: Any, saved: Mapping[str, Any], where: str) -> None:
     """
     live = extras(state)
     for key, entry in saved.items():
-        if not (isinstance(entry, Mapping) and len(entry) == 1 and {"stateful", "value"} & set(entry)):
+        if not (isinstance(entry, Mapping) and len(entry) == 1 and {"stateful", "value", "sharded"} & set(entry)):
             raise FileFormatError(f"{where}: the checkpoint's state.extra[{key!r}] is malformed: it is corrupt "
                                   f"or not one ltransform wrote")
-        if "stateful" in entry and not callable(getattr(live.get(key), "load_state_dict", None)):
+        if {"stateful", "sharded"} & set(entry) and not callable(getattr(live.get(key), "load_state_dict", None)):
             raise CheckpointMismatchError(
                 f"{where}: the checkpoint has state.extra[{key!r}] (an object's state_dict), but "
                 f"the state has no such object to load it into; prepare the step first "
-                f"(lt.prepare(step, state)) so that it creates it")
+                f"(lt.prepare(step, state)), or the hook that creates it (hook.prepare(state): lt.ema's)")
 
 
 def restore_extras(state: Any, saved: Mapping[str, Any]) -> Any:

@@ -44,7 +44,9 @@ def consolidate(sharded_dir: str | os.PathLike[str], out: str | os.PathLike[str]
         return io.write_safetensors(next(iter(tensors["models"].values())), out)
     ranks = [io.read_file(p) for p in sorted(source.glob("rank-*.pt"), key=_rank_number)]
     meta = {**common["meta"], "sharded": False}
-    return write_full(out, {**common, "meta": {**meta, "version": contents.VERSION}, "models": tensors["models"],
+    extra = {**common["extra"], **{k: {"stateful": v} for k, v in tensors.get("extras", {}).items()}}  # (gathered)
+    return write_full(out, {**common, "meta": {**meta, "version": contents.VERSION}, "extra": extra,
+                            "models": tensors["models"],
                             "optimizers": tensors.get("optimizers", {}), "ranks": ranks})
 
 
@@ -60,6 +62,7 @@ def export_safetensors(source: Any, out: str | os.PathLike[str], *, model: str =
         out: the ``.safetensors`` file to write.
         model: which model of a checkpoint (its field name in the state).
     """
+    weights: Any  # names to tensors: torch's or a checkpoint's state dict of the model
     if isinstance(source, torch.nn.Module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -92,6 +95,7 @@ def load_raw(path: str | os.PathLike[str], target: Any, *, strict: bool = True) 
         >>> _ = lt.load_raw(path, torch.nn.Linear(2, 1))
     """
     path = Path(path)
+    sd: Any
     if path.suffix == ".safetensors":
         sd = io.read_safetensors(path)
     else:

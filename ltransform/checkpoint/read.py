@@ -19,7 +19,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -43,7 +43,7 @@ def read_full(path: Path) -> dict[str, Any]:
         CheckpointError: see :func:`ltransform.checkpoint.api.load`.
     """
     payload = io.read_file(path)
-    meta = payload.get("meta") if isinstance(payload, Mapping) else None
+    meta: Any = payload.get("meta") if isinstance(payload, Mapping) else None
     contents.check_metadata(meta, repr(str(path)))
     if meta.get("version", 1) >= 2:
         io.verify_checksums({k: v for k, v in payload.items() if k != CHECKSUMS}, payload.get(CHECKSUMS), path)
@@ -132,14 +132,14 @@ def _model_state(module: torch.nn.Module, options: Any) -> dict[str, Any]:
     return {k: v.cpu() for k, v in state.items()} if options.cpu_offload else state
 
 
-def _load_module(module: torch.nn.Module, saved: dict[str, Any], options: Any) -> None:
+def _load_module(module: torch.nn.Module, saved: Mapping[str, Any], options: Any) -> None:
     """Load a model's state dict: sharded models through torch's loader (which reshards), plain
     ones directly (from the mapped file). Quantized layers load their packed state themselves
     (``lt.quantize`` gives them a load hook)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     if _has_dtensors(module):
-        set_model_state_dict(module, saved, options=options)
+        set_model_state_dict(module, cast("dict[str, Any]", saved), options=options)  # a loaded file's dict
         return
     module.load_state_dict(saved, strict=options.strict)
 
@@ -229,6 +229,13 @@ def _read_sharded(path: Path, inv: Inventory, opts: Mapping[str, Any], strict: b
         check_tensors(path, name, live, saved, strict, shapes=name not in quantized)
         if not strict and name in tensors["models"]:  # only what was saved is read (XLA's planner reads
             tensors["models"][name] = {k: v for k, v in live.items() if k in saved}  # every key it is given)
+    apart = _sharded_extras(common, inv)  # extras saved with the tensors: each rank its shards
+    for key, template in apart.items():
+        prefix = f"extras.{key}."
+        saved = {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
+        check_tensors(path, f"state.extra[{key!r}]", _flat(template), saved, strict)
+    if apart:
+        tensors["extras"] = apart
     saved_parts: dict[str, Any] = {}
     if plain or quantized:
         keys = {f"optimizers.{n}" for n in plain} | {f"models.{n}" for n in quantized}
@@ -251,7 +258,32 @@ def _read_sharded(path: Path, inv: Inventory, opts: Mapping[str, Any], strict: b
         elif strict:
             raise io.CheckpointKeyError(f"lt.load({str(path)!r}): the checkpoint has no optimizer {name!r}; pass "
                                         f"strict=False to load without it")
+    for key, template in apart.items():  # (its tensors were read into it: this sets the rest)
+        copy_ins.append(functools.partial(inv.extras[key].load_state_dict, template))
     return _Read(common, mine, copy_ins, path / "common.pt", rank_file)
+
+
+def _sharded_extras(common: Any, inv: Inventory) -> dict[str, Any]:
+    """A template of the state of each ``state.extra`` object a sharded checkpoint holds with its
+    tensors (``contents.sharded_extras``): the live object's ``state_dict()``, whose tensors it
+    reads into. One the state lacks is left out here (``_check_common`` names it)."""
+    extra = common.get("extra") if isinstance(common, Mapping) else None
+    if not isinstance(extra, Mapping):
+        return {}
+    return {key: inv.extras[key].state_dict() for key, entry in extra.items()
+            if isinstance(entry, Mapping) and "sharded" in entry
+            and callable(getattr(inv.extras.get(key), "load_state_dict", None))}
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested state dict's entries by their dotted path, as DCP stores them."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def read_sharded_common(path: Path) -> dict[str, Any]:
@@ -295,7 +327,7 @@ def dcp_errors(path: Path) -> Iterator[None]:
         raise
     except BaseException as error:  # (DCP's CheckpointException is a BaseException)
         failures = getattr(error, "failures", None)  # DCP's CheckpointException: each rank's error
-        cause = next(iter(failures.values()), error) if isinstance(failures, Mapping) and failures else error
+        cause: Any = next(iter(failures.values()), error) if isinstance(failures, Mapping) and failures else error
         cause = cause[0] if isinstance(cause, tuple) and cause else cause
         if isinstance(cause, io.CheckpointError):
             raise cause from None

@@ -37,7 +37,7 @@ def per_rank(data: Iterable[Any], *, world: int, rank: int, shuffle_seed: int = 
             f"cannot be split across {world} ranks automatically; use a DistributedSampler "
             f"yourself, or pass distributed_sampler=False"
         )
-    sampler = DistributedSampler(data.dataset, num_replicas=world, rank=rank,
+    sampler: DistributedSampler[Any] = DistributedSampler(data.dataset, num_replicas=world, rank=rank,
                                  shuffle=isinstance(data.sampler, RandomSampler), seed=shuffle_seed,
                                  drop_last=data.drop_last)
     worker_init_fn = data.worker_init_fn
@@ -83,6 +83,6 @@ def check_same_length(data: Iterable[Any], name: str) -> None:
 
 def set_epoch(data: Iterable[Any], epoch: int) -> None:
     """Tell a distributed sampler which epoch starts, so each epoch shuffles differently."""
-    sampler = getattr(data, "sampler", None)
-    if callable(getattr(sampler, "set_epoch", None)):
-        sampler.set_epoch(epoch)
+    set_sampler_epoch = getattr(getattr(data, "sampler", None), "set_epoch", None)
+    if callable(set_sampler_epoch):
+        set_sampler_epoch(epoch)

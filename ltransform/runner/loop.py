@@ -107,10 +107,11 @@ def _epoch(run: Run, slots: list[Slot], batches: Iterator[Any], done: int) -> st
             if step >= next_event:
                 run.state, run.step, run.micro, run.metrics, run.batch = state, step, micro, metrics, batch
                 run.position.batches = seen
-                if _event(run, slots):
+                stopped = _event(run, slots)
+                state, step, micro = run.state, run.step, run.micro
+                if stopped:
                     outcome = "stop"
                     break
-                state, step, micro = run.state, run.step, run.micro
                 call, next_event = run.bound.run, _next_event(run, slots, step)
                 if run.done():
                     break

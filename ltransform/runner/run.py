@@ -18,7 +18,7 @@ from ltransform.distributed import env
 from ltransform.distributed.preemption import Preempted, Preemption, Watch
 from ltransform.runner.context import Run
 from ltransform.runner.data import check_same_length, per_rank
-from ltransform.runner.hooks import Slot, bind_hook
+from ltransform.runner.hooks import Slot, bind_hook, say
 from ltransform.runner.hooks.evaluation import Evaluation
 from ltransform.runner.hooks.logs import Logging
 from ltransform.runner.hooks.preemption import Preempting
@@ -44,7 +44,7 @@ def run(
     progress: bool = True,
     distributed_sampler: bool = True,
     resume: str | os.PathLike[str] | None = None,
-    preemption: Preemption | None = Preemption(),
+    preemption: Preemption | None = Preemption(),  # noqa: B008  (a frozen value, shared safely)
 ) -> Any:
     """Train: call ``step(state, batch)`` over ``data`` until ``max_steps`` or ``max_epochs``.
 
@@ -145,6 +145,10 @@ def run(
             raise ValueError("lt.run: eval_step given without eval_data; pass eval_data=...")
         eval_step = _in_training_precision(as_step(eval_step, "lt.run(eval_step=...)"), step)
         state, _ = eval_step.prepare(state)
+    for hook in hooks:  # what a hook adds to the state (an EMA) exists before a checkpoint loads into it
+        prepare = getattr(hook, "prepare", None)
+        if callable(prepare):
+            state = prepare(state)
     position = None
     if resume is not None:
         state, position = _resume(resume, hooks, state)
@@ -159,7 +163,7 @@ def run(
     context.eval_step, context.eval_data = eval_step, eval_data
     features: list[Any] = [Logging(log_every, needed=bool(loggers) or progress)]
     if eval_step is not None:
-        features.append(Evaluation(eval_step, eval_data, eval_every))
+        features.append(Evaluation(eval_step, eval_data or (), eval_every))
     features += hooks
     if progress:
         features.append(Progress(context.total, start))
@@ -178,7 +182,8 @@ def run(
         state = context.current()
         print(f"\nlt.run: interrupted at step {context.step}; returning the state so far")
     except RuntimeError as error:
-        wrapped = env.collective_error(error, context.doing or f"a collective of the step call (step {context.step + 1})")
+        doing = context.doing or f"a collective of the step call (step {context.step + 1})"
+        wrapped = env.collective_error(error, doing)
         if wrapped is None:
             raise
         raise wrapped from error
@@ -189,8 +194,9 @@ def run(
             if callable(getattr(slot.hook, "close", None)):
                 slot.hook.close(context)
         for logger in loggers:
-            if callable(getattr(logger, "flush", None)):
-                logger.flush()
+            flush = getattr(logger, "flush", None)
+            if callable(flush):
+                flush()
     return state
 
 
@@ -226,25 +232,17 @@ def _resume(resume: Any, hooks: Iterable[Any], state: Any) -> tuple[Any, Any]:
             )
         path = latest(dirs[0])
         if path is None:
-            _say(f"lt.run: no checkpoint in {str(dirs[0])!r} yet: starting from step {read_counters(state)[0]}")
+            say(f"lt.run: no checkpoint in {str(dirs[0])!r} yet: starting from step {read_counters(state)[0]}")
             return state, None  # nothing saved yet: a first start
         resume = path
     state, position = load_with_position(resume, state)
     step, _ = read_counters(state)
-    _say(f"lt.run: resumed from {str(resume)!r} (step {step}, epoch {read_epoch(state)})")
+    say(f"lt.run: resumed from {str(resume)!r} (step {step}, epoch {read_epoch(state)})")
     if position is None and step:
-        _say(f"lt.run: {str(resume)!r} holds no data position (saved outside lt.run, or by a hook that "
+        say(f"lt.run: {str(resume)!r} holds no data position (saved outside lt.run, or by a hook that "
              f"did not pass run=: lt.save(path, state, run=run)); the data starts epoch "
              f"{read_epoch(state)} from its beginning")
     return state, position
-
-
-def _say(text: str) -> None:
-    """A line on rank 0's stderr that does not break a progress bar."""
-    if env.rank() == 0:
-        from tqdm.auto import tqdm
-
-        tqdm.write(text, file=sys.stderr)
 
 
 def _save_at_stop(saver: Any, run: Run, start: int) -> Path:
@@ -253,7 +251,11 @@ def _save_at_stop(saver: Any, run: Run, start: int) -> Path:
     from ltransform.checkpoint.api import finish_pending
 
     now, state = run.step, run.current()
-    if not (now > start and now % getattr(saver, "cadence", 1) == 0):
+    if hasattr(saver, "saved_at"):  # a hook that knows whether it saved this step says so
+        due = saver.saved_at != now
+    else:  # lt.every(n, saver): it saved if this step is one of its
+        due = not (now > start and now % getattr(saver, "cadence", 1) == 0)
+    if due:
         run.doing = "the preemption checkpoint"
         bind_hook(getattr(saver, "saver", None) or saver)(state, run)  # the hook's own saver (keep=, async_save=)
     finish_pending(state)  # an async save of the hook at this step, too
@@ -297,7 +299,8 @@ def _warn_if_not_distributed(step: TransformedStep, state: Any) -> None:
         return
     from ltransform.distributed import wrappers
 
-    if any(wrappers.is_sharded(m) or wrappers.is_replicated(m) or wrappers.is_ddp(m) for m in inventory(state).models.values()):
+    models = inventory(state).models.values()
+    if any(wrappers.is_sharded(m) or wrappers.is_replicated(m) or wrappers.is_ddp(m) for m in models):
         return
     warnings.warn(
         f"lt.run: running on {env.world_size()} ranks, but the step has no lt.distribute(...) and "
@@ -312,7 +315,7 @@ def _total(step: TransformedStep, data: Any, max_steps: int | None, max_epochs: 
     if max_steps is not None:
         return max_steps
     try:
-        return math.ceil(len(data) * max_epochs / step.every)
+        return math.ceil(len(data) * (max_epochs or 1) / step.every)
     except TypeError:
         return None
 

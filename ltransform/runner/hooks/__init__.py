@@ -10,6 +10,8 @@ step, or an object with any of these (all optional except ``__call__``):
 - ``start(state, run)``, ``epoch_end(state, run)``, ``end(state, run)``: before the first step,
   after each epoch, after the last step (same returns as ``__call__``);
 - ``close(run)``: always, last, also after an error or an interrupt;
+- ``prepare(state) -> state``: once, before a checkpoint is loaded (``resume=``), to add what the
+  hook keeps in the state (e.g. ``lt.ema``'s average in ``state.extra``) so the load fills it;
 - ``reads_state = False``: it does not look at the state's counters (saves materialising them).
 
 ``run`` is the run context (:class:`ltransform.runner.context.Run`): the counters, the latest
@@ -76,18 +78,28 @@ class Slot:
 
     def __init__(self, hook: Any) -> None:
         self.hook = hook
+        self.name: str = getattr(hook, "__name__", None) or type(hook).__name__
+        self.next_step: Callable[[int], float]
+        self.call: Callable[[Any, Any], Any]
+        self.reads_state: bool
         if not callable(hook) and any(hasattr(hook, m) for m in ("start", "epoch_end", "end", "close")):
-            self.call, self.next_step = (lambda state, run: None), (lambda step: NEVER)  # no step calls
-            self.name, self.reads_state = getattr(hook, "__name__", None) or type(hook).__name__, False
+            self.call, self.next_step, self.reads_state = _nothing, _never, False  # no step calls
             return
         self.call = bind_hook(hook)
-        self.name = getattr(hook, "__name__", None) or type(hook).__name__
         self.reads_state = getattr(hook, "reads_state", True)
         next_step = getattr(hook, "next_step", None)
         if next_step is None:
             n = getattr(hook, "cadence", 1)
             next_step = (lambda step: step + 1) if n == 1 else (lambda step: (step // n + 1) * n)
-        self.next_step: Callable[[int], float] = next_step
+        self.next_step = next_step
+
+
+def _nothing(state: Any, run: Any) -> None:
+    return None
+
+
+def _never(step: int) -> float:
+    return NEVER
 
 
 def every(n: int, fn: Hook, /) -> Callable[[Any, Any], Any]:
@@ -116,6 +128,18 @@ def every(n: int, fn: Hook, /) -> Callable[[Any, Any], Any]:
     return hook
 
 
+def say(text: str) -> None:
+    """A line on rank 0's stderr that does not break a progress bar."""
+    from ltransform.distributed import env
+
+    if env.rank() == 0:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        tqdm.write(text, file=sys.stderr)
+
+
 def apply_hook(hook: Callable[..., Any], state: Any, run: Any) -> tuple[Any, bool]:
     """Run one hook (bound: ``(state, run)``); returns ``(state, stop)``."""
     result = hook(state, run)
@@ -139,4 +163,4 @@ def cadence_next(n: int | None) -> Callable[[int], float]:
     return lambda step: (step // n + 1) * n
 
 
-__all__ = ["NEVER", "Hook", "Slot", "Stop", "apply_hook", "bind_hook", "cadence_next", "every", "stop"]
+__all__ = ["NEVER", "Hook", "Slot", "Stop", "apply_hook", "bind_hook", "cadence_next", "every", "say", "stop"]

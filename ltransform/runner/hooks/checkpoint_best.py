@@ -26,7 +26,8 @@ from typing import Any
 from ltransform.checkpoint import files
 from ltransform.distributed import env
 from ltransform.io import _write_atomic, fsync_dir, partial_path
-from ltransform.runner.hooks.quality import Monitor, Watch, check_monitor, positive, say
+from ltransform.runner.hooks import say
+from ltransform.runner.hooks.quality import Monitor, Watch, check_monitor, positive
 
 MANIFEST = "best.json"
 _BEST = re.compile(r"^best-step-(\d+)$")
@@ -57,7 +58,16 @@ class CheckpointBest:
     def start(self, state: Any, run: Any) -> None:
         self.watch.start(run)
         self.saved_at, self.started_at = -1, run.step
-        self.best = env.broadcast(self._take_over(run.step) if env.rank() == 0 else None)
+        found: list[dict[str, Any]] | ValueError | None = None
+        if env.rank() == 0:
+            try:
+                found = self._take_over(run.step)
+            except ValueError as error:  # raised on every rank, not only where the directory is read
+                found = error
+        found = env.broadcast(found)
+        if isinstance(found, ValueError):
+            raise found
+        self.best = found or []
 
     def __call__(self, state: Any, run: Any) -> None:
         value = self.watch.read(run)
@@ -71,9 +81,9 @@ class CheckpointBest:
         if self.last and run.step > self.started_at and run.step != self.saved_at:
             self.save_last(state, run)  # the final state (also what a preemption saves)
 
-    def save_last(self, state: Any, run: Any = None) -> None:
+    def save_last(self, state: Any, run: Any) -> None:
         """Save ``state`` as the last checkpoint (unless this step's is saved already)."""
-        if run is not None and run.step != self.saved_at:
+        if run.step != self.saved_at:
             self._save(state, run, math.nan)
 
     def _save(self, state: Any, run: Any, value: float) -> None:
@@ -142,7 +152,11 @@ class CheckpointBest:
     def _write_manifest(self, last: str | None) -> None:
         monitor = self.watch.monitor
         text = json.dumps({"monitor": monitor.name, "mode": monitor.mode, "last": last, "best": self.best}, indent=1)
-        _write_atomic(self.dir / MANIFEST, lambda tmp: tmp.write_text(text + "\n"))
+
+        def write(tmp: Path) -> None:
+            tmp.write_text(text + "\n")
+
+        _write_atomic(self.dir / MANIFEST, write)
 
 
 def _key(monitor: Monitor, value: float, step: int) -> tuple[float, int]:
@@ -250,7 +264,8 @@ def checkpoint_best(dir: str | os.PathLike[str], /, *, monitor: str = "val_loss"
         >>> state = lt.run(lt.train_step(lambda m, b: m(b).pow(2).mean()), state, data, progress=False,
         ...                eval_step=lt.eval_step(lambda m, b: m(b).pow(2).mean()), eval_data=data, eval_every=1,
         ...                hooks=[best])
-        >>> [e["step"] for e in json.loads((best.dir / "best.json").read_text())["best"]] == [e["step"] for e in best.best]
+        >>> manifest = json.loads((best.dir / "best.json").read_text())
+        >>> [e["step"] for e in manifest["best"]] == [e["step"] for e in best.best]
         True
         >>> best.best_path.name.startswith("best-step-"), len(best.best)
         (True, 2)

@@ -98,15 +98,15 @@ class EMAState:
         """This rank's parts of the averages and of the model's tensors they average, made once
         per model: what an update reads every step."""
         if self._pairs is None or self._pairs[0] is not model:
-            live = dict(model.named_parameters())
-            live.update(model.named_buffers())
+            _reshard(model)
+            live: dict[str, torch.Tensor] = {**dict(model.named_parameters()), **dict(model.named_buffers())}
             with torch.no_grad():
                 self._pairs = (model, [_local(a) for a in self.averages], [_local(live[n]) for n in self.names])
         return self._pairs[1], self._pairs[2]
 
-    @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int, weight: float) -> None:
-        """Move the averages ``weight`` of the way to the model's tensors (1: copy them)."""
+        """Move the averages ``weight`` of the way to the model's tensors (1: copy them). (No
+        ``no_grad`` needed, which costs microseconds a step: the tensors of ``pairs`` are detached.)"""
         self._check("updated")
         averages, live = self.pairs(model)
         if weight == 1.0:
@@ -118,15 +118,21 @@ class EMAState:
     @torch.no_grad()
     def swap(self, model: torch.nn.Module) -> None:
         """Exchange the averages and the model's tensors in place (one tensor's copy at a time)."""
-        for module in model.modules():  # gathered parameters left from a forward would not see the swap
-            if wrappers.is_sharded(module):
-                module.reshard()  # type: ignore[operator]
         self._pairs = None  # (the model's tensors are looked up anew: a swap is rare)
         for average, tensor in zip(*self.pairs(model)):
             kept = tensor.clone()
             tensor.copy_(average)
             average.copy_(kept)
         self.swapped = not self.swapped
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """Free the parameters FSDP2 left gathered (a forward without backward under
+    ``reshard_after_forward=False``): the model then holds its shards, which are what is averaged
+    and swapped (a swap of the shards alone would not reach the gathered copies)."""
+    for module in model.modules():
+        if wrappers.is_sharded(module):
+            module.reshard()  # type: ignore[operator]
 
 
 def _like(value: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -146,7 +152,7 @@ def _like(value: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 def _averaged(model: torch.nn.Module, buffers: bool) -> list[tuple[str, torch.Tensor]]:
     """What is averaged: the parameters that train (frozen ones equal their average), and the
     floating-point buffers (batch norm's running statistics) if ``buffers``."""
-    entries = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    entries: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if buffers:
         entries += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
     return entries
@@ -175,10 +181,11 @@ class EMA:
         if isinstance(average, EMAState):
             return state
         if average is not None:
-            raise TypeError(f"lt.ema: state.extra[{self.key!r}] holds a {type(average).__name__}, not an average; "
-                            f"give the hook another key: lt.ema(..., key='ema_weights')")
+            raise TypeError(f"lt.ema: state.extra[{self.key!r}] holds an object of type {type(average).__name__}, "
+                            f"not an average; give the hook another key: lt.ema(..., key='ema_weights')")
         path, model = self._find(state)
         step = read_counters(state)[0]
+        _reshard(model)
         entries = _averaged(model, self.buffers)
         if not entries:
             raise ValueError(f"lt.ema: model {path!r} has no trained parameter (and no floating-point buffer) to "
@@ -199,20 +206,30 @@ class EMA:
                                  f"an eval_every that is a multiple of {self.every} (got {run.eval_every})")
         state = self.prepare(state)
         average = get_extra(state, self.key)
+        step = read_counters(state)[0]
         if average.fresh:  # created before a load that did not hold it, say: start from the weights now
-            step = read_counters(state)[0]
             average.update(_model_of(state, average), step, 1.0)
             average.fresh, average.since = True, step if step >= self.begin else None
-        return state
+        # A checkpoint hook listed before this one saved the average before its update at that
+        # step; the weights loaded are that step's, so the update it missed is made now, exactly.
+        return self._update(state, step)
 
     def __call__(self, state: Any, run: Any = None) -> Any:
         """Update the average if ``state.step`` is one of its steps (and it was not updated at it
         yet); returns the state (holding the average: created on a first call outside ``lt.run``)."""
         step = read_counters(state)[0]
+        state = self._update(state, step)
+        if self.evaluate and run is not None and run.evaluated_at == step:
+            self._evaluate(state, run)
+        return state
+
+    def _update(self, state: Any, step: int) -> Any:
         if step % self.every or step < self.begin:
             return state
-        state = self.prepare(state)
         average = get_extra(state, self.key)
+        if not isinstance(average, EMAState):  # (a first call outside lt.run)
+            state = self.prepare(state)
+            average = get_extra(state, self.key)
         if step > average.step:
             if average.since is None:  # averaging starts: from the weights now
                 average.update(_model_of(state, average), step, 1.0)
@@ -220,8 +237,6 @@ class EMA:
             else:
                 average.update(_model_of(state, average), step, 1.0 - self._decay(average.updates))
                 average.updates += 1
-        if self.evaluate and run is not None and run.evaluated_at == step:
-            self._evaluate(state, run)
         return state
 
     def epoch_end(self, state: Any, run: Any) -> None:

@@ -30,7 +30,8 @@ class Evaluation:
 
     def __call__(self, state: Any, run: Any) -> None:
         run.doing = "evaluation"
-        values = {f"val_{k}": v for k, v in evaluate(self.eval_step, state, self.data, average=run.distributed).items()}
+        results = evaluate(self.eval_step, state, self.data, average=run.distributed)
+        values = {f"val_{k}": v for k, v in results.items()}
         run.evaluated, run.evaluated_at = values, run.step
         run.log(values)
 
@@ -67,7 +68,7 @@ def evaluate(eval_step: Any, state: Any, data: Iterable[Any], *, average: bool |
                 weight = max(0, min(size, real - seen))
                 seen += size
                 if 0 < weight < size:
-                    batch = tree_map(lambda t: t[:weight] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == size else t, batch)
+                    batch = _first(batch, weight, size)
             state, metrics = eval_step(state, batch)
             for name, value in metrics.items():
                 value = value.detach().float().mean() if isinstance(value, torch.Tensor) else float(value)
@@ -85,10 +86,7 @@ def _mean(sums: dict[str, Any], count: float, average: bool) -> dict[str, float]
     """``sums / count``, the sums and counts added over every rank first if ``average``."""
     if average:
         device = env.collective_device()
-        stacked = torch.stack([
-            *(v.to(device, torch.float64) if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64, device=device)
-              for v in sums.values()),
-            torch.tensor(count, dtype=torch.float64, device=device)])
+        stacked = torch.stack([torch.as_tensor(v).to(device, torch.float64) for v in [*sums.values(), count]])
         totals = env.all_reduce(stacked).tolist()
         count, values = totals[-1], totals[:-1]
     else:
@@ -96,6 +94,11 @@ def _mean(sums: dict[str, Any], count: float, average: bool) -> dict[str, float]
     if count == 0:
         raise ValueError("lt.run: eval_data held no samples (every batch was padding)")
     return {name: value / count for name, value in zip(sums, values)}
+
+
+def _first(batch: Any, n: int, size: int) -> Any:
+    """The first ``n`` samples of a batch of ``size``: each tensor with that first dimension cut."""
+    return tree_map(lambda t: t[:n] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == size else t, batch)
 
 
 def _batch_size(batch: Any) -> int | None:

@@ -7,6 +7,7 @@ the device (the throughput monitor does, so that queued kernels are counted in i
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -60,8 +61,10 @@ class _Monitor:
 
 def _synchronize(device: torch.device) -> None:
     """Wait for the work queued on ``device``: a log point's sync, so the window holds it."""
-    if device.type in ("cuda", "xpu", "mps"):
-        getattr(torch, device.type).synchronize()
+    if device.type in ("cuda", "xpu"):
+        getattr(torch, device.type).synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
     elif device.type == "xla":
         import torch_xla.core.xla_model as xm
 
@@ -230,8 +233,6 @@ def _device_peak(device: torch.device, precision: str | None) -> float | None:
 
 def _tpu_type() -> str | None:
     """torch_xla's TPU type (``"v5litepod"``), None off TPUs or where it cannot be read."""
-    import os
-
     if os.environ.get("PJRT_DEVICE", "").upper() != "TPU":
         return None
     accelerator = os.environ.get("TPU_ACCELERATOR_TYPE")
@@ -304,7 +305,8 @@ def throughput(*, flops: int | float | bool | None = None, peak: float | None = 
 
     Logged, for the window since the previous log point (the first window starts after the first
     optimizer step of the run, so warm-up and compilation are left out; on a GPU the device is
-    synchronized at each log point, so the window holds the kernels queued in it):
+    synchronized at each log point, so the window holds the kernels queued in it; it holds all
+    that ran in it: an evaluation or a checkpoint between two log points lowers the rates):
 
     - ``throughput/seconds``: the window's wall-clock time (the longest rank's);
     - ``throughput/samples_per_s``: micro-steps in it × the batch size × processes / seconds. The

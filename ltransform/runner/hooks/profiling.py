@@ -16,7 +16,7 @@ import torch
 
 from ltransform.distributed import env
 from ltransform.runner.hooks import NEVER
-from ltransform.runner.hooks.quality import say
+from ltransform.runner.hooks import say
 
 
 def _count(call: str, option: str, value: Any, least: int) -> int:
@@ -38,6 +38,7 @@ class Profile:
         self.begin_at: float = NEVER  # the step after which the profiler starts
         self.steps = 0  # profiler steps done
         self.finished = False
+        self.first = 0  # the step ProfilerStep#0 is
 
     def start(self, state: Any, run: Any) -> None:
         self.begin_at, self.steps, self.finished = run.step + self.skip_first, 0, False
@@ -68,17 +69,27 @@ class Profile:
 
         self.dir.mkdir(parents=True, exist_ok=True)
         self.first = run.step + 1
-        self.profiler = profile(schedule=schedule(**self.schedule),
-                                on_trace_ready=tensorboard_trace_handler(str(self.dir), worker_name=f"rank{env.rank()}"),
-                                **self.options)
+        write = tensorboard_trace_handler(str(self.dir), worker_name=f"rank{env.rank()}")
+        self.profiler = profile(schedule=schedule(**self.schedule), on_trace_ready=write, **self.options)
         self.profiler.start()
 
     def _finish(self) -> None:
         profiler, self.profiler, self.finished = self.profiler, None, True
         profiler.stop()
-        last = self.first + self.steps - (self.steps == self.total)
-        say(f"lt.profile: traced steps {self.first}-{last} (ProfilerStep#0 is step {self.first}) into "
-            f"{str(self.dir)!r}, one file per rank: open them with TensorBoard's profiler plugin or ui.perfetto.dev")
+        spans = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in self.recorded())
+        say(f"lt.profile: recorded steps {spans or 'none'} (ProfilerStep#0 is step {self.first}) into "
+            f"{str(self.dir)!r}, a file per rank and cycle: open them with TensorBoard's profiler plugin or "
+            f"ui.perfetto.dev")
+
+    def recorded(self) -> list[tuple[int, int]]:
+        """The optimizer steps recorded so far: ``(first, last)`` of each cycle's active steps."""
+        wait, warmup, active = self.schedule["wait"], self.schedule["warmup"], self.schedule["active"]
+        cycle, out = wait + warmup + active, []
+        for start in range(0, self.steps, cycle):
+            lo, hi = start + wait + warmup, min(start + cycle, self.steps) - 1
+            if lo <= hi:
+                out.append((self.first + lo, self.first + hi))
+        return out
 
 
 def profile(dir: str | os.PathLike[str], /, *, wait: int = 1, warmup: int = 1, active: int = 3, repeat: int = 1,
@@ -107,15 +118,15 @@ def profile(dir: str | os.PathLike[str], /, *, wait: int = 1, warmup: int = 1, a
         The hook, for ``lt.run(..., hooks=[...])``.
 
     Example:
-        >>> import tempfile, torch, ltransform as lt
+        >>> import os, tempfile, torch, ltransform as lt
         >>> model = torch.nn.Linear(2, 1)
         >>> state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
         >>> data = [torch.randn(4, 2) for _ in range(6)]
         >>> root = tempfile.mkdtemp()
-        >>> state = lt.run(lt.train_step(lambda m, b: m(b).pow(2).mean()), state, data, progress=False,
-        ...                hooks=[lt.profile(root, wait=1, warmup=1, active=2)])
-        >>> [p.name.startswith("rank0.") for p in Path(root).iterdir()]
-        [True]
+        >>> hook = lt.profile(root, wait=1, warmup=1, active=2)
+        >>> state = lt.run(lt.train_step(lambda m, b: m(b).pow(2).mean()), state, data, progress=False, hooks=[hook])
+        >>> hook.recorded(), [name.startswith("rank0.") for name in os.listdir(root)]
+        ([(3, 4)], [True])
     """
     call = "lt.profile"
     schedule = {"wait": _count(call, "wait", wait, 0), "warmup": _count(call, "warmup", warmup, 0),

@@ -13,26 +13,16 @@ in the same saves.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
 from ltransform.core.state import extras, set_field
-from ltransform.distributed import env
-from ltransform.runner.hooks import NEVER, stop
+from ltransform.runner.hooks import NEVER, say, stop
 from ltransform.runner.metrics import to_floats
 
 MODES = ("min", "max")
-
-
-def say(text: str) -> None:
-    """A line on rank 0's stderr that does not break a progress bar."""
-    if env.rank() == 0:
-        from tqdm.auto import tqdm
-
-        tqdm.write(text, file=sys.stderr)
 
 
 @attrs.frozen(kw_only=True)
@@ -225,5 +215,6 @@ def early_stopping(monitor: str = "val_loss", *, patience: int = 3, mode: str = 
     call = "lt.early_stopping"
     if not isinstance(check_finite, bool):
         raise TypeError(f"{call}: check_finite must be True or False, got {check_finite!r}")
-    return EarlyStopping(check_monitor(call, monitor, mode, min_delta), positive(call, "patience", patience), check_finite)
+    watched = check_monitor(call, monitor, mode, min_delta)
+    return EarlyStopping(watched, positive(call, "patience", patience), check_finite)
 
