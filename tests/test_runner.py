@@ -278,3 +278,55 @@ def test_what_a_hook_prints_goes_above_the_progress_bar_not_onto_its_line(capsys
     out, err = capsys.readouterr()
     assert out == "step 1\nstep 2\nstep 3\n"
     assert "3/3" in err  # the bar itself, on stderr
+
+
+def test_a_plain_function_replaces_the_built_in_evaluation_and_logging():
+    # no eval_step, no log_every: a user's function evaluates every 2 steps and logs through the run
+    # context; early stopping reads it as it reads the built-in evaluation's values
+    model = make_model()
+    held_out = make_data(2, seed=7)
+    logged = []
+    curve = iter([5.0, 4.0, 4.5, 4.2, 4.1, 1.0])  # best 4 at step 4; 3 checks without improvement
+
+    def my_eval(state, run):
+        with torch.no_grad():
+            real = sum(mse(state.model, b) for b in held_out).item()
+        run.log({"val_loss": next(curve), "val_real": real})
+
+    stopper = lt.early_stopping("val_loss", patience=3)
+    state = lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(20), progress=False,
+                   log_every=None, eval_every=2, loggers=[lambda m, s: logged.append((s, sorted(m)))],
+                   hooks=[lt.every(2, my_eval), stopper])
+    assert state.step == 10 and stopper.best == 4.0
+    assert logged == [(s, ["val_loss", "val_real"]) for s in (2, 4, 6, 8, 10)]
+
+
+def test_a_hook_object_has_its_own_cadence_and_sees_start_epoch_end_and_end():
+    calls = []
+
+    class Tracer:
+        __name__ = "tracer"
+
+        def next_step(self, step):
+            return (step // 3 + 1) * 3
+
+        def __call__(self, state, run):
+            calls.append(("step", run.step, state.step))
+
+        def start(self, state, run):
+            calls.append(("start", run.step, run.epoch))
+
+        def epoch_end(self, state, run):
+            calls.append(("epoch_end", run.step, run.epoch))
+
+        def end(self, state, run):
+            calls.append(("end", run.step, run.epoch))
+
+        def close(self, run):
+            calls.append(("close", run.step))
+
+    model = make_model()
+    lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(4), max_epochs=2,
+           progress=False, hooks=[Tracer()])
+    assert calls == [("start", 0, 0), ("step", 3, 3), ("epoch_end", 4, 1), ("step", 6, 6), ("epoch_end", 8, 2),
+                     ("end", 8, 2), ("close", 8)]

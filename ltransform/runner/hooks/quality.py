@@ -71,9 +71,10 @@ class Watch:
 
     def start(self, run: Any) -> None:
         name = self.monitor.name
-        if name.startswith("val_") and run.eval_step is None:
+        if name.startswith("val_") and run.eval_step is None and not run.eval_every:
             raise ValueError(f"{self.call}: monitor {name!r} is an evaluation result, but lt.run has no eval_step; "
-                             f"pass eval_step= and eval_data= to lt.run, or monitor a training metric such as 'loss'")
+                             f"pass eval_step= and eval_data= to lt.run (or eval_every= to a hook of yours that "
+                             f"logs it with run.log), or monitor a training metric such as 'loss'")
         if not name.startswith("val_") and not run.log_every:
             raise ValueError(f"{self.call}: monitor {name!r} is read at log points, but lt.run(log_every=None) "
                              f"has none; set log_every")
