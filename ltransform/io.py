@@ -105,7 +105,7 @@ def write_file(path: str | os.PathLike[str], payload: Any) -> Path:
     return _write_atomic(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
-def write_safetensors(weights: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
+def write_safetensors(weights: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
     """Write ``weights`` (names to tensors) as a safetensors file, atomically."""
     safetensors_torch = import_safetensors()
     tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
@@ -353,7 +353,7 @@ def verify_checksums(payload: Mapping[str, Any], recorded: Any, file: Path) -> N
         odd = sorted(set(tensors) ^ set(recorded), key=str)[:5]
         raise ChecksumError(f"checkpoint file {str(file)!r}: its tensors are not the ones whose checksums it "
                             f"records (entries {odd}): the file is corrupt; load an earlier checkpoint")
-    for (name, tensor), crc in zip(tensors.items(), _checksums(list(tensors.values()))):
+    for name, crc in zip(tensors, _checksums(list(tensors.values()))):
         if crc != recorded[name]:
             raise ChecksumError(f"checkpoint file {str(file)!r}: entry {name!r} does not match its checksum "
                                 f"(CRC-32 {crc:08x}, recorded {recorded[name]:08x}): the file is corrupt; load "

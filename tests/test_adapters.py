@@ -70,7 +70,8 @@ def test_qlora_finetune_loss_falls_and_adapters_reload(tmp_path):
 
     model = build()
     data = [(x, target(x).detach()) for x, _ in DATA]
-    state = lt.State(model=model, optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    state = lt.State(model=model, optimizer=torch.optim.AdamW(trained, lr=1e-2))
     losses = []
     state = lt.run(lt.train_step(mse), state, data, max_epochs=15, progress=False, log_every=6,
                    loggers=[lambda m, s: losses.append(m["loss"])])

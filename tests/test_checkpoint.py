@@ -59,7 +59,8 @@ def test_resume_mid_epoch_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, how
     if how == "sharded-hook":
         hook, resume = lt.every(7, lt.checkpoint_sharded(dir=tmp_path)), "latest"
     else:
-        hook, resume = lt.every(7, lambda s, run: lt.save(tmp_path / "ckpt.pt", s, run=run) and None), tmp_path / "ckpt.pt"
+        hook = lt.every(7, lambda s, run: lt.save(tmp_path / "ckpt.pt", s, run=run) and None)
+        resume = tmp_path / "ckpt.pt"
     first = lt.run(STEP, fresh_state(), loader(), max_steps=7, progress=False, hooks=[hook])
     assert first.step == 7
     torch.manual_seed(123)  # a new process: other RNG states, which the checkpoint replaces

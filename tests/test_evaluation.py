@@ -102,7 +102,8 @@ def test_a_batch_made_only_of_repeats_still_runs_and_counts_for_nothing():
     model = fresh_state().model
     sizes = []
     counting = lt.eval_step(lambda m, b: sizes.append(len(b[0])) or mse(m, b))
-    loader = DataLoader(dataset, batch_size=1, sampler=DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False))
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False)
+    loader = DataLoader(dataset, batch_size=1, sampler=sampler)
     value = evaluate(counting, lt.State(model=model), loader, average=False)["loss"]
     assert sizes == [1, 1]  # as many batches as rank 0 runs (collectives in a sharded forward)
     assert value == pytest.approx(by_hand(model, DataLoader(torch.utils.data.Subset(dataset, [1]))), rel=1e-6)

@@ -163,8 +163,9 @@ def test_transformer_engine_missing_names_the_pip_command():
     if importlib.util.find_spec("transformer_engine") is not None:
         pytest.skip("Transformer Engine is installed here")
     for call in (lambda: lt.with_precision("transformer-engine"), lambda: lt.to_precision(mlp(), "transformer-engine")):
-        with pytest.raises(ImportError, match=r"needs transformer_engine: pip install 'ltransform\[te\]' \(or pip "
-                                              r"install transformer-engine\[pytorch\]; it needs a CUDA build of torch\)"):
+        message = (r"needs transformer_engine: pip install 'ltransform\[te\]' \(or pip "
+                   r"install transformer-engine\[pytorch\]; it needs a CUDA build of torch\)")
+        with pytest.raises(ImportError, match=message):
             call()
 
 

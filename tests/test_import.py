@@ -44,6 +44,7 @@ def test_the_lazy_table_and_the_type_checking_imports_list_the_same_names():
     imported = {(alias.asname or alias.name): (node.module, alias.name) for node in block.body
                 for alias in node.names}
     assert imported == lt._EXPORTS
+    assert lt.__all__ == sorted(lt._EXPORTS)  # spelled out for type checkers; the same names
     for name, (module, attribute) in lt._EXPORTS.items():
         assert getattr(lt, name) is getattr(importlib.import_module(module), attribute)
     assert "save" in dir(lt) and lt.__version__

@@ -41,7 +41,8 @@ def _tensors(values):
 
 @pytest.mark.parametrize("mode, layer, tolerance", [
     ("int8", "Linear8bitLt", 0.02), ("int8-training", "Linear8bitLt", 0.02),
-    ("nf4", "Linear4bit", 0.2), ("nf4-dq", "Linear4bit", 0.2), ("fp4", "Linear4bit", 0.2), ("fp4-dq", "Linear4bit", 0.2),
+    ("nf4", "Linear4bit", 0.2), ("nf4-dq", "Linear4bit", 0.2),
+    ("fp4", "Linear4bit", 0.2), ("fp4-dq", "Linear4bit", 0.2),
 ])
 def test_every_mode_replaces_the_linears_and_stays_close_to_fp32(mode, layer, tolerance):
     reference = model()
@@ -232,11 +233,13 @@ def test_quantizing_from_weights_errors(tmp_path):
     with pytest.raises(ValueError, match=r"the model is on the meta device \(e.g. 'emb.weight'\); pass weights="):
         lt.quantize(lt.init_module(Tied, empty=True), "nf4")
     with pytest.raises(KeyError, match="no tensor for 'fc.bias'"):
-        lt.quantize(lt.init_module(Tied, empty=True), "nf4", weights={k: v for k, v in weights.items() if k != "fc.bias"})
+        lt.quantize(lt.init_module(Tied, empty=True), "nf4",
+                    weights={k: v for k, v in weights.items() if k != "fc.bias"})
     with pytest.raises(KeyError, match="no tensor for 'norm.weight', 'norm.bias'"):
         lt.quantize(lt.init_module(Tied, empty=True), "nf4", weights={k: v for k, v in weights.items()
                                                                       if not k.startswith("norm")})
-    with pytest.raises(ValueError, match=r"'fc.weight' is stored with shape \(128, 32\), but the model's is \(128, 64\)"):
+    with pytest.raises(ValueError,
+                       match=r"'fc.weight' is stored with shape \(128, 32\), but the model's is \(128, 64\)"):
         lt.quantize(lt.init_module(Tied, empty=True), "nf4", weights={**weights, "fc.weight": torch.zeros(128, 32)})
     with pytest.raises(FileNotFoundError, match="weights file .*nothing.safetensors' does not exist"):
         lt.quantize(Tied(), "nf4", weights=tmp_path / "nothing.safetensors")

@@ -29,7 +29,8 @@ def describe(path: str | os.PathLike[str]) -> str:
         >>> model = torch.nn.Linear(2, 1)
         >>> path = lt.save(tempfile.mkdtemp() + "/c.pt", lt.State(model=model, optimizer=None))
         >>> print(lt.describe_checkpoint(path).splitlines()[-3:])  # doctest: +NORMALIZE_WHITESPACE
-        ['  models.model.bias  [1]  torch.float32  4 B', '  models.model.weight  [1, 2]  torch.float32  8 B', 'total: 2 tensors, 12 B']
+        ['  models.model.bias  [1]  torch.float32  4 B',
+         '  models.model.weight  [1, 2]  torch.float32  8 B', 'total: 2 tensors, 12 B']
     """
     path = Path(path)
     if io.not_regular(path) == "missing" and not path.is_dir():
@@ -49,11 +50,11 @@ def describe(path: str | os.PathLike[str]) -> str:
         kind = f"full file, {_size(path.stat().st_size)}"
     meta, counters = common["meta"], common.get("counters", {})
     lines = [f"checkpoint: {path} ({kind})",
-             f"format: ltransform checkpoint version {meta.get('version', 1)}, written by ltransform "
-             f"{meta.get('ltransform', '?')} with torch {meta.get('torch', '?')} at {meta.get('time', '?')}",
-             f"world size {meta.get('world_size', '?')}, precision {meta.get('precision') or 'not recorded'}, "
-             f"step {counters.get('step', '?')}, micro-step {counters.get('micro_step', '?')}, "
-             f"epoch {counters.get('epoch', '?')}",
+             (f"format: ltransform checkpoint version {meta.get('version', 1)}, written by ltransform "
+              f"{meta.get('ltransform', '?')} with torch {meta.get('torch', '?')} at {meta.get('time', '?')}"),
+             (f"world size {meta.get('world_size', '?')}, precision {meta.get('precision') or 'not recorded'}, "
+              f"step {counters.get('step', '?')}, micro-step {counters.get('micro_step', '?')}, "
+              f"epoch {counters.get('epoch', '?')}"),
              f"tensors ({len(tensors)}):"]
     total = 0
     for name, shape, dtype in sorted(tensors):

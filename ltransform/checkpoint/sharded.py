@@ -93,16 +93,17 @@ def reader(path: Path, checked: Any = None) -> Any:
             except FileNotFoundError:
                 raise CheckpointNotFoundError(f"{where} is missing: the checkpoint is incomplete; load an "
                                               f"earlier checkpoint") from None
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - any other failure to unpickle: a corrupt file
                 raise FileFormatError(f"{where} is truncated or corrupt ({type(error).__name__}: {error}); "
                                       f"load an earlier checkpoint") from None
             if not isinstance(metadata, Metadata):
                 raise FileFormatError(f"{where} holds a {type(metadata).__name__}, not DCP's Metadata: it is "
                                       f"corrupt; load an earlier checkpoint")
             _check_storage(metadata, path, where)
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
+            storage = getattr(metadata, "storage_meta", None)
+            if storage is None:
+                storage = metadata.storage_meta = StorageMeta()
+            storage.load_id = self.load_id
             return metadata
 
     return SafeReader(str(path))
@@ -125,7 +126,7 @@ def _check_storage(metadata: Any, directory: Path, where: str) -> None:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
-    entries = getattr(metadata, "state_dict_metadata", None)
+    entries: Any = getattr(metadata, "state_dict_metadata", None)  # (checked by _chunk_sizes)
     chunks = _chunk_sizes(entries, where)
     storage, listed, sizes = getattr(metadata, "storage_data", None), manifest_files(directory), {}
     if not isinstance(storage, Mapping):
@@ -181,8 +182,10 @@ def _chunk_sizes(entries: Any, where: str) -> dict[tuple[str, tuple[int, ...]], 
     for fqn, entry in entries.items():
         if isinstance(entry, BytesStorageMetadata):
             continue
-        dtype = getattr(getattr(entry, "properties", None), "dtype", None)
-        size, chunks = getattr(entry, "size", None), getattr(entry, "chunks", None)
+        # (Any: read from the file, checked just below)
+        dtype: Any = getattr(getattr(entry, "properties", None), "dtype", None)
+        size: Any = getattr(entry, "size", None)
+        chunks: Any = getattr(entry, "chunks", None)
         good = isinstance(entry, TensorStorageMetadata) and isinstance(dtype, torch.dtype) and _dims(size, size)
         good = good and isinstance(chunks, list) and all(
             isinstance(c, ChunkStorageMetadata) and _dims(c.offsets, size) and _dims(c.sizes, size)
@@ -202,7 +205,7 @@ def _dims(value: Any, like: Any) -> bool:
 
 def bare_name(name: Any) -> bool:
     """A file name alone: not a path (no separator), not absolute, not ``.`` or ``..``."""
-    seps = {os.sep, "/", os.altsep} - {None}
+    seps = {sep for sep in (os.sep, "/", os.altsep) if sep is not None}
     return (type(name) is str and name not in ("", ".", "..") and "\0" not in name
             and not any(sep in name for sep in seps))
 
@@ -280,7 +283,8 @@ def _share(sizes: Mapping[str, int]) -> list[str]:
     """This process's share of the files to hash: the largest first to the least loaded process (the
     same split on every process; on XLA one process per host drives several devices)."""
     count = env.process_count()
-    loads, shares = [0] * count, [[] for _ in range(count)]
+    loads = [0] * count
+    shares: list[list[str]] = [[] for _ in range(count)]
     for name in sorted(sizes, key=lambda n: (-int(sizes[n]), n)):
         least = loads.index(min(loads))
         loads[least] += int(sizes[name])
@@ -351,10 +355,10 @@ def stage_tensors(tensors: dict[str, Any], path: Path, *, strict: bool = True,
     from ltransform.distributed import xla
 
     on_xla = xla.holds_xla(tensors)
-    base = xla.load_planner_class() if on_xla else type(planner(strict))
+    base: Any = xla.load_planner_class() if on_xla else type(planner(strict))
     staged: list[tuple[Any, Any, bool]] = []  # (read item, buffer or value, is a tensor)
 
-    class Staging(base):  # type: ignore[misc, valid-type]
+    class Staging(base):
         def resolve_tensor(self, read_item: Any) -> torch.Tensor:
             target = super().resolve_tensor(read_item)
             buffer = torch.empty(target.shape, dtype=target.dtype, device="cpu")
@@ -421,8 +425,9 @@ def save_tensors(tensors: dict[str, Any], path: Path, *, async_save: bool) -> Fu
             dcp.save(tensors, checkpoint_id=str(partial_path(path)), no_dist=_no_group(), planner=xla.save_planner())
             return None
         if async_save:
-            result = dcp.async_save(tensors, checkpoint_id=str(partial_path(path)), no_dist=_no_group(),
-                                    process_group=None if _no_group() else _writer_group(_world()))
+            # (a Future; from torch 2.9 an AsyncSaveResponse holding it)
+            result: Any = dcp.async_save(tensors, checkpoint_id=str(partial_path(path)), no_dist=_no_group(),
+                                         process_group=None if _no_group() else _writer_group(_world()))
             return getattr(result, "upload_completion", result)
         dcp.save(tensors, checkpoint_id=str(partial_path(path)), no_dist=_no_group())
     return None

@@ -113,7 +113,7 @@ def bind(step: TransformedStep, state: Any) -> tuple[Any, BoundStep]:
     inner = build_pipelines(bound, False, terminal) if step.every > 1 else boundary
     fast = None
     if step.body is not None and step.body.kind == "train" and move is None and not bound:
-        fast = _fast_train(step, inv) if (len(inv.optimizers), len(inv.models)) == (1, 1) and len(
+        fast = _fast_train(step.body.fn, inv) if (len(inv.optimizers), len(inv.models)) == (1, 1) and len(
             inv.schedulers) <= 1 else None
     binding = BoundStep(step, signature(state, inv), boundary, inner, move, terminal, fast)
     binding.alive = tuple(weakref.ref(o) for group in (inv.models, inv.optimizers, inv.schedulers)
@@ -171,7 +171,7 @@ def _remember(key: Any, step: TransformedStep, binding: BoundStep) -> None:
     holder[step] = binding
 
 
-class _Bindings(dict):  # type: ignore[type-arg]
+class _Bindings(dict["TransformedStep", BoundStep]):
     """The bindings kept with a model or optimizer. They are runtime objects: a copy or a pickle
     of the model carries none (a copied model is bound anew when a step meets it)."""
 
@@ -264,11 +264,10 @@ def _train_terminal(loss_fn: Callable[..., Any], inv: Inventory) -> Callable[[Fr
     return train
 
 
-def _fast_train(step: TransformedStep, inv: Inventory) -> Callable[..., Any]:
+def _fast_train(loss_fn: Callable[..., Any], inv: Inventory) -> Callable[..., Any]:
     """The plain train step with no handler: what a hand-written loop does, and nothing else."""
     from ltransform.core.step import split_loss
 
-    loss_fn = step.body.fn
     model, optimizer, scheduler = _weak(inv.the_one("model"), inv.the_one("optimizer"), inv.the_one("scheduler"))
     tensor = torch.Tensor
 

@@ -222,7 +222,7 @@ def build_pipelines(bound: list[tuple[Handler, Any]], boundary: bool,
     chains = (compose_chain(bound, Effect.STEP, boundary, step_terminal, resolve=resolve),
               compose_chain(bound, Effect.BACKWARD, boundary, backward_terminal, resolve=resolve),
               compose_chain(bound, Effect.OPTIMIZER_STEP, boundary, _optimizer_terminal, resolve=resolve))
-    return Pipelines(*(c.run for c in chains), chains=chains)
+    return Pipelines(chains[0].run, chains[1].run, chains[2].run, chains=chains)
 
 
 def active_frame() -> Frame | None:

@@ -45,7 +45,9 @@ class Inventory:
 
     def the_one(self, kind: str, call: str = "train_step") -> Any:
         """The single model / optimizer / scheduler (None if there is no scheduler)."""
-        found = {"model": self.models, "optimizer": self.optimizers, "scheduler": self.schedulers}[kind]
+        kinds: dict[str, dict[str, Any]] = {"model": self.models, "optimizer": self.optimizers,
+                                            "scheduler": self.schedulers}
+        found = kinds[kind]
         if len(found) == 1:
             return next(iter(found.values()))
         if not found and kind == "scheduler":

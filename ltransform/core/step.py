@@ -96,6 +96,15 @@ class TransformedStep:
     direct call ``step(state, batch)`` finds its own state's binding (preparing lazily, once).
     """
 
+    # Set once in __init__ (through __dict__: the step is immutable); declared for type checkers.
+    base: Callable[..., Any]
+    transforms: tuple[StepTransform, ...]
+    counts: bool
+    trusted: bool
+    body: Body | None
+    every: int
+    unanchored: dict[TransformedStep, BoundStep]
+
     def __init__(
         self,
         base: Callable[..., Any],

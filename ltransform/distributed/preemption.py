@@ -175,7 +175,7 @@ class Watch:
             signal.signal(sig, previous)
         self._previous.clear()
         self.disarm()
-        if self._thread is None:
+        if self._thread is None or self._sockets is None:  # (install sets both)
             return
         signal.set_wakeup_fd(self._previous_wakeup)  # (its warn_on_full_buffer cannot be read back)
         reader, writer = self._sockets
@@ -247,7 +247,9 @@ class Watch:
             return self._agreed(self.received)
         earlier = self._finish()
         self._start(1)
-        now, _ = self._finish()
+        finished = self._finish()
+        assert finished is not None  # _start has just started one
+        now, _ = finished
         return self._agreed([*now, *(earlier[0] if earlier else ())])
 
     def _proposal(self, step: int) -> int:

@@ -29,9 +29,12 @@ checkpoint package reads (``checkpoint/sharded.py``).
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 
 def is_xla_sharded(module: torch.nn.Module) -> bool:
@@ -106,7 +109,7 @@ def gradient_sync(module: torch.nn.Module) -> bool:
     if is_sharded(module):
         # the root may hold no parameters of its own (no group): ask the first unit that does
         for unit in module.modules():
-            group = unit._get_fsdp_state()._fsdp_param_group if is_sharded(unit) else None
+            group = cast("FSDPModule", unit)._get_fsdp_state()._fsdp_param_group if is_sharded(unit) else None
             if group is not None:
                 return bool(group.reduce_grads)
         return True

@@ -256,7 +256,7 @@ def fsdp(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool] | None
     move(model)  # (FSDPv2's own .to would untie tied weights)
 
     def policy(module: torch.nn.Module, recurse: bool, **_: Any) -> bool:
-        return True if recurse else bool(match(module))  # descend everywhere; wrap what matches
+        return True if recurse else match is not None and bool(match(module))  # descend everywhere; wrap what matches
 
     def output(out: Any, mesh: Any) -> None:  # the batch dimension of each output, over both axes
         import torch_xla.distributed.spmd as xs
@@ -330,7 +330,8 @@ def _unwrapped_keys(module: torch.nn.Module, state_dict: dict[str, Any], prefix:
     if metadata is not None:
         for key in [k for k in metadata if k == prefix + _WRAPPED[:-1] or k.startswith(prefix + _WRAPPED)]:
             value = metadata.pop(key)
-            metadata[prefix[:-1] if key == prefix + _WRAPPED[:-1] else prefix + key[len(prefix) + len(_WRAPPED):]] = value
+            unwrapped = prefix[:-1] if key == prefix + _WRAPPED[:-1] else prefix + key[len(prefix) + len(_WRAPPED):]
+            metadata[unwrapped] = value
 
 
 def _wrapped_keys(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -381,7 +382,7 @@ def load_planner_class() -> type:
     from torch.distributed.checkpoint._nested_dict import set_element
     from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
 
-    class SafeSPMDLoadPlanner(SPMDLoadPlanner):  # type: ignore[misc]
+    class SafeSPMDLoadPlanner(SPMDLoadPlanner):
         def load_bytes(self, read_item: Any, value: Any) -> None:
             self.set_bytes(read_item, torch.load(value, weights_only=True))
 

@@ -15,8 +15,9 @@ import math
 import os
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 import torch
@@ -143,7 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default = GPTConfig()
     p = argparse.ArgumentParser(description="Train a character-level GPT on Python's own sources.")
     p.add_argument("--max-steps", type=int, default=800, help="optimizer steps")
-    p.add_argument("--precision", default="32-true", help="e.g. 32-true, bf16-mixed, 16-mixed, bf16-true, torchao-float8")
+    p.add_argument("--precision", default="32-true",
+                   help="e.g. 32-true, bf16-mixed, 16-mixed, bf16-true, torchao-float8")
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0 disables)")
     p.add_argument("--batch", type=int, default=32, help="micro-batch size")
@@ -212,7 +214,7 @@ def train(args: argparse.Namespace) -> lt.State | None:
           f"clip {args.clip or 'off'}, {lt.world_size()} {'XLA device' if lt.accelerator() == 'xla' else 'process'}"
           f"(s), strategy {args.strategy}; "
           f"logs in {run_dir}/")
-    loggers = [lt.CSVLogger(run_dir), _print_loss]
+    loggers: list[Callable[[Mapping[str, float], int], Any]] = [lt.CSVLogger(run_dir), _print_loss]
     try:
         loggers.append(lt.TensorBoardLogger(run_dir))
     except ImportError:
@@ -227,8 +229,9 @@ def train(args: argparse.Namespace) -> lt.State | None:
                    eval_step=eval_step, eval_data=val, eval_every=args.eval_every,
                    progress=not args.no_progress)
     for logger in loggers:
-        if callable(getattr(logger, "close", None)):
-            logger.close()
+        close = getattr(logger, "close", None)
+        if callable(close):
+            close()
     say(f"trained {state.step} steps in {time.perf_counter() - started:.0f} s")
     rule = "-" * 60
     sampler = model
@@ -240,7 +243,7 @@ def train(args: argparse.Namespace) -> lt.State | None:
     return state if lt.world_size() == 1 or lt.accelerator() == "xla" else None
 
 
-def _print_loss(metrics: dict[str, float], step: int) -> None:
+def _print_loss(metrics: Mapping[str, float], step: int) -> None:
     from tqdm.auto import tqdm
 
     shown = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k in ("loss", "val_loss"))

@@ -29,7 +29,8 @@ class LowRank(torch.nn.Module):
 
 
 def _add_output(layer: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-    return output + layer.adapter(inputs[0]).to(output.dtype)
+    # (torch's stubs type a submodule attribute Tensor | Module, so it is not known callable)
+    return output + layer.adapter(inputs[0]).to(output.dtype)  # type: ignore[operator]
 
 
 def add_adapters(model: Any = MISSING, /, rank: Any = MISSING, *, alpha: float | None = None,

@@ -59,6 +59,7 @@ def init_module(
         )
     if not callable(build):
         raise TypeError(f"init_module: expected a function that builds the model, got {build!r}")
+    target: torch.device | str
     if empty:
         target = torch.device("meta")
     else:
@@ -250,7 +251,8 @@ def _initialise(model: torch.nn.Module, init: Callable[[torch.nn.Module], None] 
         return
     for module in model.modules():  # transformers 4 marks modules initialised while on meta
         if getattr(module, "_is_hf_initialized", False):
-            module._is_hf_initialized = False
+            # (a plain bool; torch's stubs type every Module attribute Tensor | Module)
+            module._is_hf_initialized = False  # type: ignore[assignment]
     reset: set[int] = set()
     for owner, own in _initialisers(model, covered=False, seen=set()):
         if own is None and owner is not model:
@@ -258,8 +260,9 @@ def _initialise(model: torch.nn.Module, init: Callable[[torch.nn.Module], None] 
         for module in owner.modules():
             if id(module) not in reset:
                 reset.add(id(module))
-                if callable(getattr(module, "reset_parameters", None)):
-                    module.reset_parameters()
+                reset_parameters = getattr(module, "reset_parameters", None)
+                if callable(reset_parameters):
+                    reset_parameters()
         if own is not None:
             own()
 
@@ -328,7 +331,8 @@ def _is_pretrained(module: torch.nn.Module) -> bool:
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded (DTensor) tensor; the tensor itself otherwise."""
-    return tensor.to_local() if hasattr(tensor, "device_mesh") else tensor
+    # (one with a device_mesh is a DTensor, known without importing DTensor)
+    return tensor.to_local() if hasattr(tensor, "device_mesh") else tensor  # type: ignore[attr-defined]
 
 
 def _sentinel(tensor: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -295,7 +295,7 @@ def checkpoint_activations(model: Any = MISSING, /, policy: Policy = MISSING) ->
     if "checkpoint_activations" in applied(model):
         raise RuntimeError("checkpoint_activations: already applied to this model; apply it once, "
                            "with one policy covering every submodule to recompute")
-    targets = _matches(model, match) or ([model] if match(model) else [])
+    targets = _matches(model, match) or ([model] if match is not None and match(model) else [])
     if not targets:
         raise ValueError(f"checkpoint_activations: policy {policy!r} matches no submodule of "
                          f"{type(model).__name__}")

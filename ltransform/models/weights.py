@@ -10,8 +10,9 @@ import contextlib
 import functools
 import os
 from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -80,7 +81,7 @@ def read(weights: Weights, name: str, tied: dict[str, list[str]]) -> torch.Tenso
 
 
 def fill(model: torch.nn.Module, weights: Weights, *, device: torch.device | None, call: str,
-         done: set[str] = frozenset()) -> None:
+         done: AbstractSet[str] = frozenset()) -> None:
     """Give every parameter and buffer of ``model`` (except the names in ``done``) its stored
     tensor, in its own dtype, on ``device`` (default: where it is, or ``lt.device()`` for one on
     meta), one tensor at a time. Ties between parameters are kept.
@@ -144,7 +145,7 @@ def placed(tensor: torch.Tensor, like: torch.Tensor, name: str, device: torch.de
 def _set(model: torch.nn.Module, name: str, value: torch.Tensor, *, parameter: bool) -> None:
     owner, attribute = _owner(model, name)
     if parameter:
-        owner.register_parameter(attribute, value)
+        owner.register_parameter(attribute, cast(torch.nn.Parameter, value))  # (fill passes its Parameter)
     else:
         owner.register_buffer(attribute, value, persistent=_persistent(model, name))
 

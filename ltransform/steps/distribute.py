@@ -168,7 +168,9 @@ def _check_sharded(module: torch.nn.Module, name: str) -> None:
 
 
 def _no_sync(ctx: _Sync, frame, value, *, proceed):
-    modules = [ref() for ref in ctx.modules]
+    # (alive: a binding is used only while its models are; Any: FSDP2 or replicate modules,
+    # whose set_requires_gradient_sync torch adds to the module's class when wrapping it)
+    modules: list[Any] = [ref() for ref in ctx.modules]
     previous = [wrappers.gradient_sync(m) for m in modules]
     for module in modules:
         module.set_requires_gradient_sync(False)
@@ -181,7 +183,8 @@ def _no_sync(ctx: _Sync, frame, value, *, proceed):
 
 def _xla_cut(strategy: Strategy) -> Handler:
     """The graph cut of an XLA step: after every micro-step (or only after the optimizer update)."""
-    return Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=xla.cut, after="distribute: torch_xla.sync() (run the step)",
+    return Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=xla.cut,
+                   after="distribute: torch_xla.sync() (run the step)",
                    when=When.BOUNDARY if strategy.graph_per_update else When.ALWAYS,
                    needed=lambda ctx: ctx.xla, needed_text="on XLA")
 

@@ -245,6 +245,7 @@ def _scale_loss(ctx: _Runtime, frame, loss, *, proceed):
 
 
 def _unscale(ctx: _Runtime, frame, optimizer, *, proceed):
+    assert ctx.scaler is not None  # this handler and _scaler_step are added only with a scaler
     ctx.scaler.unscale_(optimizer)
     return proceed(frame, optimizer)
 
@@ -252,6 +253,7 @@ def _unscale(ctx: _Runtime, frame, optimizer, *, proceed):
 def _scaler_step(ctx: _Runtime, frame, optimizer, *, proceed):
     # scaler.step calls optimizer.step() itself unless it found inf/NaN; a step post-hook
     # (public API) tells which, with no extra host sync beyond the scaler's own.
+    assert ctx.scaler is not None
     applied = []
     handle = optimizer.register_step_post_hook(lambda *_: applied.append(True))
     try:

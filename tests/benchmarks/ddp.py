@@ -6,7 +6,8 @@
 Throughput: each rank trains the same MLP twice, with a raw loop over torch's
 ``DistributedDataParallel`` and with ``lt.run(lt.distribute(lt.train_step(...), "ddp"))``, in
 alternating blocks so drift hits both alike; the figure is the median ratio of steps/s
-(target >= 0.98); a raw-vs-raw control line shows the noise floor. The same for FSDP: raw ``fully_shard`` loop vs ``lt.shard`` + ``lt.distribute``.
+(target >= 0.98); a raw-vs-raw control line shows the noise floor. The same for FSDP: raw
+``fully_shard`` loop vs ``lt.shard`` + ``lt.distribute``.
 
 Memory: a model of ``--params-m`` million float32 parameters built three ways on each rank:
 in full (plain ``nn.Module``), sharded after a full build, and on the meta device then sharded

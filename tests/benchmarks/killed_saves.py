@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 
-from test_killed_saves import MODES, every_operation, random_trials, tally  # noqa: E402
+from test_killed_saves import MODES, every_operation, random_trials, tally
 
 
 def main() -> None:
@@ -37,8 +37,9 @@ def main() -> None:
     root = Path(args.dir or tempfile.mkdtemp(prefix="ltransform-killed-saves-"))
     failures = []
     for mode in MODES:
-        for label, run in (("random", lambda d: random_trials(mode, d, args.trials, max_delay=args.max_delay)),
-                           ("every_op", lambda d: every_operation(mode, d, mode == "keep"))):
+        for label, run in (("random", lambda d, mode=mode: random_trials(mode, d, args.trials,
+                                                                         max_delay=args.max_delay)),
+                           ("every_op", lambda d, mode=mode: every_operation(mode, d, mode == "keep"))):
             start = time.perf_counter()
             outcomes = run(root / f"{mode}-{label}")
             print(f"{mode:8s} {label:9s} {tally(outcomes)}  ({time.perf_counter() - start:.1f} s)", flush=True)

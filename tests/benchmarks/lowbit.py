@@ -53,7 +53,7 @@ def run(precision: str, base: torch.nn.Module, data, device) -> tuple[list[float
     step = lt.pipe(lt.train_step(loss_fn), lt.with_precision(precision))
     state = lt.State(model=model, optimizer=optimizer)
     losses, times = [], []
-    for i, batch in enumerate(data):
+    for batch in data:
         sync(device)
         start = time.perf_counter()
         state, metrics = step(state, batch)

@@ -153,7 +153,8 @@ def main() -> None:
           f"{lt.world_size()} XLA devices (torch_xla SPMD)")
     print("1. distribute('xla') against the hand-written SPMD loop, one cut per step:")
     compare(cfg, args.batch, 1, args.blocks, args.block,
-            {"hand-written SPMD loop": HandWritten(cfg, 1, False), "lt.run + distribute('xla')": Ltransform(cfg, 1, False)})
+            {"hand-written SPMD loop": HandWritten(cfg, 1, False),
+             "lt.run + distribute('xla')": Ltransform(cfg, 1, False)})
     print("2. accumulate(4): a cut per micro-step (default) against one graph per window:")
     compare(cfg, args.batch, 4, args.blocks, args.block,
             {"cut every micro-step (default)": Ltransform(cfg, 4, True),

@@ -497,7 +497,8 @@ def test_each_pickle_exploit_form_in_dcp_metadata_is_refused_and_runs_nothing(tm
     write_manifest(path)  # a crafted checkpoint carries a manifest that matches
     state = build(1)
     before = snapshot(state)
-    refused = r"refusing to load the sharded checkpoint .*its file '.metadata' holds objects other than DCP's own records"
+    refused = (r"refusing to load the sharded checkpoint .*its file '.metadata' holds objects other than DCP's own "
+               r"records")
     with pytest.raises(lt.CheckpointError, match=refused + r" .*is not allowed") as raised:
         lt.load(path, state)
     assert isinstance(raised.value, pickle.UnpicklingError)

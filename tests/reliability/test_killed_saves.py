@@ -60,7 +60,7 @@ def _arm(kill_at: int) -> None:
     """SIGKILL this process just before its ``kill_at``-th file system mutation."""
     count = 0
     for name in ("replace", "rename", "unlink", "rmdir", "mkdir"):
-        def wrapped(*args: Any, _real: Any = getattr(os, name), **kwargs: Any) -> Any:
+        def wrapped(*args: Any, _real: Any = getattr(os, name), **kwargs: Any) -> Any:  # noqa: B008 - bound per name
             nonlocal count
             count += 1
             if count == kill_at:
@@ -91,7 +91,7 @@ def _child(mode: str, root: Path, published: Any, async_save: bool, kill_at: int
                 finish_pending(state)
                 published.value = state.step
                 os._exit(0)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - printed; the test reads the exit code
         traceback.print_exc()
         os._exit(1)
 

@@ -160,7 +160,8 @@ def check_distribute(every: str = "1", clip: str = "none", precision: str = "32-
         worst = compare(got, exact, 2 * drift, what + " vs fp32")
         assert worst > 1e-5, f"{what}: equals fp32 ({worst:.2g}): the precision did not apply"
     split_text = check_batches_split(strategy)
-    return f"{lt.world_size()} devices, accumulate {every_}, clip {clip_}, {precision}: max diff {worst:.2e}; {split_text}"
+    return (f"{lt.world_size()} devices, accumulate {every_}, clip {clip_}, {precision}: max diff {worst:.2e}; "
+            f"{split_text}")
 
 
 def check_loader():
