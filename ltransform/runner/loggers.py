@@ -4,6 +4,7 @@ Biases and MLflow here, each writing on rank 0 only and importing its package wh
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
@@ -34,6 +35,8 @@ class CSVLogger:
         self._columns: list[str] = ["step"]
         self._rows: list[dict[str, Any]] = []
         self._resumed = False
+        self._file: Any = None  # open while logging: rows are appended, the last one rewritten in place
+        self._last_at = 0  # where the last row starts in the file
         if self.path.is_file():
             with open(self.path, newline="") as f:
                 reader = csv.DictReader(f)
@@ -50,15 +53,44 @@ class CSVLogger:
             self._rows = [r for r in self._rows if r["step"] < step]
         new = [k for k in metrics if k not in self._columns]
         self._columns += new
-        if self._rows and self._rows[-1]["step"] == step:
+        same = bool(self._rows) and self._rows[-1]["step"] == step
+        if same:
             self._rows[-1].update(metrics)
         else:
             self._rows.append({"step": step, **metrics})
+        # The file is current after every call. It is rewritten whole only when a column is added
+        # (or at the first call); otherwise a new step's row is appended and more values for the
+        # same step rewrite just the last row (a truncating rewrite of the whole file costs ms).
+        if new or self._file is None or self._file.closed:
+            self._rewrite()
+        else:
+            if same:
+                self._file.seek(self._last_at)
+                self._file.truncate()
+            else:
+                self._last_at = self._file.tell()
+            self._file.write(self._line(self._rows[-1]))
+        self._file.flush()
+
+    def _rewrite(self) -> None:
+        if self._file is not None:
+            self._file.close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w", newline="") as f:  # (small, and written at log points only)
-            writer = csv.DictWriter(f, fieldnames=self._columns)
-            writer.writeheader()
-            writer.writerows(self._rows)
+        self._file = open(self.path, "w+", newline="")  # noqa: SIM115  (held open between log points)
+        writer = csv.DictWriter(self._file, fieldnames=self._columns)
+        writer.writeheader()
+        writer.writerows(self._rows[:-1])
+        self._last_at = self._file.tell()
+        self._file.write(self._line(self._rows[-1]))
+
+    def _line(self, row: Mapping[str, Any]) -> str:
+        buffer = io.StringIO()
+        csv.DictWriter(buffer, fieldnames=self._columns, lineterminator="\r\n").writerow(row)
+        return buffer.getvalue()
+
+    def flush(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.flush()
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         """Write ``params`` to ``hparams.json`` beside the metrics."""
@@ -67,7 +99,9 @@ class CSVLogger:
             (self.path.parent / "hparams.json").write_text(json.dumps(dict(params), indent=1, default=str) + "\n")
 
     def close(self) -> None:
-        """Nothing is held open (each log point rewrites the file)."""
+        """Close the file (a later call opens it again, rewriting it whole)."""
+        if self._file is not None:
+            self._file.close()
 
 
 def _rank_zero() -> bool:

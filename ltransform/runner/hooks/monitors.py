@@ -71,8 +71,8 @@ def _synchronize(device: torch.device) -> None:
         xm.wait_device_ops()
 
 
-def _training_device(state: Any) -> torch.device:
-    for model in inventory(state).models.values():
+def _training_device(models: Any) -> torch.device:
+    for model in models:
         for param in model.parameters():
             return param.device
     return env.device()
@@ -133,12 +133,14 @@ class Throughput(_Monitor):
     def start(self, state: Any, run: Any) -> None:
         super().start(state, run)
         self._window, self._recounts = None, 0
-        self._device = _training_device(state)
-        self._processes = env.process_count() if run.distributed else 1
-        self._devices = max(1, env.world_size() // env.process_count())  # devices a process drives (XLA SPMD)
+        models = list(inventory(state).models.values())
+        self._device = _training_device(models)
+        processes = env.process_count()
+        self._processes = processes if run.distributed else 1
+        self._devices = max(1, env.world_size() // processes)  # devices a process drives (XLA SPMD)
         if self.given_peak is None:
             self.peak = _device_peak(self._device, run.precision)
-        counting_for = (id(run.bound.step), tuple(id(m) for m in inventory(state).models.values()))
+        counting_for = (id(run.bound.step), tuple(id(m) for m in models))
         if self.cadence and self.count and (self._counted_for is None or self._counted_for[:2] != counting_for):
             self._counted_for = (*counting_for, None)
             self._begin_count(run)
@@ -255,7 +257,7 @@ class Memory(_Monitor):
 
     def start(self, state: Any, run: Any) -> None:
         super().start(state, run)
-        self._device = _training_device(state)
+        self._device = _training_device(inventory(state).models.values())
         if self.cadence and self._device.type in ("cuda", "xpu"):
             getattr(torch, self._device.type).reset_peak_memory_stats(self._device)
 
