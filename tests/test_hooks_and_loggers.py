@@ -133,6 +133,7 @@ def test_loggers_write_nothing_on_other_ranks(tmp_path, monkeypatch):
 def test_importing_ltransform_imports_no_logger_package():
     import subprocess
 
-    code = "import sys, ltransform as lt; lt.CSVLogger; print(sorted(m for m in ('wandb', 'mlflow', 'tensorboard') if m in sys.modules))"
+    code = ("import sys, ltransform as lt; lt.CSVLogger; "
+            "print(sorted(m for m in ('wandb', 'mlflow', 'tensorboard') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120).stdout.strip() == "[]"

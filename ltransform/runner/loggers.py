@@ -76,7 +76,7 @@ class CSVLogger:
         if self._file is not None:
             self._file.close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w+", newline="")  # noqa: SIM115  (held open between log points)
+        self._file = open(self.path, "w+", newline="")  # held open between log points
         writer = csv.DictWriter(self._file, fieldnames=self._columns)
         writer.writeheader()
         writer.writerows(self._rows[:-1])
