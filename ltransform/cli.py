@@ -8,6 +8,8 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +22,10 @@ def _parser() -> argparse.ArgumentParser:
                     "(torchrun); the script is unchanged from its single-process form. A rank that "
                     "fails makes the group restart (up to --max-restarts times; lt.run(..., "
                     "resume='latest') resumes); preempted ranks (SIGTERM: each lt.run saves and "
-                    "exits) make it exit with their code, 128 + the signal's number.")
+                    "exits) make it exit with their code, 128 + the signal's number. When a rank fails, "
+                    "the last paragraph printed names the rank that failed first, its error and where "
+                    "the full traceback is, and the command exits with that rank's exit code (128 + "
+                    "the signal's number if a signal killed it).")
     run.add_argument("--devices", type=int, default=1, help="processes per node (one per GPU)")
     run.add_argument("--nodes", type=int, default=1, help="number of nodes")
     run.add_argument("--node-rank", type=int, default=0, help="this node's index (0 to nodes-1)")
@@ -77,25 +82,42 @@ def torchrun_args(options: argparse.Namespace) -> list[str]:
             raise SystemExit("ltransform run: give --master-port for --nodes > 1 (the same on every node)")
         args += [f"--node-rank={options.node_rank}", f"--master-addr={options.master_addr}",
                  f"--master-port={options.master_port}"]
-    return [*args, options.script, *options.args]
+    # each rank runs the script through our worker, which records an exception for the summary
+    return [*args, "--module", "ltransform.distributed.worker", options.script, *options.args]
+
+
+_OUT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+
+
+def _one_line(command: str, work: Callable[[], object]) -> int:
+    """Run ``work``; an error the user can fix (a checkpoint that is missing, not one, corrupt; a
+    file that cannot be written; an extra not installed) exits with one line, not a traceback."""
+    from ltransform.io import CheckpointError
+
+    try:
+        work()
+    except (CheckpointError, ValueError, OSError, ImportError) as error:
+        text = " ".join(str(error).split()) or type(error).__name__
+        for prefix in (f"ltransform {command}: ", f"{command}: "):  # the library's own message names it
+            text = text.removeprefix(prefix)
+        raise SystemExit(f"ltransform {command}: {text}") from None
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     options = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if options.command == "inspect":
         from ltransform.checkpoint.describe import describe
-        from ltransform.io import CheckpointError
 
-        try:
-            print(describe(options.checkpoint))
-        except CheckpointError as error:
-            raise SystemExit(f"ltransform inspect: {error}") from None
-        return 0
+        return _one_line("inspect", lambda: print(describe(options.checkpoint)))
     if options.command == "consolidate":
         from ltransform.checkpoint.convert import consolidate
 
-        print(f"wrote {consolidate(options.sharded_dir, options.out)}")
-        return 0
+        if Path(options.out).suffix not in _OUT_SUFFIXES:
+            raise SystemExit(f"ltransform consolidate: OUT must end in {', '.join(_OUT_SUFFIXES[:-1])} (a full "
+                             f"checkpoint) or .safetensors (the weights only), got {options.out!r}")
+        return _one_line("consolidate",
+                         lambda: print(f"wrote {consolidate(options.sharded_dir, options.out)}"))
     if options.devices < 1 or options.nodes < 1 or not 0 <= options.node_rank < options.nodes:
         raise SystemExit(f"ltransform run: need --devices >= 1, --nodes >= 1 and 0 <= --node-rank < "
                          f"--nodes, got {options.devices}, {options.nodes}, {options.node_rank}")
@@ -107,28 +129,50 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if options.accelerator is not None:
-            env.use_accelerator(options.accelerator, where=f"--accelerator {options.accelerator}")  # the ranks inherit LTRANSFORM_ACCELERATOR
+            # the ranks inherit LTRANSFORM_ACCELERATOR
+            env.use_accelerator(options.accelerator, where=f"--accelerator {options.accelerator}")
         accelerator = env.accelerator()
     except (ValueError, RuntimeError, ImportError) as error:
         raise SystemExit(f"ltransform run: {error}") from None
     if accelerator == "xla" and (options.devices > 1 or options.nodes > 1):
         raise SystemExit(f"ltransform run: {env.XLA_LAUNCH}")
+    return _run(options)
+
+
+def _run(options: argparse.Namespace) -> int:
+    """torchrun's agent, in this process, with our failure summary instead of its own."""
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
+    from torch.distributed.run import parse_args, run  # not torchrun's main: its @record logs again
 
-    try:
-        torchrun(torchrun_args(options))
-    except SignalException as error:  # torchrun passed it on to the ranks and waited for them
-        print(f"ltransform run: received {error.sigval.name}; the ranks were sent it too", file=sys.stderr)
-        return 128 + int(error.sigval)
-    except ChildFailedError as error:
-        # preempted: a rank exited with 128 + a signal's number (lt.Preempted), and every other
-        # one too, or was killed by that signal (torchrun stops the others once one has exited)
-        codes = {failure.exitcode for failure in error.failures.values()}
-        signals = {code - 128 if code > 128 else -code for code in codes}
-        if len(signals) == 1 and max(codes) > 128 and 0 < next(iter(signals)) < signal.NSIG:
-            print(f"ltransform run: the ranks were preempted (exit code {max(codes)})", file=sys.stderr)
-            return max(codes)
-        raise
-    return 0
+    from ltransform.distributed import failures
+
+    with tempfile.TemporaryDirectory(prefix="ltransform-run-") as records:
+        os.environ[failures.DIRECTORY] = records  # the ranks inherit it
+        try:
+            with failures.Exits(records) as exits, failures.quiet_agent(options.max_restarts):
+                run(parse_args(torchrun_args(options)))
+            return 0
+        except SignalException as error:  # torchrun passed it on to the ranks and waited for them
+            print(f"ltransform run: received {error.sigval.name}; the ranks were sent it too", file=sys.stderr)
+            return 128 + int(error.sigval)
+        except ChildFailedError as error:
+            reported = error.failures
+            found = failures.gather(records, reported, exits)
+        finally:
+            del os.environ[failures.DIRECTORY]
+    # preempted: a rank exited with 128 + a signal's number (lt.Preempted), and every other
+    # one too, or was killed by that signal (torchrun stops the others once one has exited)
+    codes = {failure.exitcode for failure in reported.values()}
+    signals = {code - 128 if code > 128 else -code for code in codes}
+    if len(signals) == 1 and max(codes) > 128 and 0 < next(iter(signals)) < signal.NSIG:
+        print(f"ltransform run: the ranks were preempted (exit code {max(codes)})", file=sys.stderr)
+        return max(codes)
+    if not found:
+        print(f"ltransform run: ranks {sorted(reported)} failed; no exception or exit was recorded",
+              file=sys.stderr)
+        return 1
+    print(failures.summary(found, "ltransform run", options.node_rank), file=sys.stderr)
+    return found[0].exit_status()

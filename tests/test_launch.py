@@ -64,12 +64,13 @@ def test_an_unsendable_result_is_named():
 
 def test_cli_maps_to_torchrun():
     single = _parser().parse_args(["run", "--devices", "4", "train.py", "--lr", "3"])
+    worker = ["--module", "ltransform.distributed.worker"]  # runs the script, recording an exception
     assert torchrun_args(single) == ["--nproc-per-node=4", "--nnodes=1", "--max-restarts=0", "--standalone",
-                                     "train.py", "--lr", "3"]
+                                     *worker, "train.py", "--lr", "3"]
     multi = _parser().parse_args(["run", "--devices", "8", "--nodes", "2", "--node-rank", "1", "--master-addr",
                                   "10.0.0.1", "--master-port", "29500", "train.py"])
     assert torchrun_args(multi) == ["--nproc-per-node=8", "--nnodes=2", "--max-restarts=0", "--node-rank=1",
-                                    "--master-addr=10.0.0.1", "--master-port=29500", "train.py"]
+                                    "--master-addr=10.0.0.1", "--master-port=29500", *worker, "train.py"]
 
 
 def test_cli_runs_a_script_on_two_processes(tmp_path):

@@ -7,24 +7,24 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ltransform.distributed import clusters, env
+from ltransform.distributed import clusters, env, failures
 from ltransform.distributed.preemption import Preempted
 
 _START_METHODS = ("spawn", "fork", "forkserver")
 
 
 class LaunchError(RuntimeError):
-    """One or more ranks of an ``lt.launch`` failed; ``failures`` maps rank to the reason."""
+    """One or more ranks of an ``lt.launch`` failed; ``failures`` maps each failed rank to the
+    reason, the first to fail (``first``) first."""
 
-    def __init__(self, message: str, failures: dict[int, str]) -> None:
+    def __init__(self, message: str, failures: dict[int, str], first: int | None = None) -> None:
         super().__init__(message)
-        self.failures = failures
+        self.failures, self.first = failures, first
 
 
 def launch(
@@ -80,9 +80,14 @@ def launch(
         What ``fn`` returned on rank 0 (None on nodes other than node 0).
 
     Raises:
-        LaunchError: a rank failed; the message names each failed rank and its error (the
-            other ranks are stopped, so nothing is left hanging). Also when not every node
-            joined within ``join_timeout`` seconds.
+        LaunchError: a rank failed; the message is one paragraph naming the rank that failed
+            first (on its own: before the ranks whose collectives broke because it died, and
+            the ranks the agent then stopped), when, its exception and the line that raised it
+            or the signal that killed it, the other failed ranks, and the file holding the full
+            traceback (each rank's traceback is also printed to stderr). ``failures`` maps each
+            failed rank to its reason, the first first; ``first`` is its rank. The other ranks
+            are stopped, so nothing is left hanging. Also when not every node joined within
+            ``join_timeout`` seconds.
         ValueError: bad options, or ``devices * num_nodes`` differs from the world size of the
             launched process it is called in.
         lt.Preempted: every failed rank was stopped by a preemption signal (``lt.run`` saved
@@ -156,11 +161,12 @@ def _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, mas
         start_method=method,
         monitor_interval=0.1,
     )
-    with tempfile.TemporaryDirectory(prefix="ltransform-launch-") as errors:
+    with tempfile.TemporaryDirectory(prefix="ltransform-launch-") as records:
         try:
-            results = elastic_launch(config, _Entry(fn, kwargs, errors, timeout))(*args)
+            with failures.Exits(records) as exits, failures.quiet_agent(max_restarts):
+                results = elastic_launch(config, _Entry(fn, kwargs, records, timeout))(*args)
         except ChildFailedError as error:
-            raise _launch_error(error.failures, errors, devices * num_nodes) from None
+            raise _launch_error(failures.gather(records, error.failures, exits), node_rank) from None
         except SignalException as error:  # the agent passed it on to the ranks and waited for them
             sig = signal.Signals(error.sigval)
             raise Preempted(f"lt.launch: received {sig.name}; the ranks were sent it too (an lt.run "
@@ -174,24 +180,28 @@ def _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, mas
 
 
 class _Entry:
-    """What each rank runs: ``fn``, writing any exception where the parent will read it."""
+    """What each rank runs: ``fn``, leaving its pid and any exception where the launcher reads them."""
 
-    def __init__(self, fn: Callable[..., Any], kwargs: dict[str, Any], errors: str, timeout: float | None) -> None:
-        self.fn, self.kwargs, self.errors, self.timeout = fn, kwargs, errors, timeout
+    def __init__(self, fn: Callable[..., Any], kwargs: dict[str, Any], records: str, timeout: float | None) -> None:
+        self.fn, self.kwargs, self.records, self.timeout = fn, kwargs, records, timeout
         self.__name__ = self.__qualname__ = getattr(fn, "__name__", "fn")  # the agent logs it
 
     def __call__(self, *args: Any) -> Any:
         if self.timeout is not None:  # read when the rank creates its process group
             os.environ["LTRANSFORM_COLLECTIVE_TIMEOUT"] = f"{self.timeout:g}"
+        failures.started(self.records)
         try:
             result = self.fn(*args, **self.kwargs)
             _check_sendable(result)
             return result
         except BaseException as error:
-            path = os.path.join(self.errors, f"rank-{os.environ.get('RANK', '0')}.txt")
-            with open(path, "w") as file:
-                first_line = f"{type(error).__name__}: {error}".splitlines()[0]
-                file.write(f"{time.time()} {first_line}\n{traceback.format_exc()}")
+            if not (isinstance(error, SystemExit) and error.code in (None, 0)):
+                failures.record(error, self.records)
+            if not isinstance(error, SystemExit):  # the rank's own story, as a script's would print it
+                prefix, frames = f"[rank{os.environ.get('RANK', '0')}]: ", error.__traceback__
+                shown = "".join(traceback.format_exception(type(error), error, frames.tb_next if frames else None))
+                sys.stderr.write("".join(prefix + line for line in shown.splitlines(keepends=True)))
+                sys.stderr.flush()
             raise
 
 
@@ -203,43 +213,22 @@ def _check_sendable(result: Any) -> None:
         ForkingPickler.dumps(result)
     except Exception as error:
         raise TypeError(
-            f"lt.launch: the function's return value (a {type(result).__name__}) cannot be sent back to the launching process ({error}); "
-            f"return plain data, e.g. tensors with .detach().cpu()"
+            f"lt.launch: the function's return value (a {type(result).__name__}) cannot be sent back to the "
+            f"launching process ({error}); return plain data, e.g. tensors with .detach().cpu()"
         ) from error
 
 
-def _launch_error(failures: dict[int, Any], errors: str, world: int) -> LaunchError | Preempted:
-    """Each failed rank and why, the first to fail (the likely cause) first; ``Preempted`` if
-    every failed rank was (they exit with the same code)."""
-    found: dict[int, tuple[float, str]] = {}
-    for name in os.listdir(errors):  # ranks that raised wrote their exception here
-        with open(os.path.join(errors, name)) as file:
-            when, why = file.readline().rstrip("\n").split(" ", 1)
-        found[int(name.removeprefix("rank-").removesuffix(".txt"))] = (float(when), why)
-    for rank, failure in failures.items():
-        if rank not in found:
-            found[rank] = (float(getattr(failure, "timestamp", 0)), _exit_reason(failure.exitcode))
-    reasons = {rank: why for rank, (_, why) in sorted(found.items(), key=lambda kv: (kv[1][0], kv[0]))}
-    first, *rest = reasons
-    preempted = [why for why in reasons.values() if why.startswith(f"{Preempted.__name__}: ")]
-    codes = {failure.exitcode for failure in failures.values() if failure.exitcode and failure.exitcode > 128}
-    if preempted and len(codes) == 1:  # the others were stopped by the agent once one had exited
-        sig = signal.Signals(codes.pop() - 128)
-        if all(why in preempted or why.startswith(f"killed by signal {sig.name}") for why in reasons.values()):
-            return Preempted(f"lt.launch: the ranks were preempted: {preempted[0].split(': ', 1)[1]}", sig)
-    lines = [f"  rank {rank}: {why}" for rank, why in reasons.items()]
-    return LaunchError(
-        f"lt.launch: rank {first} failed first ({len(reasons)} of {world} ranks failed; the "
-        f"others were stopped):\n" + "\n".join(lines), reasons)
-
-
-def _exit_reason(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name} (exit code {code})"
-        except ValueError:
-            return f"killed by signal {-code} (exit code {code})"
-    return f"exited with code {code} without a Python exception"
+def _launch_error(found: list[failures.Failure], node_rank: int) -> LaunchError | Preempted:
+    """The first rank to fail and why, in one paragraph; ``Preempted`` if every failed rank was
+    (stopped by lt.run on a preemption signal, or by the agent with that signal once one had)."""
+    code = next((f.preempted for f in found if f.preempted), None)
+    if code is not None and all(f.preempted or f.exitcode in (code, 128 - code) for f in found):
+        why = next(f.reason for f in found if f.preempted).removeprefix("Preempted: ")
+        return Preempted(f"lt.launch: the ranks were preempted: {why}", signal.Signals(code - 128))
+    if not found:  # the agent said a rank failed, but none left a trace
+        return LaunchError("lt.launch: a rank failed, and neither its exit nor an exception was recorded", {})
+    return LaunchError(failures.summary(found, "lt.launch", node_rank), {f.rank: f.reason for f in found},
+                       first=found[0].rank)
 
 
 def _interactive(fn: Callable[..., Any]) -> bool:

@@ -319,7 +319,8 @@ def test_a_rank_blocked_in_a_collective_exits_143_within_stop_within_of_sigterm(
     assert code != 0
     assert ("lt.run: rank 0 did not reach the end of its step within 2 s of SIGTERM (stuck, or waiting for a "
             "rank that is gone); exiting with code 143 without a checkpoint") in err, err[-3000:]
-    assert "rank 0: exited with code 143" in err, err[-3000:]  # the launcher's report
+    assert "rank 0 failed first (local rank 0 on node 0), at " in err, err[-3000:]  # the launcher's report
+    assert "exited with code 143 (128 + SIGTERM)" in err, err[-3000:]
     assert lt.latest_checkpoint(tmp_path / "ckpt").name == "step-00000005"  # the last hook's, none at the stop
 
 
