@@ -56,7 +56,7 @@ def stop(state: Any = None) -> Stop:
 
 def _wants_run(fn: Callable[..., Any]) -> bool:
     """Whether ``fn`` takes a second positional argument (the run)."""
-    call = getattr(type(fn), "__call__", None)
+    call = getattr(type(fn), "__call__", None)  # noqa: B004  (the class's own function, to inspect)
     if inspect.isfunction(call):  # a hook object: its class answers once (inspect costs ~90 us a call)
         return _takes_two(call, 1)
     return _takes_two(fn, 0)
