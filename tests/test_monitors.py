@@ -400,3 +400,23 @@ def test_on_two_ranks_samples_count_both_processes_and_every_rank_logs_the_same(
                                                                 rel=1e-12)
         assert row["throughput/flops_per_step"] == 4 * 4 * 8 * 8  # a process's own batch
         assert row["memory/max_rss_gb"] > 0
+
+
+def test_a_compiled_model_is_not_counted_so_torch_compile_keeps_compiling_it(capsys):
+    graphs = []
+
+    def backend(gm, example_inputs):  # torch.compile's backend: count the graphs it is given
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    compiled = torch.compile(model, backend=backend)
+    data = [(torch.randn(4, 8), torch.randn(4, 1)) for _ in range(6)]
+    logged = []
+    lt.run(lt.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])),
+           lt.State(model=compiled, optimizer=torch.optim.SGD(compiled.parameters(), lr=0.1)), data,
+           progress=False, log_every=2, loggers=[lambda m, s: logged.append(dict(m))], hooks=[lt.throughput()])
+    assert graphs  # compiled: FlopCounterMode was not entered around it
+    assert "the model is compiled" in capsys.readouterr().err
+    assert "throughput/samples_per_s" in logged[-1] and "throughput/tflops" not in logged[-1]

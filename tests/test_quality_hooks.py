@@ -217,14 +217,17 @@ def test_resume_from_last_goes_on_ranking_against_the_saved_best(tmp_path):
         assert torch.equal(p, q)
 
 
-def test_a_new_run_into_the_directory_removes_the_later_checkpoints_of_another(tmp_path, capsys):
+def test_a_new_run_into_the_directory_of_another_is_refused_and_deletes_nothing(tmp_path):
     train([lt.checkpoint_best(tmp_path)], max_steps=8)
     assert _names(tmp_path) == ["best-step-00000006", "best.json", "step-00000008"]
-    best = lt.checkpoint_best(tmp_path)
-    train([best], curve=[9, 8], max_steps=4)  # from step 0: the other run's steps 6 and 8 go
-    assert _names(tmp_path) == ["best-step-00000004", "best.json", "step-00000004"]
-    assert "removed best-step-00000006, step-00000008" in capsys.readouterr().err
-    last, best = tmp_path / "step-00000004", tmp_path / "best-step-00000004"
+    with pytest.raises(ValueError, match=r"holds another run's checkpoints \(best-step-00000006, step-00000008\); "
+                                         r"continue that run \(lt.run\(..., resume='latest'\)\), or give this one"):
+        train([lt.checkpoint_best(tmp_path)], curve=[9, 8], max_steps=4)
+    assert _names(tmp_path) == ["best-step-00000006", "best.json", "step-00000008"]
+    last, best = tmp_path / "step-00000008", tmp_path / "best-step-00000006"
+    fresh = tmp_path / "fresh"
+    train([lt.checkpoint_best(fresh)], curve=[9, 8], max_steps=4)
+    last, best = fresh / "step-00000004", fresh / "best-step-00000004"
     for name in _names(last):  # the best is the last under a second name (hard links): no second write
         assert (last / name).stat().st_ino == (best / name).stat().st_ino
 

@@ -330,3 +330,58 @@ def test_a_hook_object_has_its_own_cadence_and_sees_start_epoch_end_and_end():
            progress=False, hooks=[Tracer()])
     assert calls == [("start", 0, 0), ("step", 3, 3), ("epoch_end", 4, 1), ("step", 6, 6), ("epoch_end", 8, 2),
                      ("end", 8, 2), ("close", 8)]
+
+
+def test_a_bad_hook_or_option_leaves_no_handler_and_no_redirected_stdout():
+    import signal
+
+    model = make_model()
+    state = lt.State(model=model, optimizer=sgd(model))
+    before_out, before_term = sys.stdout, signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TypeError, match="a hook must be callable"):
+        lt.run(lt.train_step(mse), state, make_data(2), hooks=[42])
+    with pytest.raises(TypeError, match="preemption must be an lt.Preemption"):
+        lt.run(lt.train_step(mse), state, make_data(2), preemption="SIGTERM")
+    assert sys.stdout is before_out and signal.getsignal(signal.SIGTERM) is before_term
+
+
+def test_a_failing_close_still_undoes_the_rest_and_is_raised():
+    import signal
+
+    class Broken:
+        __name__ = "broken"
+
+        def close(self, run):
+            raise OSError("disk full")
+
+    model = make_model()
+    before_out, before_term = sys.stdout, signal.getsignal(signal.SIGTERM)
+    with pytest.raises(OSError, match="disk full"):
+        lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(2), hooks=[Broken()])
+    assert sys.stdout is before_out and signal.getsignal(signal.SIGTERM) is before_term
+
+
+def test_every_refuses_a_hook_object_with_its_own_cadence():
+    with pytest.raises(TypeError, match=r"lt.every: profile is a hook object with its own cadence"):
+        lt.every(2, lt.profile("/tmp/unused-trace-dir"))
+
+
+def test_a_hook_not_reading_the_state_may_return_one_without_resetting_the_counters():
+    calls = []
+
+    class Tagger:
+        __name__ = "tagger"
+        reads_state = False
+
+        def next_step(self, step):
+            return (step // 5 + 1) * 5
+
+        def __call__(self, state, run):
+            calls.append(run.step)
+            return dataclasses.replace(state) if dataclasses.is_dataclass(state) else \
+                lt.State(model=state.model, optimizer=state.optimizer, extra={"tag": run.step})
+
+    model = make_model()
+    state = lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(20), max_steps=10,
+                   progress=False, hooks=[Tagger()])
+    assert calls == [5, 10] and state.step == 10 and state.extra["tag"] == 10

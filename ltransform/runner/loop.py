@@ -140,6 +140,8 @@ def _event(run: Run, slots: list[Slot]) -> bool:
         state = run.current() if slot.reads_state else run.state
         new, stop = apply_hook(slot.call, state, run)
         if new is not state:
+            if not slot.reads_state:  # it was given the state with lagging counters: give it the run's
+                new = with_counters(new, run.step, run.micro)
             run.state, changed = new, True
         stopped = stopped or stop
     if changed:

@@ -165,18 +165,20 @@ def run(
     if eval_step is not None:
         features.append(Evaluation(eval_step, eval_data or (), eval_every))
     features += hooks
-    if progress:
-        features.append(Progress(context.total, start))
-    if preemption is not None:
-        if not isinstance(preemption, Preemption):
-            raise TypeError(f"lt.run: preemption must be an lt.Preemption(...) or None, got {preemption!r}")
-        watching = Preempting(preemption, start)
-        features.append(watching)
-    slots = [Slot(h) for h in features]
-    try:
+    if preemption is not None and not isinstance(preemption, Preemption):
+        raise TypeError(f"lt.run: preemption must be an lt.Preemption(...) or None, got {preemption!r}")
+    slots = [Slot(h) for h in features]  # (checks every hook before anything is installed)
+    watching: Preempting | None = None
+    try:  # the bar redirects stdout and the watch installs signal handlers: undone in finally
+        if progress:
+            slots.append(Slot(Progress(context.total, start)))
+        if preemption is not None:
+            watching = Preempting(preemption, start)
+            slots.append(Slot(watching))
         state = loop(context, state, slots)
-        stop = context.preempted or (watching.watch.final() if preemption is not None else ())
+        stop = context.preempted or (watching.watch.final() if watching is not None else ())
         if stop:
+            assert watching is not None
             raise _preempted(stop, context, watching.watch, hooks, start)
     except KeyboardInterrupt:
         state = context.current()
@@ -188,16 +190,36 @@ def run(
             raise
         raise wrapped from error
     finally:
-        if "ltransform.checkpoint.api" in sys.modules:  # no save can be pending if it was never imported
-            sys.modules["ltransform.checkpoint.api"].finish_pending(context.state)
-        for slot in slots:
-            if callable(getattr(slot.hook, "close", None)):
-                slot.hook.close(context)
-        for logger in loggers:
-            flush = getattr(logger, "flush", None)
-            if callable(flush):
-                flush()
+        errors = _close(slots, context, loggers)
+        if errors and sys.exc_info()[0] is None:  # (an error already on its way is not replaced)
+            raise errors[0]
     return state
+
+
+def _close(slots: list[Slot], run: Run, loggers: list[Any]) -> list[BaseException]:
+    """Undo what the run installed, each part whatever the others do: the preemption watch
+    first (signal handlers), then a pending async save, every hook's ``close``, the loggers'
+    ``flush``; the errors, in that order."""
+    def call(fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except BaseException as error:  # noqa: BLE001  (collected; the first is raised)
+            errors.append(error)
+
+    errors: list[BaseException] = []
+    closes = [s.hook.close for s in slots if callable(getattr(s.hook, "close", None))]
+    closes.sort(key=lambda close: not isinstance(getattr(close, "__self__", None), Preempting))
+    if closes and isinstance(getattr(closes[0], "__self__", None), Preempting):
+        call(closes.pop(0), run)
+    if "ltransform.checkpoint.api" in sys.modules:  # no save can be pending if it was never imported
+        call(sys.modules["ltransform.checkpoint.api"].finish_pending, run.state)
+    for close in closes:
+        call(close, run)
+    for logger in loggers:
+        flush = getattr(logger, "flush", None)
+        if callable(flush):
+            call(flush)
+    return errors
 
 
 def _in_training_precision(eval_step: TransformedStep, step: TransformedStep) -> TransformedStep:

@@ -12,7 +12,9 @@ step, or an object with any of these (all optional except ``__call__``):
 - ``close(run)``: always, last, also after an error or an interrupt;
 - ``prepare(state) -> state``: once, before a checkpoint is loaded (``resume=``), to add what the
   hook keeps in the state (e.g. ``lt.ema``'s average in ``state.extra``) so the load fills it;
-- ``reads_state = False``: it does not look at the state's counters (saves materialising them).
+- ``reads_state = False``: it does not look at the state's counters (saves materialising them);
+- ``checkpoint_dir``: the directory of its ``step-N`` checkpoints, where ``resume="latest"``
+  looks and where a preemption saves (by calling it, unless its ``saved_at`` is the step).
 
 ``run`` is the run context (:class:`ltransform.runner.context.Run`): the counters, the latest
 metrics (it is a mapping of them, so ``run["loss"]`` works), logged and evaluated values, the
@@ -58,11 +60,16 @@ def _wants_run(fn: Callable[..., Any]) -> bool:
     """Whether ``fn`` takes a second positional argument (the run)."""
     call = getattr(type(fn), "__call__", None)  # noqa: B004  (the class's own function, to inspect)
     if inspect.isfunction(call):  # a hook object: its class answers once (inspect costs ~90 us a call)
-        return _takes_two(call, 1)
+        return _class_takes_two(call)
     return _takes_two(fn, 0)
 
 
 @functools.lru_cache(maxsize=256)
+def _class_takes_two(call: Callable[..., Any]) -> bool:
+    """For a class's ``__call__`` (classes live as long as the process: caching keeps nothing alive)."""
+    return _takes_two(call, 1)
+
+
 def _takes_two(fn: Callable[..., Any], bound: int) -> bool:
     try:
         params = list(inspect.signature(fn).parameters.values())
@@ -124,6 +131,13 @@ def every(n: int, fn: Hook, /) -> Callable[[Any, Any], Any]:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"every: n must be a positive int (optimizer steps), got {n!r}")
+    own = [m for m in ("next_step", "start", "epoch_end", "end", "close", "prepare") if hasattr(fn, m)]
+    if own:
+        raise TypeError(
+            f"lt.every: {getattr(fn, '__name__', None) or type(fn).__name__} is a hook object with its own "
+            f"cadence and lifecycle ({', '.join(own)}), which lt.every would drop; pass it in hooks=[...] "
+            f"directly (most take every=)"
+        )
     inner = bind_hook(fn)
 
     def hook(state: Any, run: Any) -> Any:

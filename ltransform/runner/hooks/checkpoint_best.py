@@ -129,6 +129,12 @@ class CheckpointBest:
             raise ValueError(f"lt.checkpoint_best: {str(self.dir)!r} holds the best checkpoints by "
                              f"{saved.get('monitor')!r} ({saved.get('mode')}); this hook ranks by {monitor.name!r} "
                              f"({monitor.mode}); give it another directory")
+        earlier = sorted(p.name for p in self.dir.iterdir()
+                         if (m := _BEST.match(p.name) or files.STEP_DIR.match(p.name)) and int(m.group(1)) > start)
+        if start == 0 and earlier:  # a new run: what is there is another run's, and nothing is deleted
+            raise ValueError(f"lt.checkpoint_best: {str(self.dir)!r} holds another run's checkpoints "
+                             f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}); continue that run "
+                             f"(lt.run(..., resume='latest')), or give this one another directory")
         listed = {e["path"] for e in saved.get("best", [])} if saved else set()
         for entry in saved.get("best", []) if saved else []:
             if entry["step"] <= start and (self.dir / entry["path"]).exists():
@@ -236,7 +242,9 @@ def checkpoint_best(dir: str | os.PathLike[str], /, *, monitor: str = "val_loss"
     ``lt.run(..., resume="latest")`` resumes from the last checkpoint (the newest ``step-N``,
     found as ``lt.checkpoint_sharded``'s are), and a preemption saves it there. A resumed run goes
     on ranking against the best checkpoints of steps up to the one it resumed from; ``dir``'s
-    checkpoints of later steps (another run's) are removed at the start, with a message.
+    checkpoints of later steps (the continuation it replaces) are removed at the start, with a
+    message. A new run (from step 0) into a directory holding another run's checkpoints is
+    refused: nothing is deleted.
 
     Args:
         dir: a directory of its own for these checkpoints.

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 from ltransform.core.inventory import inventory
 from ltransform.distributed import env
-from ltransform.runner.hooks import NEVER
+from ltransform.runner.hooks import NEVER, say
 from ltransform.runner.hooks.peaks import matmul_dtype, peak_tflops
 
 _RECOUNTS = 2  # counting again when an evaluation ran inside the counted step, at most
@@ -57,6 +57,13 @@ class _Monitor:
 
     def measure(self, state: Any, run: Any) -> dict[str, float]:
         raise NotImplementedError
+
+
+def _compiled(model: torch.nn.Module) -> bool:
+    """Whether ``torch.compile`` compiled the model or one of its modules (``torch.compile(m)``
+    wraps it; ``m.compile()`` sets the module's compiled call)."""
+    return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
+               for m in model.modules())
 
 
 def _synchronize(device: torch.device) -> None:
@@ -141,6 +148,13 @@ class Throughput(_Monitor):
         if self.given_peak is None:
             self.peak = _device_peak(self._device, run.precision)
         counting_for = (id(run.bound.step), tuple(id(m) for m in models))
+        if self.count and any(_compiled(m) for m in models):
+            # a step run under FlopCounterMode (a dispatch mode) makes torch.compile skip the model
+            # for good: counting would leave it eager; the FLOPs must be given
+            self.count = False
+            say("lt.throughput: the model is compiled (torch.compile), which counting FLOPs with "
+                "FlopCounterMode would undo; pass flops= (FLOPs per optimizer step per process) for "
+                "TFLOP/s and MFU")
         if self.cadence and self.count and (self._counted_for is None or self._counted_for[:2] != counting_for):
             self._counted_for = (*counting_for, None)
             self._begin_count(run)

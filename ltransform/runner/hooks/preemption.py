@@ -23,7 +23,10 @@ class Preempting:
     def __call__(self, state: Any, run: Any) -> Any:
         run.doing = "the preemption check (an all_reduce)"
         run.preempted = self.watch.check(run.step)
-        return stop() if run.preempted else None
+        if not run.preempted:
+            return None
+        self.watch.disarm()  # the ranks reached the agreed stop: stop_within no longer applies to the saves
+        return stop()
 
     def close(self, run: Any = None) -> None:
         self.watch.uninstall()
