@@ -37,6 +37,8 @@ class CSVLogger:
         self._resumed = False
         self._file: Any = None  # open while logging: rows are appended, the last one rewritten in place
         self._last_at = 0  # where the last row starts in the file
+        self._writes = True  # rank 0 (read at the first call)
+        self._line_writer: tuple[int, io.StringIO, Any] | None = None
         if self.path.is_file():
             with open(self.path, newline="") as f:
                 reader = csv.DictReader(f)
@@ -46,11 +48,14 @@ class CSVLogger:
                 row["step"] = int(row["step"])
 
     def __call__(self, metrics: Mapping[str, float], step: int) -> None:
-        if not _rank_zero():
-            return
-        if not self._resumed:  # rows a resumed run redoes
+        if not self._resumed:  # the first call: rows a resumed run redoes; the rank, once (it is fixed)
+            self._writes = _rank_zero()
+            if not self._writes:
+                return
             self._resumed = True
             self._rows = [r for r in self._rows if r["step"] < step]
+        if not self._writes:
+            return
         new = [k for k in metrics if k not in self._columns]
         self._columns += new
         same = bool(self._rows) and self._rows[-1]["step"] == step
@@ -84,8 +89,14 @@ class CSVLogger:
         self._file.write(self._line(self._rows[-1]))
 
     def _line(self, row: Mapping[str, Any]) -> str:
-        buffer = io.StringIO()
-        csv.DictWriter(buffer, fieldnames=self._columns, lineterminator="\r\n").writerow(row)
+        if self._line_writer is None or self._line_writer[0] != len(self._columns):  # columns only grow
+            buffer = io.StringIO()
+            self._line_writer = (len(self._columns), buffer,
+                                 csv.DictWriter(buffer, fieldnames=self._columns, lineterminator="\r\n"))
+        _, buffer, writer = self._line_writer
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow(row)
         return buffer.getvalue()
 
     def flush(self) -> None:
