@@ -320,3 +320,15 @@ def test_a_preemption_saves_the_last_checkpoint_that_resume_latest_finds(tmp_pat
     resumed = lt.checkpoint_best(tmp_path, top_k=1)
     assert train([resumed], every=4, resume="latest", max_steps=14).step == 14  # evaluations: 4 at 8, 3 at 12
     assert resumed.best_path == tmp_path / "best-step-00000012"
+
+
+def test_a_failure_of_rank_0s_part_of_a_save_is_raised_as_one_clear_error(tmp_path):
+    manifest = tmp_path / "best.json"
+
+    def sabotage(state):  # after the save at step 2: the manifest cannot be written any more
+        if state.step == 3:
+            manifest.unlink()
+            manifest.mkdir()
+
+    with pytest.raises(RuntimeError, match=r"lt.checkpoint_best: rank 0 failed: IsADirectoryError"):
+        train([sabotage, lt.checkpoint_best(tmp_path)], max_steps=6)

@@ -264,20 +264,25 @@ def test_to_floats_syncs_once_and_keeps_order():
 
 
 def test_what_a_hook_prints_goes_above_the_progress_bar_not_onto_its_line(capsys):
+    import logging
+
     model = make_model()
     streams = []
 
     def hook(state):
-        streams.append(sys.stdout)
+        streams.append((sys.stdout, sys.stderr))
         print("step", state.step)
+        print("to stderr", state.step, file=sys.stderr)
 
-    original = sys.stdout
+    original = (sys.stdout, sys.stderr)
+    handlers = list(logging.getLogger().handlers)
     lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(3), hooks=[hook])
-    assert sys.stdout is original  # restored after the run
-    assert all(s is not original for s in streams)  # printed through tqdm.write while the bar was up
+    assert (sys.stdout, sys.stderr) == original  # restored after the run
+    assert logging.getLogger().handlers == handlers
+    assert all(o is not original[0] and e is not original[1] for o, e in streams)  # through tqdm.write
     out, err = capsys.readouterr()
     assert out == "step 1\nstep 2\nstep 3\n"
-    assert "3/3" in err  # the bar itself, on stderr
+    assert "3/3" in err and "to stderr 3\n" in err  # the bar itself, and the hook's lines, on stderr
 
 
 def test_a_plain_function_replaces_the_built_in_evaluation_and_logging():

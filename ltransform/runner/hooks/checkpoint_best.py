@@ -58,16 +58,13 @@ class CheckpointBest:
     def start(self, state: Any, run: Any) -> None:
         self.watch.start(run)
         self.saved_at, self.started_at = -1, run.step
-        found: list[dict[str, Any]] | ValueError | None = None
+        found: Any = None
         if env.rank() == 0:
             try:
                 found = self._take_over(run.step)
-            except ValueError as error:  # raised on every rank, not only where the directory is read
-                found = error
-        found = env.broadcast(found)
-        if isinstance(found, ValueError):
-            raise found
-        self.best = found or []
+            except Exception as error:  # noqa: BLE001  (raised on every rank, not only where dir is read)
+                found = _Failure(error)
+        self.best = _agreed(env.broadcast(found)) or []
 
     def __call__(self, state: Any, run: Any) -> None:
         value = self.watch.read(run)
@@ -104,17 +101,22 @@ class CheckpointBest:
             entries = [*self.best, {"path": name, "step": now, "value": value}]
             entries.sort(key=lambda e: _key(monitor, e["value"], e["step"]))
             self.best, dropped = entries[:self.top_k], entries[self.top_k:]
+        failed = None
         if env.rank() == 0:
-            if ranks and self.last:
-                _link(target, self.dir / name)
-            self._write_manifest(f"step-{now:08d}" if self.last else None)
-            for entry in dropped:
-                _remove(self.dir / entry["path"])
-            if self.last:
-                files.prune(self.dir, 1)
-        env.barrier()  # the directory is as the manifest says on every rank's return
+            try:
+                if ranks and self.last:
+                    _link(target, self.dir / name)
+                self._write_manifest(f"step-{now:08d}" if self.last else None)
+                for entry in dropped:
+                    _remove(self.dir / entry["path"])
+                if self.last:
+                    files.prune(self.dir, 1)
+            except Exception as error:  # noqa: BLE001  (every rank raises it, none waits for rank 0)
+                failed = _Failure(error)
+        # the directory is as the manifest says on every rank's return (one collective, as a barrier)
+        _agreed(env.broadcast(failed) if env.world_size() > 1 else failed)
 
-    def _take_over(self, start: int) -> list[dict[str, Any]]:
+    def _take_over(self, start: int) -> list[dict[str, Any]]:  # (rank 0)
         """Rank 0, at the start: the best checkpoints ``dir`` holds up to step ``start`` (a resumed
         run goes on ranking against them); those of later steps (an earlier run into ``dir``, or
         one that went on after the checkpoint resumed from) and what killed saves left, removed."""
@@ -287,3 +289,19 @@ def checkpoint_best(dir: str | os.PathLike[str], /, *, monitor: str = "val_loss"
         if not isinstance(value, bool):
             raise TypeError(f"{call}: {option} must be True or False, got {value!r}")
     return CheckpointBest(Path(dir), check_monitor(call, monitor, mode), positive(call, "top_k", top_k), last, sharded)
+
+
+class _Failure:
+    """Rank 0's error in its part of a collective save, sent to every rank (a picklable message)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.kind = ValueError if isinstance(error, ValueError) else RuntimeError
+        self.message = str(error) if isinstance(error, ValueError) else \
+            f"lt.checkpoint_best: rank 0 failed: {type(error).__name__}: {error}"
+
+
+def _agreed(value: Any) -> Any:
+    """``value``, or rank 0's error raised (on every rank alike)."""
+    if isinstance(value, _Failure):
+        raise value.kind(value.message)
+    return value

@@ -1,8 +1,9 @@
 """The progress bar hook: a tqdm bar (terminal or Jupyter) on rank 0, showing the logged values.
 
 It advances every few steps, the stride adapting to about ten redraws a second, so that it is
-usually not the next event. While a terminal bar is shown, what hooks print goes through
-``tqdm.write`` (above the bar, not onto its line)."""
+usually not the next event. While a terminal bar is shown, what hooks print (stdout, stderr,
+warnings) and the root logger's console output go through ``tqdm.write``: above the bar, not
+onto its line."""
 
 from __future__ import annotations
 
@@ -23,11 +24,18 @@ class Progress:
         self.stride = 1
         self._time = time.monotonic()
         self._shown: dict[str, str] = {}
-        self._stdout = None
+        self._streams: tuple[Any, Any] | None = None
+        self._logging: Any = None
         if "notebook" not in type(self.bar).__module__:  # a Jupyter widget is not broken by prints
             from tqdm.contrib import DummyTqdmFile
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self._stdout, sys.stdout = sys.stdout, DummyTqdmFile(sys.stdout)
+            # prints and warnings (sys.stdout/stderr as they are now) and the root logger's console
+            # handlers write above the bar (the bar itself keeps the stderr it was made with)
+            self._streams = (sys.stdout, sys.stderr)
+            sys.stdout, sys.stderr = DummyTqdmFile(sys.stdout), DummyTqdmFile(sys.stderr)
+            self._logging = logging_redirect_tqdm()
+            self._logging.__enter__()
 
     def next_step(self, step: int) -> int:
         return self.at + self.stride
@@ -58,8 +66,13 @@ class Progress:
             self.bar.update(run.step - self.at)
             self.at = run.step
         self.bar.close()
-        if self._stdout is not None:
-            proxy, sys.stdout, self._stdout = sys.stdout, self._stdout, None
-            rest = "".join(getattr(proxy, "_buf", []))
-            if rest:  # a last line printed without a newline
-                sys.stdout.write(rest)
+        if self._logging is not None:
+            self._logging.__exit__(None, None, None)
+            self._logging = None
+        if self._streams is not None:
+            proxies = (sys.stdout, sys.stderr)
+            (sys.stdout, sys.stderr), self._streams = self._streams, None
+            for proxy, stream in zip(proxies, (sys.stdout, sys.stderr)):
+                rest = "".join(getattr(proxy, "_buf", []))
+                if rest:  # a last line written without a newline
+                    stream.write(rest)
