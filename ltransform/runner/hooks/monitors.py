@@ -170,8 +170,11 @@ class Throughput(_Monitor):
         if self._window is None:
             if self._counter is not None:
                 self._end_count(run)
-            elif self.count and self._counted_for is not None and self._counted_for[2] != _shapes(run.batch):
-                self._begin_count(run)  # the FLOPs of an earlier run were for other batch shapes
+            elif (self.count and self._counted_for is not None and not run.distributed
+                  and self._counted_for[2] != _shapes(run.batch)):
+                # the FLOPs of an earlier run were for other batch shapes (one process only: ranks'
+                # shapes may differ, and counting again on some would split the collectives)
+                self._begin_count(run)
             if self._counter is None:  # counted (or nothing to count): time from here
                 self._window = (now, run.step, run.micro)
             return
