@@ -96,11 +96,13 @@ def test_wandb_logger_offline_run_holds_every_logged_step(tmp_path, monkeypatch)
     assert all(float(r["loss"]) > 0 for r in rows)
 
 
-def test_mlflow_logger_metrics_and_params_read_back_through_mlflows_client(tmp_path):
+@pytest.mark.parametrize("store", ["sqlite", "file"])
+def test_mlflow_logger_metrics_and_params_read_back_through_mlflows_client(tmp_path, monkeypatch, store):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # MLflow 3 refuses a file store without it
+    uri = f"sqlite:///{tmp_path}/mlflow.db" if store == "sqlite" else f"file:{tmp_path}/mlruns"
     model = make_model()
     log = lt.MLflowLogger("ltransform-test", run_name="r1", tracking_uri=uri)
     lt.run(lt.train_step(mse), lt.State(model=model, optimizer=sgd(model)), make_data(4), log_every=2,

@@ -227,8 +227,10 @@ class MLflowLogger:
 
     Args:
         experiment: the experiment's name (created if missing).
-        run_name: the run's name; ``tracking_uri``: e.g. ``"sqlite:///mlflow.db"`` or an MLflow
-            server (default: mlflow's, ``MLFLOW_TRACKING_URI``); ``tags``: the run's tags.
+        run_name: the run's name; ``tracking_uri``: e.g. ``"sqlite:///mlflow.db"``, an MLflow
+            server, or a file store (``"file:./mlruns"`` or a directory; MLflow 3 refuses these
+            unless ``MLFLOW_ALLOW_FILE_STORE=true``, which asking for one sets in this process)
+            (default: mlflow's, ``MLFLOW_TRACKING_URI``); ``tags``: the run's tags.
 
     Example:
         >>> import tempfile, ltransform as lt
@@ -243,6 +245,8 @@ class MLflowLogger:
         _needs("mlflow", "MLflowLogger")
         from mlflow.tracking import MlflowClient
 
+        if tracking_uri is not None and (str(tracking_uri).startswith("file:") or "://" not in str(tracking_uri)):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # asked for by name: not refused
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self._experiment, self._run_name, self._tags = experiment, run_name, dict(tags or {})
         self.run_id: str | None = None
