@@ -332,3 +332,12 @@ def test_a_failure_of_rank_0s_part_of_a_save_is_raised_as_one_clear_error(tmp_pa
 
     with pytest.raises(RuntimeError, match=r"lt.checkpoint_best: rank 0 failed: IsADirectoryError"):
         train([sabotage, lt.checkpoint_best(tmp_path)], max_steps=6)
+
+
+def test_the_hooks_take_the_issue_s_keyword_forms(tmp_path):
+    best = lt.checkpoint_best(dir=tmp_path / "best", monitor="val_loss", top_k=2)
+    stopper = lt.early_stopping(monitor="val_loss", patience=3, mode="min", min_delta=0.0)
+    state = train([stopper, best])
+    assert state.step == 12 and [e["step"] for e in best.best] == [6, 12]  # 3 and 3.1
+    assert lt.profile(dir=tmp_path / "trace").__name__ == "profile"
+    assert lt.memory_snapshot(path=tmp_path / "snapshot.pickle").__name__ == "memory_snapshot"

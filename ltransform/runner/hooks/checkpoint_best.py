@@ -229,7 +229,7 @@ def _remove_best_leftovers(directory: Path) -> None:
             files.remove(entry)
 
 
-def checkpoint_best(dir: str | os.PathLike[str], /, *, monitor: str = "val_loss", mode: str = "min",
+def checkpoint_best(dir: str | os.PathLike[str], *, monitor: str = "val_loss", mode: str = "min",
                     top_k: int = 1, last: bool = True, sharded: bool = True) -> CheckpointBest:
     """A hook that keeps the checkpoints of the ``top_k`` best values of ``monitor`` and the last.
 

@@ -92,7 +92,7 @@ class Profile:
         return out
 
 
-def profile(dir: str | os.PathLike[str], /, *, wait: int = 1, warmup: int = 1, active: int = 3, repeat: int = 1,
+def profile(dir: str | os.PathLike[str], *, wait: int = 1, warmup: int = 1, active: int = 3, repeat: int = 1,
             skip_first: int = 0, activities: Iterable[Any] | None = None, record_shapes: bool = False,
             profile_memory: bool = False, with_stack: bool = False) -> Profile:
     """A hook that runs ``torch.profiler`` over chosen optimizer steps and writes their traces to ``dir``.
@@ -188,7 +188,7 @@ def _for_this_rank(path: Path) -> Path:
     return path
 
 
-def memory_snapshot(path: str | os.PathLike[str], /, *, steps: int = 3, max_entries: int = 100_000) -> MemorySnapshot:
+def memory_snapshot(path: str | os.PathLike[str], *, steps: int = 3, max_entries: int = 100_000) -> MemorySnapshot:
     """A hook that records the CUDA allocator's history over the run's first ``steps`` optimizer
     steps and writes it to ``path``, a pickle for https://pytorch.org/memory_viz.
 
