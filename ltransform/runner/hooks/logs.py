@@ -25,6 +25,8 @@ class Logging:
         self.needed = needed  # someone reads the values (a logger, the bar, another rank)
         self.next_step = cadence_next(every)
         self.logged_at = -1
+        self._optimizer: Any = None  # the first optimizer of the state, for "lr"
+        self._found_for: Any = None  # the binding it was looked up for (a new one: look again)
 
     def __call__(self, state: Any, run: Any) -> None:
         self.logged_at = run.step
@@ -35,9 +37,11 @@ class Logging:
             values = to_floats(metrics)
         else:
             return  # nobody reads them: no host sync at all on one rank
-        optimizers = list(inventory(state).optimizers.values())
-        if optimizers:
-            values["lr"] = float(optimizers[0].param_groups[0]["lr"])
+        if run.bound is not self._found_for:  # the state's objects are the binding's: walk it once per binding
+            self._found_for = run.bound
+            self._optimizer = next(iter(inventory(state).optimizers.values()), None)
+        if self._optimizer is not None:
+            values["lr"] = float(self._optimizer.param_groups[0]["lr"])
         values["epoch"] = run.epoch
         run.log(values)
 
