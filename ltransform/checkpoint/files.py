@@ -67,7 +67,7 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def remove_leftovers(directory: str | os.PathLike[str]) -> list[str]:
+def remove_leftovers(directory: str | os.PathLike[str], *, pattern: re.Pattern[str] = _LEFTOVER) -> list[str]:
     """Clean a ``step-N`` directory of what killed saves left: ``.step-N.partial`` and
     ``.step-N.dead`` are removed; a ``.step-N.old`` is removed if ``step-N`` exists, else renamed
     back to ``step-N`` (it is the last good checkpoint of that step).
@@ -77,6 +77,9 @@ def remove_leftovers(directory: str | os.PathLike[str]) -> list[str]:
 
     Args:
         directory: the directory of ``step-N`` checkpoints.
+        pattern: what a leftover's name is: group 1 the checkpoint's name, group 2 ``partial``,
+            ``old`` or ``dead`` (default: ``.step-N.*``; ``lt.checkpoint_best`` passes its
+            ``.best-step-N.*``).
 
     Returns:
         The names removed or restored (for logs and tests).
@@ -86,7 +89,7 @@ def remove_leftovers(directory: str | os.PathLike[str]) -> list[str]:
         return []
     cleaned = []
     for entry in sorted(directory.iterdir()):
-        match = _LEFTOVER.match(entry.name)
+        match = pattern.match(entry.name)
         if match is None:
             continue
         target = directory / match.group(1)

@@ -123,7 +123,7 @@ class CheckpointBest:
         if not self.dir.is_dir():
             return []
         files.remove_leftovers(self.dir)
-        _remove_best_leftovers(self.dir)
+        files.remove_leftovers(self.dir, pattern=_BEST_LEFTOVER)
         kept, removed = [], []
         saved = _read_manifest(self.dir / MANIFEST)
         monitor = self.watch.monitor
@@ -213,20 +213,6 @@ def _remove(path: Path) -> None:
     files.remove(dead)
     os.replace(path, dead)
     files.remove(dead)
-
-
-def _remove_best_leftovers(directory: Path) -> None:
-    """As ``files.remove_leftovers`` does for ``step-N``: partial and dead ones removed, an ``.old``
-    one put back where its checkpoint is missing (a save killed between two renames)."""
-    for entry in sorted(directory.iterdir()):
-        match = _BEST_LEFTOVER.match(entry.name)
-        if match is None:
-            continue
-        target = directory / match.group(1)
-        if match.group(2) == "old" and not target.exists():
-            os.replace(entry, target)
-        else:
-            files.remove(entry)
 
 
 def checkpoint_best(dir: str | os.PathLike[str], *, monitor: str = "val_loss", mode: str = "min",
