@@ -75,6 +75,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Quantization": ("ltransform.models.quantize", "Quantization"),
     "quantize": ("ltransform.models.quantize", "quantize"),
     "checkpoint_activations": ("ltransform.models.shard", "checkpoint_activations"),
+    "compile": ("ltransform.models.compile", "compile"),
     "shard": ("ltransform.models.shard", "shard"),
     "every": ("ltransform.runner.hooks", "every"),
     "stop": ("ltransform.runner.hooks", "stop"),
@@ -110,7 +111,7 @@ __all__ = [
     "TensorBoardLogger", "WandbLogger", "When", "accelerator", "accumulate", "add_adapters",
     "all_gather", "all_reduce", "apply_step_transform", "backward", "barrier", "broadcast",
     "checkpoint_activations", "checkpoint_best", "checkpoint_sharded", "clip_gradients", "cluster",
-    "compose", "consolidate", "describe_checkpoint", "device", "distribute", "early_stopping",
+    "compile", "compose", "consolidate", "describe_checkpoint", "device", "distribute", "early_stopping",
     "ema", "ema_weights", "eval_step", "every", "explain", "export_safetensors", "guard_nonfinite", "init_module",
     "latest_checkpoint", "launch", "load", "load_raw", "local_rank", "lr_monitor", "materialize",
     "memory_monitor", "memory_snapshot", "optimizer_step", "pipe", "prepare", "profile", "quantize",
@@ -187,6 +188,7 @@ if TYPE_CHECKING:
     from ltransform.models.quantize import Quantization
     from ltransform.models.quantize import quantize
     from ltransform.models.shard import checkpoint_activations
+    from ltransform.models.compile import compile
     from ltransform.models.shard import shard
     from ltransform.runner.hooks import every
     from ltransform.runner.hooks import stop

@@ -144,7 +144,7 @@ def test_partial_shard_with_a_precision_shards_with_its_policy(one_rank_group, f
 def test_a_mixed_to_precision_after_shard_is_an_order_error(one_rank_group):
     sharded = lt.shard(make_model())
     with pytest.raises(RuntimeError, match=r"to_precision must be applied before shard; reorder: "
-                                           r"lt.pipe\(model, .*lt.to_precision\(name\), torch.compile, "
+                                           r"lt.pipe\(model, .*lt.to_precision\(name\), lt.compile\(policy=...\), "
                                            r"lt.shard\(policy=...\)\)"):
         lt.to_precision(sharded, "bf16-mixed")
     lt.to_precision(torch.compile(make_model()), "bf16-mixed")  # compile does not take a policy: fine

@@ -1,5 +1,6 @@
-"""The real orders among model transforms: activation checkpointing → compile → shard,
-fp8 layer swaps (``to_precision``) → compile → shard, and a mixed ``to_precision`` → shard.
+"""The real orders among model transforms: activation checkpointing → compile (``lt.compile`` or
+``torch.compile``) → shard, fp8 layer swaps (``to_precision``) → compile → shard, and a mixed
+``to_precision`` → shard.
 
 Checkpointing must wrap the plain forward that compile traces, and FSDP2 must see the
 final module structure (and sharded weights cannot move into new layers) and take its
@@ -63,7 +64,7 @@ def check_order(model: Any, applying: str, *, later: tuple[str, ...] | None = No
 
 def _spelling(name: str) -> str:
     return {"checkpoint_activations": "lt.checkpoint_activations(policy=...)",
-            "to_precision": "lt.to_precision(name)", "torch.compile": "torch.compile",
+            "to_precision": "lt.to_precision(name)", "torch.compile": "lt.compile(policy=...)",
             "shard": "lt.shard(policy=...)"}[name]
 
 
