@@ -272,7 +272,8 @@ def check_shard(mesh: str = "none", ckpt: str = "no", init: str = "plain"):
 
 
 def check_order():
-    """checkpoint_activations after shard is refused on XLA too; a wrong strategy names the fix."""
+    """checkpoint_activations and lt.compile after shard are refused on XLA too, lt.compile leaves the model
+    to XLA's own compiler, and a wrong strategy names the fix."""
     model = lt.shard(net(), policy={Block})
     try:
         lt.checkpoint_activations(model, policy={Block})
@@ -280,6 +281,15 @@ def check_order():
         assert "must be applied before shard" in str(error), error
     else:
         raise AssertionError("checkpoint_activations after shard was accepted")
+    try:
+        lt.compile(model, policy={Block})
+    except RuntimeError as error:
+        assert "torch.compile must be applied before shard" in str(error), error
+    else:
+        raise AssertionError("lt.compile after shard was accepted")
+    compiled = net()  # torch_xla traces and compiles the whole step already: lt.compile leaves the model eager
+    assert lt.compile(compiled, policy={Block}) is compiled
+    assert all(m._compiled_call_impl is None for m in compiled.modules())
     plain = net()
     step = lt.pipe(lt.train_step(loss_fn), lt.distribute("ddp"))
     try:
