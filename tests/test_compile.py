@@ -120,6 +120,17 @@ def test_compile_composes_with_checkpointing_precision_and_accumulation_without_
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager), rtol=1e-3, atol=1e-3)
 
 
+def test_compiled_blocks_under_ddp_equal_eager(one_rank_group):
+    """Composable DDP (``replicate`` on the root) over compiled blocks: its hooks stay eager."""
+    data = tokens(4)
+    transforms = (lt.with_precision("bf16-mixed"), lt.accumulate(2), lt.distribute("ddp"))
+    graphs = Graphs()
+    losses = train(lt.compile(gpt(), backend=graphs), data, *transforms)
+    assert graphs.count >= 1
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(train(gpt(), data, *transforms)),
+                               rtol=1e-3, atol=1e-3)
+
+
 def test_inductor_on_cpu_matches_eager_within_float_tolerance():
     """The real backend (inductor's C++ code on CPU): fused kernels round differently, so the
     losses agree to float32 tolerance, not bitwise; and no recompile after the first steps."""
