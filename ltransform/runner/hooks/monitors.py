@@ -301,9 +301,13 @@ class LearningRates(_Monitor):
     def __init__(self, every: int | None, momentum: bool) -> None:
         super().__init__(every, "lt.lr_monitor")
         self.momentum = momentum
+        self._optimizers: dict[str, Any] = {}
+        self._found_for: Any = None  # the binding they were found for (a new one: walk the state again)
 
     def measure(self, state: Any, run: Any) -> dict[str, float]:
-        optimizers = inventory(state).optimizers
+        if run.bound is not self._found_for or self._found_for is None:  # walk the state once per binding
+            self._optimizers, self._found_for = dict(inventory(state).optimizers), run.bound
+        optimizers = self._optimizers
         values: dict[str, float] = {}
         for path, optimizer in optimizers.items():
             groups = optimizer.param_groups
