@@ -70,6 +70,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "add_adapters": ("ltransform.models.adapters", "add_adapters"),
     "init_module": ("ltransform.models.init", "init_module"),
     "materialize": ("ltransform.models.init", "materialize"),
+    "MemoryEstimate": ("ltransform.models.memory", "MemoryEstimate"),
+    "estimate_memory": ("ltransform.models.memory", "estimate_memory"),
     "to_precision": ("ltransform.models.precision", "to_precision"),
     "QUANTIZATIONS": ("ltransform.models.quantize", "QUANTIZATIONS"),
     "Quantization": ("ltransform.models.quantize", "Quantization"),
@@ -106,13 +108,14 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 # spelled out (not sorted(_EXPORTS)) so type checkers and linters can read it; a test keeps it equal
 __all__ = [
     "CSVLogger", "CheckpointError", "CollectiveError", "Effect", "Handler", "LaunchError",
-    "MLflowLogger", "NonFiniteError", "PRECISIONS", "Precision", "Preempted", "Preemption",
+    "MLflowLogger", "MemoryEstimate", "NonFiniteError", "PRECISIONS", "Precision", "Preempted", "Preemption",
     "QUANTIZATIONS", "Quantization", "STRATEGIES", "Stage", "State", "StepTransform", "Strategy",
     "TensorBoardLogger", "WandbLogger", "When", "accelerator", "accumulate", "add_adapters",
     "all_gather", "all_reduce", "apply_step_transform", "backward", "barrier", "broadcast",
     "checkpoint_activations", "checkpoint_best", "checkpoint_sharded", "clip_gradients", "cluster",
     "compile", "compose", "consolidate", "describe_checkpoint", "device", "distribute", "early_stopping",
-    "ema", "ema_weights", "eval_step", "every", "explain", "export_safetensors", "guard_nonfinite", "init_module",
+    "ema", "ema_weights", "estimate_memory", "eval_step", "every", "explain", "export_safetensors",
+    "guard_nonfinite", "init_module",
     "latest_checkpoint", "launch", "load", "load_raw", "local_rank", "lr_monitor", "materialize",
     "memory_monitor", "memory_snapshot", "optimizer_step", "pipe", "prepare", "profile", "quantize",
     "rank", "requeue", "run", "save", "seed_everything", "shard", "stop", "throughput",
@@ -183,6 +186,8 @@ if TYPE_CHECKING:
     from ltransform.models.adapters import add_adapters
     from ltransform.models.init import init_module
     from ltransform.models.init import materialize
+    from ltransform.models.memory import MemoryEstimate
+    from ltransform.models.memory import estimate_memory
     from ltransform.models.precision import to_precision
     from ltransform.models.quantize import QUANTIZATIONS
     from ltransform.models.quantize import Quantization

@@ -37,6 +37,31 @@ class GPTConfig:
     n_embd: int = 128
 
 
+# GPT-2's sizes (the vocabulary padded to a multiple of 64, as nanoGPT does), for
+# ``lt.estimate_memory`` / ``ltransform estimate`` and benchmarks
+PRESETS: dict[str, GPTConfig] = {
+    "gpt-124m": GPTConfig(vocab=50304, block=1024, n_layer=12, n_head=12, n_embd=768),
+    "gpt-350m": GPTConfig(vocab=50304, block=1024, n_layer=24, n_head=16, n_embd=1024),
+    "gpt-774m": GPTConfig(vocab=50304, block=1024, n_layer=36, n_head=20, n_embd=1280),
+    "gpt-1.5b": GPTConfig(vocab=50304, block=1024, n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+def preset(name: str) -> GPTConfig:
+    """The :class:`GPTConfig` of a named size: ``"gpt-124m"``, ``"gpt-350m"``, ``"gpt-774m"``, ``"gpt-1.5b"``.
+
+    Raises:
+        ValueError: an unknown name; the message lists the valid ones.
+
+    Example:
+        >>> preset("gpt-124m").n_layer
+        12
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown GPT preset {name!r}; expected one of: {', '.join(map(repr, PRESETS))}")
+    return PRESETS[name]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
