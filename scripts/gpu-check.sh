@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: every CUDA path of ltransform checked against hand-written
+# PyTorch, then the GPU benchmark, within a time budget (default 480 s). Writes gpu-check.json,
+# gpu-check.md and worker.log to $OUT if set (the device runner's folder), else gpu-check-out/.
+# Exit code 1 if any check failed. Flags pass through (a later --out wins), e.g.:
+#   bash scripts/gpu-check.sh --no-bench --checks fsdp,qlora --budget 300
+#   bash scripts/gpu-check.sh --smoke          # the CPU smoke run of the same checks
+#   bash scripts/gpu-check.sh --list
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's ltransform, installed or not
+python="${PYTHON:-$(command -v python || command -v python3)}"
+exec "$python" -m ltransform.gpucheck --out "${OUT:-gpu-check-out}" "$@"
