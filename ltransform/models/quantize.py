@@ -164,6 +164,11 @@ def _replacement(bnb: Any, q: Quantization, weight: torch.Tensor, bias: torch.nn
                  compute_dtype: torch.dtype | None) -> torch.nn.Module:
     out_features, in_features = weight.shape
     has_bias = bias is not None
+    target = weight.device
+    if q.bits == 8 and not q.trainable and target.type not in ("cpu", "meta"):
+        # bitsandbytes quantizes Int8Params only when they move from the CPU (Int8Params.to): a
+        # weight already on the GPU would stay full precision until the first forward
+        weight = weight.cpu()
     if q.bits == 4:
         layer = bnb.nn.Linear4bit(in_features, out_features, bias=has_bias,
                                   compute_dtype=compute_dtype or weight.dtype,
@@ -180,7 +185,7 @@ def _replacement(bnb: Any, q: Quantization, weight: torch.Tensor, bias: torch.nn
         layer.register_load_state_dict_pre_hook(_load_4bit)
     elif not q.trainable:
         layer.register_load_state_dict_pre_hook(_load_int8)
-    return layer.to(weight.device)  # moving the parameters is what quantizes them
+    return layer.to(target)  # moving the parameters is what quantizes them
 
 
 # Load hooks of the quantized layers, so that ``layer.load_state_dict(layer.state_dict())``
