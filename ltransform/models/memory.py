@@ -129,8 +129,8 @@ def estimate_memory(
 
     Note:
         What it models is ``lt``'s own training: ``lt.train_step`` (gradients set to None after
-        the update), ``lt.with_precision`` (its autocast covers the whole step, so the low-dtype
-        copies of the weights are held until the step ends), ``lt.shard`` (FSDP2: the root
+        the update), ``lt.with_precision`` (autocast's low-dtype copies of the weights are held
+        through backward and freed before the optimizer step), ``lt.shard`` (FSDP2: the root
         stays gathered through backward; a unit and the next are gathered at a time; a mixed
         precision gathers weights in its low dtype) and ``lt.checkpoint_activations``. Measured
         on the CPU it is within 15% of the real peak for a small GPT (``tests/test_memory.py``).
@@ -173,10 +173,11 @@ def estimate_memory(
         grad_at[last.get(id(p), 0)] += stored[id(p)] // shards
     kept = sum(s.nbytes() for s in batch_storages.values()) + sum(e.saved for e in trace.events)
     held, held_in_step = _held(strategy, meta, policy, record, grad_bytes * shards, trace.events)
-    # lt.with_precision's autocast covers the whole step: its casts of the weights stay cached
+    # autocast's casts of the weights stay cached through backward (lt.with_precision frees them
+    # before the optimizer step)
     cached = sum(trace.cached.values())
     best = {"parameters": param_bytes, "gradients": grad_bytes, "optimizer": state_bytes // shards,
-            "activations": 0, "temporary": step_bytes // shards + held_in_step + cached}
+            "activations": 0, "temporary": step_bytes // shards + held_in_step}
     best, peak_during = _replay(trace.events, grad_at, [h + cached for h in held], kept, best)
     return MemoryEstimate(
         parameters=param_bytes, gradients=grad_bytes, optimizer=state_bytes // shards, activations=kept,

@@ -241,7 +241,11 @@ def _scale_loss(ctx: _Runtime, frame, loss, *, proceed):
     if ctx.scaler is not None:
         loss = ctx.scaler.scale(loss)
     with torch.autocast(ctx.device_type, enabled=False):
-        return proceed(frame, loss)
+        result = proceed(frame, loss)
+    # autocast keeps its low-precision copies of the weights until the outermost autocast exits,
+    # the end of the step: backward was their last use, so free them before the optimizer step
+    torch.clear_autocast_cache()
+    return result
 
 
 def _unscale(ctx: _Runtime, frame, optimizer, *, proceed):
