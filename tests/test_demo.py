@@ -20,7 +20,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
     (PYTHON_M, ["--devices", "2", "--strategy", "ddp"]),
     (PYTHON_M, ["--devices", "2", "--strategy", "fsdp", "--accumulate", "2"]),
     (TORCHRUN, ["--strategy", "fsdp"]),
-], ids=["one-process", "bf16-accumulate", "2-ddp", "2-fsdp-accumulate", "torchrun-fsdp"])
+    (PYTHON_M, ["--compile"]),
+], ids=["one-process", "bf16-accumulate", "2-ddp", "2-fsdp-accumulate", "torchrun-fsdp", "compile"])
 def test_demo_trains_logs_and_samples(tmp_path, launcher, flags):
     out = subprocess.run(
         [*launcher, "ltransform.examples.gpt", *TINY, "--run-dir", str(tmp_path), *flags],

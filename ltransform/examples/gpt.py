@@ -1,6 +1,6 @@
 """Train a small character-level GPT on the Python standard library's own sources.
 
-    python -m ltransform.examples.gpt [--precision bf16-mixed] [--accumulate 2] [--clip 1.0]
+    python -m ltransform.examples.gpt [--precision bf16-mixed] [--accumulate 2] [--clip 1.0] [--compile]
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 python -m ltransform.examples.gpt --strategy xla  # (torch_xla)
 
 Every machine with Python has the corpus: the ``.py`` files of the standard library. The
@@ -185,6 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", default=None, help="default: runs/gpt-<time>")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile", action="store_true", help="compile each block (lt.compile: regional torch.compile)")
     p.add_argument("--devices", type=int, default=1, help="processes to train on (lt.launch)")
     p.add_argument("--strategy", default="auto",
                    help="auto, ddp, fsdp or hsdp (with --devices > 1); xla (torch_xla's SPMD over every XLA "
@@ -219,6 +220,8 @@ def train(args: argparse.Namespace) -> lt.State | None:
     model = lt.init_module(GPT, cfg, precision=args.precision)
     if lt.PRECISIONS.get(args.precision) is not None and lt.PRECISIONS[args.precision].fp8:
         model = lt.to_precision(model, args.precision)  # fp8 layers go in before sharding
+    if args.compile:  # after the fp8 swap, before sharding: the one order of model transforms
+        model = lt.compile(model, policy={Block})
     if args.strategy in ("fsdp", "hsdp", "xla-fsdp"):  # FSDP2 takes its mixed-precision policy when sharding
         model = lt.shard(model, policy={Block}, mesh=(lt.world_size(), 1) if args.strategy == "hsdp" else None,
                          precision=args.precision)
@@ -236,7 +239,7 @@ def train(args: argparse.Namespace) -> lt.State | None:
     n_params = sum(p.numel() for p in model.parameters())
     say(f"ltransform GPT: {n_params / 1e6:.2f}M parameters, {len(corpus) / 1e6:.1f} MB of Python "
           f"standard library source, precision {args.precision}, accumulate {args.accumulate}, "
-          f"clip {args.clip or 'off'}, {lt.world_size()} {'XLA device' if lt.accelerator() == 'xla' else 'process'}"
+          f"clip {args.clip or 'off'}, {'compiled, ' if args.compile else ''}{lt.world_size()} {'XLA device' if lt.accelerator() == 'xla' else 'process'}"
           f"(s), strategy {args.strategy}; "
           f"logs in {run_dir}/")
     loggers: list[Callable[[Mapping[str, float], int], Any]] = [lt.CSVLogger(run_dir), _print_loss]
