@@ -21,7 +21,7 @@ from ltransform import cli
 from ltransform.examples import gpt
 from ltransform.examples.gpt import GPT, Block, GPTConfig, loss_fn
 from ltransform.models.memory import MemoryEstimate, estimate_memory
-from ltransform.models.memory_check import estimate_vs_cuda, first_step
+from ltransform.gpucheck.memory import estimate_vs_cuda, first_step
 
 TINY = GPTConfig()
 T = TINY.block

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ltransform.gpucheck import distributed, lowbit, precision
+from ltransform.gpucheck import distributed, lowbit, memory, precision
 from ltransform.gpucheck.common import Size, Skip, sync
 
 CheckFn = Callable[[torch.device, Size], dict[str, Any]]
@@ -54,6 +54,7 @@ CHECKS: tuple[Check, ...] = (
     Check("qlora", lowbit.check_qlora, 90),
     Check("torchao-float8", lowbit.check_torchao_float8, 120, cuda_only=True),
     Check("launch", distributed.check_launch, 150),
+    Check("memory-estimate", memory.check_memory_estimate, 120),
 )
 BY_NAME = {c.name: c for c in CHECKS}
 

@@ -1,9 +1,10 @@
-"""Checks of ``estimate_memory`` against a real training step: ``estimate_vs_cuda`` compares it
-with ``torch.cuda.max_memory_allocated()``; ``first_step`` is the training both the GPU check
-and the CPU tests measure."""
+"""``lt.estimate_memory`` against a real training step: ``estimate_vs_cuda`` compares it with
+``torch.cuda.max_memory_allocated()`` (the ``memory-estimate`` check); ``first_step`` is the
+training both this check and the CPU tests (``tests/test_memory.py``) measure."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -59,7 +60,7 @@ def first_step(factory: Callable[[], torch.nn.Module], /, *, batch: Any, loss_fn
     """Build the model on ``device`` and train one step with ``lt.train_step`` and
     ``lt.with_precision`` (which creates the optimizer state); return the model, the optimizer
     and the next step, to measure. The CPU tests measure this same code against the estimate."""
-    import ltransform as lt  # the steps sit above the models: imported for the checks only
+    import ltransform as lt
 
     with torch.device(device):
         model = factory()
@@ -77,3 +78,43 @@ def first_step(factory: Callable[[], torch.nn.Module], /, *, batch: Any, loss_fn
         step(state, batch)
 
     return model, opt, second
+
+
+def check_memory_estimate(device: torch.device, size: Any) -> dict[str, Any]:
+    """lt.estimate_memory within 20% of torch.cuda.max_memory_allocated for GPTs in several
+    precisions, with and without activation checkpointing (on the CPU: the estimate and the step
+    run; tests/test_memory.py measures the CPU peak)."""
+    from ltransform.examples.gpt import GPT, Block, GPTConfig, loss_fn, preset
+
+    small = GPTConfig(vocab=50304, block=1024, n_layer=4, n_head=8, n_embd=512)
+    configs: dict[str, tuple[GPTConfig, int, dict[str, Any]]] = {
+        "gpt 4x512 fp32 adamw": (small, 8, {}),
+        "gpt 4x512 bf16-mixed": (small, 8, {"precision": "bf16-mixed"}),
+        "gpt 4x512 bf16-mixed checkpoint": (small, 8, {"precision": "bf16-mixed", "checkpoint": {Block}}),
+        "gpt 4x512 bf16-true": (small, 8, {"precision": "bf16-true"}),
+        "gpt-124m bf16-mixed": (preset("gpt-124m"), 8, {"precision": "bf16-mixed"}),
+    }
+    if device.type != "cuda":  # the smoke run: the same calls on a tiny model, the estimate only
+        tiny = GPTConfig(n_layer=1, n_embd=32, n_head=2, block=16)
+        configs = {"tiny gpt bf16-mixed": (tiny, 2, {"precision": "bf16-mixed"})}
+    rows: dict[str, Any] = {}
+    for name, (cfg, rows_per_batch, options) in configs.items():
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randint(0, cfg.vocab, (rows_per_batch, cfg.block), generator=gen)
+        batch = (x, x.roll(1, 1))
+        factory = lambda cfg=cfg: GPT(cfg)  # noqa: E731
+        if device.type == "cuda":
+            gc.collect()  # the previous configuration's model and optimizer are gone before measuring
+            torch.cuda.empty_cache()
+            with torch.cuda.device(device):
+                estimate, measured = estimate_vs_cuda(factory, batch=batch, loss_fn=loss_fn, **options)
+            rows[name] = {"estimate_mib": round(estimate / 2**20, 1), "measured_mib": round(measured / 2**20, 1),
+                          "error": round((estimate - measured) / measured, 4)}
+        else:
+            total = estimate_memory(factory, batch=batch, loss_fn=loss_fn, device="cpu", **options).total
+            first_step(factory, batch=batch, loss_fn=loss_fn, device="cpu", **options)[2]()
+            rows[name] = {"estimate_mib": round(total / 2**20, 2), "measured_mib": None}
+    worst = [f"{n}: {r['estimate_mib']} vs {r['measured_mib']} MiB" for n, r in rows.items()
+             if r["measured_mib"] is not None and abs(r["error"]) > 0.2]
+    assert not worst, f"estimate off by more than 20%: {'; '.join(worst)} (all: {rows})"
+    return rows
