@@ -10,4 +10,13 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's ltransform, installed or not
 python="${PYTHON:-$(command -v python || command -v python3)}"
+# no network there: the optional packages come as wheels in .whl/ (scripts/gpu-wheels.sh), if at all
+if [ -d "$root/.whl" ]; then
+    for pkg in bitsandbytes torchao; do
+        if ! "$python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$pkg') is None)"; then
+            "$python" -m pip install -q --no-deps --no-index --find-links "$root/.whl" "$pkg" \
+                || echo "gpu-check: $pkg could not be installed from .whl/; its checks skip"
+        fi
+    done
+fi
 exec "$python" -m ltransform.gpucheck --out "${OUT:-gpu-check-out}" "$@"
