@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ltransform as lt
+from ltransform.distributed import wrappers
 from ltransform.examples.gpt import GPT, Block, GPTConfig, loss_fn
 
 TINY = GPTConfig(vocab=64, block=16, n_layer=3, n_head=2, n_embd=32)
@@ -69,18 +70,40 @@ def test_regional_compile_picks_the_repeated_blocks_and_keeps_names_and_type():
     compiled = lt.compile(model, backend=Graphs())
     assert compiled is model and type(model) is GPT
     assert list(model.state_dict()) == keys  # no _orig_mod. prefix: checkpoints are interchangeable
-    chosen = [name for name, m in model.named_modules() if m._compiled_call_impl is not None]
+    chosen = [name for name, m in model.named_modules() if wrappers.is_compiled_in_place(m)]
     assert chosen == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_torchs_own_modules_compile_too_and_a_deep_copy_runs_its_own_weights():
+    """module.compile() compiles torch's Module._call_impl, which dynamo skips for torch.nn's own
+    classes: lt.compile compiles the class's forward instead, so a Sequential of Linears (and a
+    Sequential root with regional=False) really runs compiled."""
+    import copy
+
+    graphs = Graphs()
+    model = lt.compile(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)), backend=graphs)
+    model(torch.ones(1, 4))
+    assert graphs.count >= 1
+    whole = Graphs()
+    root = lt.compile(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()), regional=False, backend=whole)
+    root(torch.ones(1, 4))
+    assert whole.count == 1
+    twin = copy.deepcopy(root)  # its compiled forward is bound to the copy, not to the original
+    with torch.no_grad():
+        twin[0].weight.zero_()
+        twin[0].bias.zero_()
+    assert torch.equal(twin(torch.ones(1, 4)), torch.zeros(1, 4))
+    assert not torch.equal(root(torch.ones(1, 4)), torch.zeros(1, 4))
 
 
 def test_a_policy_picks_blocks_and_whole_model_compile_is_in_place():
     model = lt.compile(gpt(), policy={torch.nn.LayerNorm}, backend="eager")
-    assert sorted(n for n, m in model.named_modules() if m._compiled_call_impl is not None) == [
+    assert sorted(n for n, m in model.named_modules() if wrappers.is_compiled_in_place(m)) == [
         "blocks.0.ln1", "blocks.0.ln2", "blocks.1.ln1", "blocks.1.ln2", "blocks.2.ln1", "blocks.2.ln2", "ln"]
     whole = lt.compile(gpt(), regional=False, backend="eager")
-    assert [n for n, m in whole.named_modules() if m._compiled_call_impl is not None] == [""]
+    assert [n for n, m in whole.named_modules() if wrappers.is_compiled_in_place(m)] == [""]
     piped = lt.pipe(gpt(), lt.compile(policy={Block}, backend="eager"))
-    assert [n for n, m in piped.named_modules() if m._compiled_call_impl is not None] == [
+    assert [n for n, m in piped.named_modules() if wrappers.is_compiled_in_place(m)] == [
         "blocks.0", "blocks.1", "blocks.2"]
     assert repr(lt.compile(policy={Block}, backend="eager")).startswith("lt.compile(policy={")
 
@@ -156,6 +179,27 @@ def test_order_and_usage_errors_name_the_fix(one_rank_group):
     with pytest.raises(RuntimeError, match="already compiled"):
         lt.compile(torch.compile(gpt()))
     lt.shard(compiled, policy={Block})  # the right order: compile, then shard
+
+
+def test_a_hugging_face_llama_compiles_its_decoder_layers_once_without_the_kv_cache():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=10,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with pytest.raises(ValueError, match=r"use_cache is True: .* set model.config.use_cache = False first"):
+        lt.compile(model)
+    model.config.use_cache = False
+    graphs = Graphs()
+    lt.compile(model, backend=graphs)
+    assert [n for n, m in model.named_modules() if wrappers.is_compiled_in_place(m)] == [
+        f"model.layers.{i}" for i in range(10)]
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    model(ids, labels=ids).loss.backward()
+    assert 1 <= graphs.count <= 3  # one graph for all ten layers (not one per layer, nor past the recompile limit)
+    with no_recompiles():
+        model(ids, labels=ids).loss.backward()
 
 
 def test_bad_arguments_are_clear_errors():

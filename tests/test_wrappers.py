@@ -95,6 +95,16 @@ def test_compiled_call_impl_is_set_by_module_compile():
     assert model._compiled_call_impl is not None and wrappers.is_compiled_in_place(model)
 
 
+def test_a_function_torch_compile_returned_carries_its_original_and_compile_forward_marks_the_module():
+    compiled = torch.compile(torch.nn.Linear.forward, backend="eager")
+    assert callable(compiled._torchdynamo_orig_callable)  # the attribute is_compiled_in_place reads
+    model = torch.nn.Linear(2, 2)
+    wrappers.compile_forward(model, backend="eager")
+    assert wrappers.is_compiled_in_place(model) and model._compiled_call_impl is None
+    model.forward = lambda x: x  # a forward replaced by something else is not a compiled one
+    assert not wrappers.is_compiled_in_place(model)
+
+
 def test_mesh_of_a_sharded_module_is_its_parameters_device_mesh(one_rank_group):
     from torch.distributed.fsdp import fully_shard
 

@@ -14,7 +14,8 @@ one small function each, so a torch upgrade that moves one breaks this file (and
   ``replicate.state(module)._no_sync``: what ``set_requires_gradient_sync`` last set
   (:func:`gradient_sync`), so a caller can restore it; torch has setters but no getters.
 - ``OptimizedModule._orig_mod``: the module ``torch.compile(model)`` wraps (:func:`compiled_original`).
-- ``Module._compiled_call_impl``: set by ``module.compile()`` (:func:`is_compiled_in_place`).
+- ``Module._compiled_call_impl``: set by ``module.compile()``, and ``_torchdynamo_orig_callable``,
+  which marks a function ``torch.compile`` returned (:func:`is_compiled_in_place`).
 - ``torch_xla._XLAC._get_xla_sharding_spec(tensor)``: whether an XLA tensor is split over the
   devices (:func:`xla_sharded`); torch_xla has no public query.
 
@@ -128,5 +129,25 @@ def compiled_original(model: Any) -> torch.nn.Module | None:
 
 
 def is_compiled_in_place(module: torch.nn.Module) -> bool:
-    """A module whose own ``module.compile()`` was called."""
-    return getattr(module, "_compiled_call_impl", None) is not None
+    """A module whose own ``module.compile()`` was called, or whose ``forward`` was replaced by a
+    compiled one (``lt.compile``)."""
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        return True
+    forward = vars(module).get("forward")
+    return hasattr(getattr(forward, "__func__", forward), "_torchdynamo_orig_callable")
+
+
+def compile_forward(module: torch.nn.Module, **options: Any) -> None:
+    """Compile ``module``'s forward in place: its class's ``forward`` compiled with
+    ``torch.compile``, bound to the module as an instance attribute.
+
+    Not ``module.compile()``: that compiles ``Module._call_impl``, torch's own code, which
+    dynamo skips for torch's built-in modules (a ``Linear`` or ``Sequential`` compiled that way
+    runs eager); and it puts the module's hooks (FSDP2's gathers, checkpointing's) inside the
+    compiled region. A bound method (not a closure) keeps ``copy.deepcopy(model)`` right: the
+    copy's forward is bound to the copy. Blocks of one class share dynamo's cache (one code
+    object), so compiling the second block costs nothing."""
+    import types
+
+    compiled = torch.compile(type(module).forward, **options)
+    module.forward = types.MethodType(compiled, module)  # type: ignore[method-assign]

@@ -239,7 +239,8 @@ def train(args: argparse.Namespace) -> lt.State | None:
     n_params = sum(p.numel() for p in model.parameters())
     say(f"ltransform GPT: {n_params / 1e6:.2f}M parameters, {len(corpus) / 1e6:.1f} MB of Python "
           f"standard library source, precision {args.precision}, accumulate {args.accumulate}, "
-          f"clip {args.clip or 'off'}, {'compiled, ' if args.compile else ''}{lt.world_size()} {'XLA device' if lt.accelerator() == 'xla' else 'process'}"
+          f"clip {args.clip or 'off'}, {'compiled, ' if args.compile else ''}{lt.world_size()} "
+          f"{'XLA device' if lt.accelerator() == 'xla' else 'process'}"
           f"(s), strategy {args.strategy}; "
           f"logs in {run_dir}/")
     loggers: list[Callable[[Mapping[str, float], int], Any]] = [lt.CSVLogger(run_dir), _print_loss]

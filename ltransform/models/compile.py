@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ltransform.core.compose import MISSING, Partial
-from ltransform.distributed import env
+from ltransform.distributed import env, wrappers
 from ltransform.models.order import applied, check_order
 from ltransform.models.shard import Policy, _matches, _outermost, _policy
 
@@ -15,10 +15,10 @@ from ltransform.models.shard import Policy, _matches, _outermost, _policy
 def compile(model: Any = MISSING, /, policy: Policy = None, *, regional: bool = True, **options: Any) -> Any:
     """Compile ``model`` with ``torch.compile``, block by block (regional) or as a whole, in place.
 
-    Regional compilation compiles each block the policy picks on its own (``block.compile()``),
-    so the repeated blocks of a transformer share one compiled graph: compile time is that of
-    one block, not of the whole model, and the code between blocks (FSDP2's gathers, activation
-    checkpointing's hooks) stays eager. The model keeps its type and its parameter names, so
+    Regional compilation compiles the ``forward`` of each block the policy picks, in place, so
+    the repeated blocks of a transformer share one compiled graph: compile time is that of one
+    block, not of the whole model, and what runs around a block's forward (FSDP2's gathers,
+    activation checkpointing's hooks) stays eager. The model keeps its type and its parameter names, so
     checkpoints written before and after compiling are interchangeable (``torch.compile(model)``
     returns a wrapper whose state dict keys gain an ``_orig_mod.`` prefix).
 
@@ -27,7 +27,7 @@ def compile(model: Any = MISSING, /, policy: Policy = None, *, regional: bool = 
         policy: which blocks to compile: a set of module classes (e.g. ``{Block}``), a predicate
             ``module -> bool``, or a minimum parameter count, as for :func:`shard`. None with
             ``regional=True``: the repeated blocks, i.e. the children of every ``ModuleList`` /
-            ``Sequential`` that holds two or more modules of one class.
+            ``Sequential`` / ``ModuleDict`` that holds two or more modules of one class.
         regional: compile the blocks (True) or the whole model's forward (False; then
             ``policy`` must be None).
         **options: passed to ``torch.compile`` (``backend``, ``mode``, ``fullgraph``,
@@ -40,7 +40,8 @@ def compile(model: Any = MISSING, /, policy: Policy = None, *, regional: bool = 
     Raises:
         RuntimeError: applied twice, or after ``shard`` (compile must come before it), or to
             a model ``torch.compile`` already wrapped.
-        ValueError: no block found or matched; a policy together with ``regional=False``.
+        ValueError: no block found or matched; a policy together with ``regional=False``; a
+            Hugging Face model with ``config.use_cache`` on (set it to False to train).
         TypeError: a model that is not a module, an option ``torch.compile`` does not take.
 
     Example:
@@ -72,6 +73,11 @@ def compile(model: Any = MISSING, /, policy: Policy = None, *, regional: bool = 
     if "torch.compile" in applied(model):
         raise RuntimeError("compile: the model (or one of its blocks) is already compiled; compile once, "
                            "with lt.compile(model) or lt.compile(model, policy={Block})")
+    if getattr(getattr(model, "config", None), "use_cache", False) is True:  # a Hugging Face model
+        raise ValueError(
+            "compile: model.config.use_cache is True: a Hugging Face model then builds a KV cache in every "
+            "forward, whose per-layer state makes torch.compile recompile each layer (and leave the layers past "
+            "its recompile limit uncompiled); to train, set model.config.use_cache = False first")
     if env.accelerator() == "xla":
         return model
     if not regional:
@@ -80,20 +86,21 @@ def compile(model: Any = MISSING, /, policy: Policy = None, *, regional: bool = 
         blocks = _outermost(_matches(model, match)) if match is not None else _repeated(model)
         if not blocks:
             found = (f"policy {policy!r} matches no submodule" if match is not None else
-                     "found no repeated blocks (two or more modules of one class in a ModuleList or Sequential)")
+                     "found no repeated blocks (two or more modules of one class in a ModuleList, Sequential or "
+                     "ModuleDict)")
             raise ValueError(f"compile: {found} of {type(model).__name__}; give policy={{YourBlock}}, or "
                              f"regional=False to compile the whole model")
     for block in blocks:
-        block.compile(**options)
+        wrappers.compile_forward(block, **options)
     return model
 
 
 def _repeated(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The children of every ``ModuleList`` / ``Sequential`` holding two or more modules of one
-    class, outermost first (a repeated block's own repeated layers are not compiled again)."""
+    """The children of every ``ModuleList`` / ``Sequential`` / ``ModuleDict`` holding two or more
+    modules of one class, outermost first (a repeated block's own repeated layers are not compiled again)."""
     found: list[torch.nn.Module] = []
     for module in model.modules():
-        if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
+        if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
             kinds = [type(child) for child in module.children()]
             found += [child for child in module.children() if kinds.count(type(child)) > 1]
     return _outermost(found)

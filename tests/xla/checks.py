@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import ltransform as lt
+from ltransform.distributed import wrappers
 
 TOL = {"32-true": 1e-6}  # bf16: the CPU's own bf16-vs-fp32 drift (reference_drift)
 
@@ -289,7 +290,7 @@ def check_order():
         raise AssertionError("lt.compile after shard was accepted")
     compiled = net()  # torch_xla traces and compiles the whole step already: lt.compile leaves the model eager
     assert lt.compile(compiled, policy={Block}) is compiled
-    assert all(m._compiled_call_impl is None for m in compiled.modules())
+    assert not any(wrappers.is_compiled_in_place(m) for m in compiled.modules())
     plain = net()
     step = lt.pipe(lt.train_step(loss_fn), lt.distribute("ddp"))
     try:

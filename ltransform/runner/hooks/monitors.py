@@ -18,7 +18,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from ltransform.core.inventory import inventory
-from ltransform.distributed import env
+from ltransform.distributed import env, wrappers
 from ltransform.runner.hooks import NEVER, say
 from ltransform.runner.hooks.peaks import matmul_dtype, peak_tflops
 
@@ -61,9 +61,8 @@ class _Monitor:
 
 def _compiled(model: torch.nn.Module) -> bool:
     """Whether ``torch.compile`` compiled the model or one of its modules (``torch.compile(m)``
-    wraps it; ``m.compile()`` sets the module's compiled call)."""
-    return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
-               for m in model.modules())
+    wraps it; ``m.compile()`` and ``lt.compile`` compile in place)."""
+    return any(wrappers.compiled_original(m) is not None or wrappers.is_compiled_in_place(m) for m in model.modules())
 
 
 def _synchronize(device: torch.device) -> None:
