@@ -426,9 +426,9 @@ def save_tensors(tensors: dict[str, Any], path: Path, *, async_save: bool) -> Fu
             return None
         if async_save:
             # (a Future; from torch 2.9 an AsyncSaveResponse holding it)
+            staging = {"async_stager": _pinned_stager()} if _on_cuda(tensors) else {}  # (torch >= 2.9)
             result: Any = dcp.async_save(tensors, checkpoint_id=str(partial_path(path)), no_dist=_no_group(),
-                                         process_group=None if _no_group() else _writer_group(_world()),
-                                         async_stager=_pinned_stager() if _on_cuda(tensors) else None)
+                                         process_group=None if _no_group() else _writer_group(_world()), **staging)
             return getattr(result, "upload_completion", result)
         dcp.save(tensors, checkpoint_id=str(partial_path(path)), no_dist=_no_group())
     return None
@@ -446,7 +446,9 @@ def _pinned_stager() -> Any:
     copying into pinned host memory, which it keeps and reuses from one save to the next (pinning
     is slow; a pinned copy runs at the bus's full speed). The copy finishes before ``lt.save``
     returns; the write to storage runs in the background. (Without a stager DCP copies into
-    pageable memory, anew at each save.)"""
+    pageable memory, anew at each save.) The pinned copy stays for the life of the process: host
+    memory the size of this rank's saved state. Some torch releases clear the stager's cache after
+    each save, which makes every save pin anew: slower, still correct."""
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
     return DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=False,
