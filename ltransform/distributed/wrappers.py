@@ -150,4 +150,4 @@ def compile_forward(module: torch.nn.Module, **options: Any) -> None:
     import types
 
     compiled = torch.compile(type(module).forward, **options)
-    module.forward = types.MethodType(compiled, module)  # type: ignore[method-assign]
+    module.forward = types.MethodType(compiled, module)
