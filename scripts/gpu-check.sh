@@ -2,7 +2,9 @@
 # One command for a GPU machine: every CUDA path of ltransform checked against hand-written
 # PyTorch, then the GPU benchmark, within a time budget (default 480 s). Writes gpu-check.json,
 # gpu-check.md and worker.log to $OUT if set (the device runner's folder), else gpu-check-out/.
-# Exit code 1 if any check failed. Flags pass through (a later --out wins), e.g.:
+# Exit code 1 if any check failed, or a part of the benchmark (a benchmark cut short at the end of
+# the budget keeps the parts that finished and is not a failure by itself). Flags pass through
+# (a later --out wins), e.g.:
 #   bash scripts/gpu-check.sh --no-bench --checks fsdp,qlora --budget 300
 #   bash scripts/gpu-check.sh --smoke          # the CPU smoke run of the same checks
 #   bash scripts/gpu-check.sh --list

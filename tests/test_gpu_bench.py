@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import attrs
 import pytest
@@ -25,9 +26,12 @@ LOOPS = ("raw", "ltransform", "fabric")
 LOSS_TOLERANCE = 1e-6
 
 
+PROGRESS = []  # (running, the result so far) as run_benchmark reports them
+
+
 @pytest.fixture(scope="module")
 def result():
-    return run_benchmark(smoke=True)
+    return run_benchmark(smoke=True, progress=lambda so_far, running: PROGRESS.append((running, so_far)))
 
 
 def _errors(part, path="result"):
@@ -123,6 +127,36 @@ def test_markdown_renders_tables_and_reasons(result):
     broken["qlora"] = {"skipped": "bitsandbytes is not installed"}
     text = to_markdown(broken)
     assert "error: RuntimeError: boom" in text and "skipped: bitsandbytes is not installed" in text
+
+
+def test_each_part_is_reported_as_it_starts_and_ends(result):
+    assert [running for running, _ in PROGRESS] == ["smoke", None, "fp8", None, "qlora", None]
+    first, after_first = PROGRESS[0][1], PROGRESS[1][1]
+    assert "running" in first["models"][0] and "pending" in first["fp8"] and "pending" in first["qlora"]
+    assert after_first["models"][0]["variants"].keys() == result["models"][0]["variants"].keys()
+    assert PROGRESS[-1][1]["fp8"].keys() == result["fp8"].keys()
+    json.dumps(PROGRESS)
+    cut = {**PROGRESS[2][1], "cut_short": "killed at the deadline (--budget) during qlora"}
+    text = to_markdown(cut)
+    assert "Cut short: killed at the deadline" in text and "| raw |" in text
+    assert "skipped: cut short (killed" in text and "skipped: not started (killed" in text
+
+
+def test_lt_run_is_timed_from_its_first_step_to_its_last(result):
+    """lt.run's set-up and tear-down per call are left out of the timed steps, and reported."""
+    for model in result["models"]:
+        ours = model["variants"]["ltransform"]
+        assert ours["call_overhead_ms"] > 0 and "call_overhead_ms" not in model["variants"]["raw"]
+    assert "lt.run set-up + tear-down" in to_markdown(result)
+
+
+def test_a_part_that_does_not_fit_its_minimum_time_is_skipped(monkeypatch):
+    from ltransform.gpucheck import bench
+
+    monkeypatch.setattr(bench, "SMOKE", attrs.evolve(SMOKE, part_s={"model": 1e6, "qlora": 1e6, "fp8": 1e6}))
+    result = run_benchmark(smoke=True, deadline=time.time() + 3600)
+    parts = [*result["models"], result["fp8"], result["qlora"]]
+    assert all("needs about 1000000 s" in part["skipped"] for part in parts), parts
 
 
 def test_a_spent_budget_skips_every_part_with_the_reason():

@@ -61,6 +61,11 @@ def test_the_smoke_run_passes_every_cpu_check_and_skips_the_cuda_ones(smoke):
     assert all(f"| {c.name} | {results[c.name]['status'].upper()} |" in text for c in CHECKS)
     assert "Not run (`--no-bench`" in text and (out / "worker.log").exists()
     assert f"{len(CPU_CAPABLE)} passed, 0 failed" in done.stdout
+    for mode in ("nf4", "nf4-dq", "fp4", "fp4-dq"):  # ltransform's 4-bit forward is the dequantized MLP's
+        numbers = results[f"quantize-{mode}"]["numbers"]
+        assert numbers["relative_error_vs_dequantized"] < 5e-3 < numbers["relative_error"], numbers
+    saved = results["checkpoint-async"]["numbers"]
+    assert 0 < saved["save_call_s"] <= saved["save_done_with_next_step_s"]
 
 
 # --- the supervisor: checks of this module, run by the real worker ------------------------------
@@ -97,7 +102,7 @@ def test_a_hang_and_a_crash_are_recorded_and_the_other_checks_still_run(tmp_path
     jobs = {f"test_gpucheck:{name}": 60.0 for name in ("passes", "hangs", "crashes", "fails", "skips", "passes")}
     jobs["test_gpucheck:hangs"] = 2.0
     supervisor = Supervisor(device="cpu", size="smoke", out_dir=tmp_path, deadline=time.monotonic() + 100,
-                            on_result=results.append, bench_budget=lambda: 0.0)
+                            on_result=results.append)
     supervisor.run(jobs)
     by_name = {r["name"].partition(":")[2]: r for r in results}
     assert [r["name"].partition(":")[2] for r in results] == ["passes", "hangs", "crashes", "fails", "skips"]
@@ -118,7 +123,7 @@ def test_jobs_left_when_the_budget_is_spent_are_skipped_with_the_reason(tmp_path
 
     results = []
     Supervisor(device="cpu", size="smoke", out_dir=tmp_path, deadline=time.monotonic() + 1,
-               on_result=results.append, bench_budget=lambda: 0.0).run({"bf16-mixed": 60.0, "fsdp": 60.0})
+               on_result=results.append).run({"bf16-mixed": 60.0, "fsdp": 60.0})
     assert [(r["name"], r["status"]) for r in results] == [("bf16-mixed", "skip"), ("fsdp", "skip")]
     assert "budget" in results[0]["reason"]
 
@@ -145,3 +150,138 @@ def test_import_ltransform_does_not_import_the_gpu_check():
             "print([m for m in sys.modules if m.startswith('ltransform.gpucheck')])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_cpu_env())
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+# --- the benchmark under the supervisor: a fake one (LTRANSFORM_GPUCHECK_BENCH=test_gpucheck) ----
+
+def _fake_results(parts: dict) -> dict:
+    return {"mode": "smoke", "device": {"type": "cpu", "name": "fake", "torch": torch.__version__},
+            "settings": {"warmup_steps": 1, "rounds": 1, "steps_per_round": 1, "compile": False,
+                         "compile_options": {}, "peak_matmul": "bf16 1x1x1"},
+            "peak_tflops": 1.0, "models": [], "targets": [], "targets_apply": False, "elapsed_s": 1.0,
+            "qlora": {"pending": "not started"}, "fp8": {"pending": "not started"}, **parts}
+
+
+QLORA_DONE = {"model": "fake", "rows": {
+    "bf16 full finetune": {"step_ms": 2.0, "tokens_per_s": 10.0, "peak_gib": None, "trainable_params": 4e6,
+                           "final_loss": 1.0},
+    "nf4 QLoRA r16": {"step_ms": 1.0, "tokens_per_s": 20.0, "peak_gib": None, "trainable_params": 1e5,
+                      "final_loss": 1.1, "time_vs_full": 0.5}}}
+
+
+def run_benchmark(*, smoke, device, deadline, progress):
+    """A fake benchmark: the QLoRA part finishes, then the fp8 part outlasts the deadline
+    (FAKE_BENCH=slow), or fails (FAKE_BENCH=error)."""
+    assert deadline > time.time()
+    progress(_fake_results({"qlora": {"running": "now"}}), "qlora")
+    progress(_fake_results({"qlora": QLORA_DONE}), None)
+    progress(_fake_results({"qlora": QLORA_DONE, "fp8": {"running": "now"}}), "fp8")
+    if os.environ.get("FAKE_BENCH") == "slow":
+        time.sleep(600)
+    return _fake_results({"qlora": QLORA_DONE, "fp8": {"error": "RuntimeError: no fp8 kernel"}})
+
+
+def test_a_benchmark_killed_at_the_deadline_keeps_the_finished_parts_and_passes(tmp_path, monkeypatch):
+    from ltransform.gpucheck.__main__ import main
+
+    monkeypatch.setenv("PYTHONPATH", _cpu_env()["PYTHONPATH"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("LTRANSFORM_GPUCHECK_BENCH", "test_gpucheck")
+    monkeypatch.setenv("FAKE_BENCH", "slow")
+    # the budget's end less the 10 s kept for the report: the worker is killed ~14 s in, during "fp8"
+    code = main(["--smoke", "--device", "cpu", "--checks", "bf16-mixed", "--budget", "24", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    bench = report["benchmark"]
+    assert code == 0 and bench["status"] == "pass", bench
+    assert "killed at the deadline (--budget) during fp8" in bench["reason"]
+    assert bench["results"]["qlora"] == QLORA_DONE and bench["results"]["fp8"] == {"running": "now"}
+    assert [r["status"] for r in report["checks"]] == ["pass"]
+    text = (tmp_path / "gpu-check.md").read_text()
+    assert "Cut short: killed at the deadline (--budget) during fp8" in text and "| nf4 QLoRA r16 | 1.00 |" in text
+    assert "skipped: cut short (killed at the deadline" in text  # the fp8 row
+
+
+def test_a_benchmark_part_that_failed_fails_the_job(monkeypatch):
+    from ltransform.gpucheck import worker
+
+    monkeypatch.setattr(worker, "BENCH_MODULE", "test_gpucheck")
+    monkeypatch.setenv("FAKE_BENCH", "error")
+    events = []
+    record = worker.run_benchmark_job(torch.device("cpu"), True, time.time() + 60, events.append)
+    assert record["status"] == "fail" and "fp8: RuntimeError: no fp8 kernel" in record["reason"], record
+    assert record["results"]["qlora"] == QLORA_DONE
+    assert [(e["event"], e["running"]) for e in events] == [("partial", "qlora"), ("partial", None),
+                                                             ("partial", "fp8")]
+
+
+def test_a_cut_short_benchmark_fails_only_for_a_failed_part(tmp_path):
+    from ltransform.gpucheck.runner import Supervisor
+
+    results = []
+    supervisor = Supervisor(device="cpu", size="smoke", out_dir=tmp_path, deadline=time.monotonic(),
+                            on_result=results.append)
+    failed = _fake_results({"qlora": {"error": "RuntimeError: boom"}, "fp8": {"running": "now"}})
+    supervisor._cut_short("benchmark", time.monotonic(), {"results": failed, "running": "fp8"})
+    supervisor._cut_short("benchmark", time.monotonic(), {"results": _fake_results({}), "running": "qlora"})
+    supervisor._cut_short("benchmark", time.monotonic(), None)
+    assert [r["status"] for r in results] == ["fail", "skip", "skip"]
+    assert "qlora: RuntimeError: boom" in results[0]["reason"] and "before any part finished" in results[1]["reason"]
+
+
+def test_the_startup_timer_restarts_after_each_result(tmp_path, monkeypatch):
+    """A job that ran longer than STARTUP_S, then a pause before the next job starts: not killed."""
+    from ltransform.gpucheck import runner
+
+    monkeypatch.setattr(runner, "STARTUP_S", 1.0)
+    events = tmp_path / "events.jsonl"
+    script = f"""
+import json, time
+def emit(**event):
+    with open({str(events)!r}, "a") as out:
+        out.write(json.dumps(event) + "\\n")
+emit(event="ready")
+emit(event="start", name="a")
+time.sleep(1.5)
+emit(event="result", name="a", status="pass", duration_s=1.5)
+time.sleep(0.6)
+emit(event="start", name="b")
+emit(event="result", name="b", status="pass", duration_s=0.0)
+"""
+    results = []
+    supervisor = runner.Supervisor(device="cpu", size="smoke", out_dir=tmp_path, deadline=time.monotonic() + 60,
+                                   on_result=results.append)
+    process = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        done = supervisor._watch(process, events, {"a": 60.0, "b": 60.0})
+    finally:
+        process.kill()
+    assert done == ["a", "b"] and [r["status"] for r in results] == ["pass", "pass"], results
+
+
+def test_a_check_whose_clean_up_raises_is_recorded_as_failed(monkeypatch):
+    """A sticky CUDA error raises again in the clean-up after the check: the result is still recorded."""
+    from ltransform.gpucheck import checks
+
+    calls = []
+
+    def cleanup(device):
+        calls.append(device)
+        if len(calls) % 2 == 0:  # after the check
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(checks, "cleanup", cleanup)
+    record = checks.run_check(checks.Check("passes", passes, 60), torch.device("cpu"), SMOKE)
+    assert record["status"] == "fail" and "illegal memory access" in record["reason"], record
+    assert record["numbers"] == {"device": "cpu", "size": "smoke"}
+    calls.append(None)  # now the clean-up before the next check raises
+    record = checks.run_check(checks.Check("passes", passes, 60), torch.device("cpu"), SMOKE)
+    assert record["status"] == "fail" and "before the check" in record["reason"], record
+
+
+def test_a_package_that_fails_to_import_skips_with_the_reason(tmp_path, monkeypatch):
+    from ltransform.gpucheck.common import require
+
+    (tmp_path / "broken_for_this_torch.py").write_text("import torch\ntorch.no_such_attribute\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(Skip, match="does not import \\(AttributeError: module 'torch' has no attribute"):
+        require("broken_for_this_torch", "broken")

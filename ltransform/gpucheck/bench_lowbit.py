@@ -17,8 +17,8 @@ from torch import nn
 
 import ltransform as lt
 from ltransform.examples.gpt import loss_fn
-from ltransform.gpucheck.bench_models import (Loop, Preset, Settings, Skipped, build, failure, lt_loop, make_data,
-                                              measure, sync)
+from ltransform.gpucheck.bench_models import (Loop, Preset, Settings, Skipped, StepClock, build, failure, importable,
+                                              lt_loop, make_data, measure, sync)
 
 FP8_ROWS = ("bf16-mixed", "torchao-float8", "transformer-engine")
 QLORA_RANK = 16
@@ -59,6 +59,7 @@ def _fp8_loop(precision: str, base: nn.Module, device: torch.device, settings: S
     module = "torchao" if precision == "torchao-float8" else "transformer_engine"
     if importlib.util.find_spec(module) is None:
         raise Skipped(f"{module} is not importable here")
+    importable("torchao.float8" if module == "torchao" else "transformer_engine.pytorch", module)
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         major, minor = torch.cuda.get_device_capability(device)
         raise Skipped(f"fp8 needs compute capability 8.9+; this GPU has {major}.{minor}")
@@ -70,7 +71,7 @@ def _fp8_loop(precision: str, base: nn.Module, device: torch.device, settings: S
     if device.type != "cuda":
         raise Skipped("Transformer Engine needs a CUDA GPU")
     loop = lt_loop(base, device, attrs.evolve(settings, compile=False), precision=precision, name=precision)
-    loop.note += " (Transformer Engine's fused layers)"
+    loop.note += " (Transformer Engine's fused layers; eager against the compiled bf16 row: not like for like)"
     return loop
 
 
@@ -80,6 +81,10 @@ def qlora_block(preset: Preset, device: torch.device, settings: Settings) -> dic
     (bitsandbytes' layers are not compiled)."""
     if importlib.util.find_spec("bitsandbytes") is None:
         return {"model": preset.name, "skipped": "bitsandbytes is not installed (pip install bitsandbytes)"}
+    try:
+        importable("bitsandbytes", "bitsandbytes")
+    except Skipped as reason:
+        return {"model": preset.name, "skipped": str(reason)}
     cfg = preset.config
     data = make_data(cfg, preset.batch, max(settings.warmup, settings.steps), device, seed=1)
     rows = {}
@@ -108,10 +113,12 @@ def _alone(model: nn.Module, data: list[Any], settings: Settings, device: torch.
     step = lt.pipe(lt.train_step(loss_fn), lt.with_precision("bf16-mixed"))
     state = lt.State(model=model, optimizer=optimizer)
     seen: list[float] = []
+    clock = StepClock(device)  # the steps timed, lt.run's set-up per call left out (as in measure)
 
     def train(batches: list[Any]) -> float:
         nonlocal state
-        state = lt.run(step, state, batches, max_steps=state.step + len(batches), progress=False,
+        end = state.step + len(batches)
+        state = lt.run(step, state, clock.data(batches, end), max_steps=end, progress=False, hooks=[clock.hook],
                        loggers=[lambda metrics, at: seen.append(metrics["loss"])])
         return seen[-1]
 
@@ -124,7 +131,7 @@ def _alone(model: nn.Module, data: list[Any], settings: Settings, device: torch.
         start = time.perf_counter()
         train(data[:settings.steps])
         sync(device)
-        seconds.append(time.perf_counter() - start)
+        seconds.append(clock.seconds if clock.seconds is not None else time.perf_counter() - start)
     median = statistics.median(seconds)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     return {"step_ms": 1e3 * median / settings.steps, "tokens_per_s": tokens * settings.steps / median,

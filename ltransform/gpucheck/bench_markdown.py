@@ -10,6 +10,7 @@ _PACKAGES = ("lightning", "torchao", "bitsandbytes", "transformer_engine", "trit
 def to_markdown(result: dict[str, Any]) -> str:
     """The benchmark's result as Markdown: a header, one table per model, the fp8 and QLoRA
     tables and the targets."""
+    result = settle(result)
     dev, s = result["device"], result["settings"]
     versions = ", ".join([f"torch {dev['torch']}", *(f"{name} {dev.get(name) or '-'}" for name in _PACKAGES)])
     lines = [f"## GPU benchmark ({result['mode']}): {dev['name']}",
@@ -18,10 +19,30 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"{s['warmup_steps']} warm-up steps (excluded), then {s['rounds']} interleaved rounds x "
              f"{s['steps_per_round']} steps per loop (medians); compile: "
              f"{_options(s['compile_options']) if s['compile'] else 'off'}; {result['elapsed_s']:.0f} s in all.", ""]
+    if result.get("cut_short"):
+        lines += [f"**Cut short: {result['cut_short']}**; the parts that finished are below.", ""]
     for model in result["models"]:
         lines += _model(model)
     lines += _fp8(result["fp8"]) + _qlora(result["qlora"]) + _targets(result)
     return "\n".join(lines) + "\n"
+
+
+def settle(result: dict[str, Any]) -> dict[str, Any]:
+    """A result cut short (``result["cut_short"]``: why) or in progress, its parts that did not
+    run marked as skipped with the reason: the one running when it stopped, those not started."""
+    why = result.get("cut_short")
+
+    def one(part: dict[str, Any]) -> dict[str, Any]:
+        if "running" in part:
+            rest = {k: v for k, v in part.items() if k != "running"}
+            return {**rest, "skipped": f"cut short ({why})" if why else f"running ({part['running']})"}
+        if "pending" in part:
+            rest = {k: v for k, v in part.items() if k != "pending"}
+            return {**rest, "skipped": f"not started ({why})" if why else "not started yet"}
+        return part
+
+    return {**result, "models": [one(m) for m in result["models"]], "fp8": one(result["fp8"]),
+            "qlora": one(result["qlora"])}
 
 
 def _model(m: dict[str, Any]) -> list[str]:
@@ -37,9 +58,11 @@ def _model(m: dict[str, Any]) -> list[str]:
         if "tokens_per_s" not in v:
             out.append(f"| {name} | {_not_run(v)} |||||||")
             continue
+        how = v["note"] + (f"; lt.run set-up + tear-down {v['call_overhead_ms']:.1f} ms per call, not timed"
+                           if v.get("call_overhead_ms") is not None else "")
         out.append(f"| {name} | {v['tokens_per_s']:,.0f} | {v['step_ms']:.2f} | {v['tflops']:.4g} | "
                    f"{100 * v['mfu']:.1f}% | {_num(v['peak_gib'], '.2f')} | {v['warmup_s']:.1f} | "
-                   f"{v['final_loss']:.4f} | {v['note']} |")
+                   f"{v['final_loss']:.4f} | {how} |")
     r = m["ratios"]
     agree = ", ".join(f"{k} {d:.1e}" for k, d in m["loss_rel_diff"].items()) or "-"
     out += ["", f"ltransform / raw **{_num(r['lt_over_raw'], '.3f')}**, ltransform / Fabric "

@@ -9,11 +9,12 @@ all three train under bf16 autocast with the same AdamW and the same regional co
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import statistics
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -28,6 +29,16 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 class Skipped(Exception):
     """A part of the benchmark that cannot run here; the message is the reason."""
+
+
+def importable(module: str, top: str) -> Any:
+    """``import module`` and return the package ``top``, or :class:`Skipped` with why: a build for
+    another torch or CUDA can fail as it imports (AttributeError, RuntimeError, OSError, ...)."""
+    try:
+        importlib.import_module(module)
+        return importlib.import_module(top)
+    except Exception as error:  # noqa: BLE001  (whatever the import raises: this part cannot run here)
+        raise Skipped(f"{top} does not import here ({type(error).__name__}: {str(error)[:300]})") from None
 
 
 def failure(error: BaseException) -> dict[str, str]:
@@ -62,7 +73,8 @@ class Settings:
     compile: bool
     compile_options: dict[str, Any] = attrs.field(factory=dict)
     peak_size: int = 8192
-    part_s: float = 0.0  # the least time left to start a part (model, fp8, QLoRA) within the budget
+    part_s: dict[str, float] = attrs.field(factory=dict)  # the least time left to start a part, by kind
+    # ("model", "fp8", "qlora"); a kind not named may start with any time left
     lr: float = 6e-4
 
     def optimizer(self, params: Any, device: torch.device) -> torch.optim.Optimizer:
@@ -78,6 +90,43 @@ class Loop:
     optimizer: torch.optim.Optimizer
     train: Callable[[Sequence[Batch]], torch.Tensor]
     note: str = ""
+    clock: StepClock | None = None  # times the steps inside ``train`` (set-up and tear-down left out)
+
+
+class StepClock:
+    """The seconds from the first step's start to the last step's end inside one ``lt.run``
+    call: the clock starts (the device synchronized) when ``lt.run`` asks for the first batch
+    of :meth:`data` and stops in a hook after the step that reaches ``end`` (synchronized),
+    so ``lt.run``'s set-up and tear-down, paid once per call, stay outside the timed region
+    as they are for a hand-written loop. ``seconds`` is None until a call finished."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.started: float | None = None
+        self.seconds: float | None = None
+        self.end = 0
+
+    def data(self, batches: Sequence[Batch], end: int) -> _Clocked:
+        self.started, self.seconds, self.end = None, None, end
+        return _Clocked(batches, self)
+
+    def hook(self, state: Any) -> None:
+        if self.started is not None and state.step >= self.end:
+            sync(self.device)
+            self.seconds = time.perf_counter() - self.started
+
+
+class _Clocked:
+    def __init__(self, batches: Sequence[Batch], clock: StepClock) -> None:
+        self.batches, self.clock = batches, clock
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        sync(self.clock.device)
+        self.clock.started = time.perf_counter()
+        yield from self.batches
 
 
 def build(cfg: GPTConfig, device: torch.device, seed: int) -> GPT:
@@ -190,22 +239,24 @@ def lt_loop(base: nn.Module, device: torch.device, settings: Settings, *, precis
     step = lt.pipe(lt.train_step(loss_fn), lt.with_precision(precision))
     state = lt.State(model=model, optimizer=optimizer)
     seen: list[float] = []
+    clock = StepClock(device)
 
     def train(batches: Sequence[Batch]) -> torch.Tensor:
         nonlocal state
-        state = lt.run(step, state, batches, max_steps=state.step + len(batches), progress=False,
+        end = state.step + len(batches)
+        state = lt.run(step, state, clock.data(batches, end), max_steps=end, progress=False, hooks=[clock.hook],
                        loggers=[lambda metrics, at: seen.append(metrics["loss"])])
         return torch.tensor(seen[-1])
 
-    return Loop(name=name, model=model, optimizer=optimizer, train=train, note=how)
+    return Loop(name=name, model=model, optimizer=optimizer, train=train, note=how, clock=clock)
 
 
 def fabric_loop(base: nn.Module, device: torch.device, settings: Settings) -> Loop:
     """Lightning Fabric's loop: ``Fabric(precision="bf16-mixed")``, ``setup``, ``backward``."""
     if importlib.util.find_spec("lightning") is None:
         raise Skipped("lightning is not installed (pip install lightning)")
-    import lightning
-    from lightning.fabric import Fabric
+    lightning = importable("lightning.fabric", "lightning")
+    Fabric = lightning.fabric.Fabric
 
     model = copy.deepcopy(base)
     how = compile_blocks(model, settings, through_lt=False)
@@ -241,7 +292,9 @@ def measure(loops: list[Loop], data: list[Batch], settings: Settings, device: to
             tokens_per_step: int) -> dict[str, dict[str, Any]]:
     """Warm each loop up (untimed: compiling happens here), then time ``settings.rounds``
     rounds in which every loop runs the same ``settings.steps`` batches, the loops taking
-    turns and the first place rotating; the GPU is synchronized around each timed run.
+    turns and the first place rotating; the GPU is synchronized around each timed run. A loop
+    with a :class:`StepClock` (``lt.run``) is timed from its first step's start to its last
+    step's end, as the hand-written loops are; the rest of its call is ``call_overhead_ms``.
 
     Returns, per loop: tokens/s and step time (medians over rounds), each round's final loss,
     the warm-up time, and on CUDA the step's peak memory above what was allocated before it; a
@@ -260,7 +313,8 @@ def measure(loops: list[Loop], data: list[Batch], settings: Settings, device: to
             continue
         working.append(loop)
         out[loop.name] = {"note": loop.note, "warmup_s": time.perf_counter() - start,
-                          "warmup_loss": float(loss), "seconds": [], "losses": [], "step_peak_bytes": 0}
+                          "warmup_loss": float(loss), "seconds": [], "losses": [], "step_peak_bytes": 0,
+                          "call_overhead_s": []}
     loops = working
     batches = data[:settings.steps]
     for r in range(settings.rounds):
@@ -274,7 +328,11 @@ def measure(loops: list[Loop], data: list[Batch], settings: Settings, device: to
             start = time.perf_counter()
             loss = loop.train(batches)
             sync(device)
-            record["seconds"].append(time.perf_counter() - start)
+            outside = time.perf_counter() - start
+            inside = loop.clock.seconds if loop.clock is not None else None
+            record["seconds"].append(outside if inside is None else inside)
+            if inside is not None:
+                record["call_overhead_s"].append(outside - inside)
             record["losses"].append(float(loss))
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device) - before
@@ -286,6 +344,9 @@ def measure(loops: list[Loop], data: list[Batch], settings: Settings, device: to
         record["tokens_per_s"] = tokens_per_step * settings.steps / median
         record["rounds_tokens_per_s"] = [tokens_per_step * settings.steps / s for s in record.pop("seconds")]
         record["final_loss"] = record["losses"][-1]
+        overhead = record.pop("call_overhead_s")
+        if overhead:  # lt.run's set-up and tear-down per call, outside the timed steps
+            record["call_overhead_ms"] = 1e3 * statistics.median(overhead)
         resident = resident_bytes(loop)
         record["resident_gib"] = resident / 2 ** 30
         step_peak = record.pop("step_peak_bytes")

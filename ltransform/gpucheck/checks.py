@@ -81,9 +81,16 @@ def healthy(device: torch.device) -> bool:
 
 
 def run_check(check: Check, device: torch.device, size: Size) -> dict[str, Any]:
-    """Run one check, isolated: a failure is recorded with its traceback, never raised."""
-    cleanup(device)
+    """Run one check, isolated: a failure is recorded with its traceback, never raised (also a
+    sticky CUDA error surfacing in the clean-up: the worker then restarts, see ``healthy``)."""
     record: dict[str, Any] = {"name": check.name, "doc": (check.fn.__doc__ or "").strip().split("\n\n")[0]}
+    try:
+        cleanup(device)
+    except Exception as error:  # noqa: BLE001  (the device broke before: this check cannot run on it)
+        record.update(status="fail", reason=f"the device failed before the check: {type(error).__name__}: "
+                                            f"{error}"[:2000], traceback=traceback.format_exc()[-8000:],
+                      duration_s=0.0)
+        return record
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
@@ -100,10 +107,17 @@ def run_check(check: Check, device: torch.device, size: Size) -> dict[str, Any]:
         record.update(status="fail", reason=f"CUDA error after the check: {error}"[:2000],
                       traceback=traceback.format_exc()[-8000:])
     record["duration_s"] = round(time.perf_counter() - start, 3)
-    if device.type == "cuda":
-        record["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
     messages = list(dict.fromkeys(f"{w.category.__name__}: {w.message}"[:300] for w in caught))
     if messages:
         record["warnings"] = messages[:10]
-    cleanup(device)
+    try:
+        if device.type == "cuda":
+            record["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        cleanup(device)
+    except Exception as error:  # noqa: BLE001  (a sticky CUDA error raises again here: record it, do not die)
+        if record["status"] != "fail":
+            record.update(status="fail", reason=f"CUDA error in the clean-up after the check: {error}"[:2000],
+                          traceback=traceback.format_exc()[-8000:])
+        else:
+            record["cleanup_error"] = f"{type(error).__name__}: {error}"[:500]
     return record

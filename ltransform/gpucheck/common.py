@@ -130,13 +130,16 @@ def memory_allocated(device: torch.device) -> int | None:
 
 
 def require(module: str, pip: str) -> Any:
-    """Import an optional package, or skip the check naming the pip command."""
+    """Import an optional package, or skip the check naming the pip command and why: not
+    installed, or failing as it imports (a build for another torch or CUDA raises
+    AttributeError, RuntimeError, OSError, ...)."""
     import importlib
 
     try:
         return importlib.import_module(module)
-    except ImportError as error:
-        raise Skip(f"{module.split('.')[0]} is not installed or does not import ({error}); pip install {pip}") from None
+    except Exception as error:  # noqa: BLE001  (whatever the import raises: the check cannot run here)
+        raise Skip(f"{module.split('.')[0]} is not installed or does not import ({type(error).__name__}: "
+                   f"{str(error)[:500]}); pip install {pip}") from None
 
 
 @contextlib.contextmanager

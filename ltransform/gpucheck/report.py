@@ -110,8 +110,10 @@ def markdown(data: dict[str, Any]) -> str:
         for r in failures:
             lines += [f"### {r['name']}", "", _cell(r.get("reason", "")), "", "```",
                       (r.get("traceback") or r.get("log_tail") or "").rstrip(), "```", ""]
-    if bench and bench["status"] == "pass":
-        lines += ["", _benchmark_markdown(bench.get("results"))]  # its own "## GPU benchmark" section
+    if bench and isinstance(bench.get("results"), dict):  # finished, failed in a part, or cut short
+        if bench["status"] != "pass" or bench.get("cut_short"):
+            lines += ["", f"Benchmark: **{bench['status']}**: {_cell(bench.get('reason', ''))}"]
+        lines += ["", _benchmark_markdown(bench["results"])]  # its own "## GPU benchmark" section
     else:
         lines += ["", "## Benchmark", "", f"{bench['status']}: {bench.get('reason', '')}" if bench
                   else "Not run (`--no-bench`, or the budget ran out)."]

@@ -3,6 +3,13 @@
 A job that hangs (a collective that never completes) is killed at its timeout; one that kills
 the worker (a segfault or abort in a kernel, a CUDA error that poisons the context) is recorded
 as failed with the tail of the worker's log. Either way a fresh worker runs the jobs left.
+
+The benchmark is told the wall-clock time at which it will be killed (``--bench-deadline``: the
+end of the budget less ``REPORT_RESERVE_S``), so the worker's start and the checks before it
+count, and it emits its result after each part. Killed at the deadline, it keeps the parts that
+finished: its record is "pass" if they passed (the budget cut it short, not a defect: the reason
+says during which part), "fail" if one of them failed, "skip" if none finished. A benchmark
+that crashes the worker is a "fail", with the parts that finished.
 """
 
 from __future__ import annotations
@@ -18,18 +25,20 @@ from pathlib import Path
 from typing import Any
 
 STARTUP_S = 120.0  # imports (torch, ltransform, bitsandbytes) and CUDA initialisation
+BENCHMARK = "benchmark"  # the job that reports partial results
 REPORT_RESERVE_S = 10.0  # kept for writing the report at the end of the budget
 MIN_JOB_S = 5.0  # a job is not started with less than this left
 
 
 class Supervisor:
-    """Runs ``jobs`` (name -> timeout in seconds) in workers until done or ``deadline``;
-    ``on_result`` receives each job's record as it arrives."""
+    """Runs ``jobs`` (name -> timeout in seconds) in workers until done or ``deadline`` (a
+    ``time.monotonic()`` time); ``on_result`` receives each job's record as it arrives. A job's
+    time limit is its timeout or the budget left, whichever is less (``float("inf")``: the budget)."""
 
     def __init__(self, *, device: str, size: str, out_dir: Path, deadline: float,
-                 on_result: Callable[[dict[str, Any]], None], bench_budget: Callable[[], float]) -> None:
+                 on_result: Callable[[dict[str, Any]], None]) -> None:
         self.device, self.size, self.out_dir, self.deadline = device, size, out_dir, deadline
-        self.on_result, self.bench_budget = on_result, bench_budget
+        self.on_result = on_result
         self.workers = 0
 
     def left(self) -> float:
@@ -61,7 +70,7 @@ class Supervisor:
         events.unlink(missing_ok=True)
         command = [sys.executable, "-m", "ltransform.gpucheck.worker", "--device", self.device, "--size", self.size,
                    "--events", str(events), "--jobs", ",".join(pending),
-                   "--bench-budget", f"{max(self.bench_budget(), 0.0):.0f}"]
+                   "--bench-deadline", f"{time.time() + self.left():.3f}"]  # when _watch kills it, wall clock
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self._log().open("a") as log:
             log.write(f"\n=== worker {self.workers}: {' '.join(command)}\n")
@@ -76,49 +85,102 @@ class Supervisor:
 
     def _watch(self, process: subprocess.Popen, events: Path, jobs: dict[str, float]) -> list[str]:
         done: list[str] = []
-        current, started, offset = None, time.monotonic(), 0
-        timeout = STARTUP_S
+        current: str | None = None
+        started, offset, timeout = time.monotonic(), 0, STARTUP_S
+        partial: dict[str, Any] | None = None  # the benchmark's latest results, while it runs
+
+        def handle(event: dict[str, Any]) -> None:
+            nonlocal current, started, timeout, partial
+            kind = event.pop("event")
+            if kind == "start":
+                current, started, partial = event["name"], time.monotonic(), None
+                timeout = jobs[current]
+            elif kind == "result":
+                self.on_result(event)
+                done.append(event["name"])
+                current, started, partial = None, time.monotonic(), None  # the next start is due within STARTUP_S
+            elif kind == "partial":
+                partial = event
+            elif kind == "ready":
+                started, timeout = time.monotonic(), STARTUP_S
+
         while True:
             for event in _read(events, offset):
                 offset = event.pop("_offset")
-                if event["event"] == "start":
-                    current, started = event["name"], time.monotonic()
-                    timeout = jobs[current]
-                elif event["event"] == "result":
-                    event.pop("event")
-                    self.on_result(event)
-                    done.append(event["name"])
-                    current = None
-                elif event["event"] == "ready":
-                    started, timeout = time.monotonic(), STARTUP_S
+                handle(event)
             code = process.poll()
             if code is not None:
                 for event in _read(events, offset):  # written just before it exited
                     offset = event.pop("_offset")
-                    if event["event"] == "result":
-                        event.pop("event")
-                        self.on_result(event)
-                        done.append(event["name"])
-                        current = None
+                    handle(event)
                 if current is not None:
-                    self._failed(current, started, f"the worker process died during this check ({_exit(code)})")
+                    self._failed(current, started, f"the worker process died during this check ({_exit(code)})",
+                                 partial)
                     done.append(current)
                 return done
-            limit = min(timeout, self.left()) if current is not None else STARTUP_S
-            if time.monotonic() - started > limit:
+            elapsed = time.monotonic() - started
+            over_time = elapsed > (timeout if current is not None else STARTUP_S)
+            over_budget = current is not None and self.left() < 0  # (a job is given the budget's end at most)
+            if over_time or over_budget:
                 _kill(process)
                 if current is None:
                     return done
-                reason = (f"timed out after {limit:.0f} s (its limit: {jobs[current]:.0f} s, the budget left: "
-                          f"{max(self.left(), 0):.0f} s) and was killed")
-                self._failed(current, started, reason)
+                if over_budget and not over_time and (current == BENCHMARK or partial is not None):
+                    self._cut_short(current, started, partial)
+                else:
+                    why = "its timeout" if over_time else "the end of the global time budget (--budget)"
+                    reason = (f"timed out after {elapsed:.0f} s ({why}; its own limit: {jobs[current]:.0f} s) "
+                              f"and was killed")
+                    self._failed(current, started, reason, partial)
                 done.append(current)
                 return done
             time.sleep(0.2)
 
-    def _failed(self, name: str, started: float, reason: str) -> None:
-        self.on_result({"name": name, "status": "fail", "reason": reason,
-                        "duration_s": round(time.monotonic() - started, 3), "log_tail": _tail(self._log())})
+    def _cut_short(self, name: str, started: float, partial: dict[str, Any] | None) -> None:
+        """The benchmark killed at the budget's end: what finished is its result."""
+        running = (partial or {}).get("running")
+        why = f"killed at the deadline (--budget) during {running}" if running else "killed at the deadline (--budget)"
+        results = {**partial["results"], "cut_short": why} if partial is not None else None
+        failed = bench_errors(results)
+        finished = _finished(results or {})
+        if failed:
+            status, reason = "fail", f"{why}; before that {len(failed)} part(s) failed: " + "; ".join(failed)
+        elif finished:
+            status, reason = "pass", f"{why}; {len(finished)} part(s) finished: {', '.join(finished)}"
+        else:
+            status, reason = "skip", f"{why}, before any part finished"
+        self.on_result({"name": name, "status": status, "reason": reason[:2000], "cut_short": why,
+                        "results": results, "duration_s": round(time.monotonic() - started, 3)})
+
+    def _failed(self, name: str, started: float, reason: str, partial: dict[str, Any] | None = None) -> None:
+        record = {"name": name, "status": "fail", "reason": reason,
+                  "duration_s": round(time.monotonic() - started, 3), "log_tail": _tail(self._log())}
+        if partial is not None:  # the benchmark's parts that finished before
+            running = partial.get("running")
+            record["results"] = {**partial["results"], "cut_short": reason + (f" during {running}" if running else "")}
+        self.on_result(record)
+
+
+def bench_errors(part: Any, path: str = "") -> list[str]:
+    """``"where: message"`` of every ``{"error": ...}`` in the benchmark's results."""
+    found = []
+    if isinstance(part, dict):
+        if "error" in part:
+            found.append(f"{path or 'results'}: {str(part['error'])[:300]}")
+        for key, value in part.items():
+            if key != "error":
+                found += bench_errors(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(part, list):
+        for i, value in enumerate(part):
+            found += bench_errors(value, f"{path}[{i}]")
+    return found
+
+
+def _finished(results: dict[str, Any]) -> list[str]:
+    """The benchmark's parts that finished (neither pending, running nor skipped)."""
+    parts = [(m.get("name", "model"), m) for m in results.get("models", [])]
+    parts += [(key, results[key]) for key in ("qlora", "fp8") if isinstance(results.get(key), dict)]
+    return [name for name, part in parts if not {"pending", "running", "skipped"} & set(part)]
 
 
 def _read(path: Path, offset: int) -> list[dict[str, Any]]:

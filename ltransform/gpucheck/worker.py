@@ -3,7 +3,8 @@
     python -m ltransform.gpucheck.worker --device cuda --size full --events EVENTS.jsonl --jobs a,b,benchmark
 
 Before each job it appends ``{"event": "start", "name": ...}`` to the events file and after it
-``{"event": "result", ...}``, flushed at once, so the supervisor can time each job out and can tell
+``{"event": "result", ...}`` (the benchmark also ``{"event": "partial", ...}`` after each of its
+parts), flushed at once, so the supervisor can time each job out and can tell
 which job a crash (a segfault in a kernel, an abort) happened in.
 """
 
@@ -18,11 +19,15 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ltransform.gpucheck.runner import bench_errors
+
 BENCHMARK = "benchmark"
-BENCH_MODULE = "ltransform.gpucheck.bench"
+# the module whose run_benchmark the "benchmark" job calls (another one in the tests: a fake slow benchmark)
+BENCH_MODULE = os.environ.get("LTRANSFORM_GPUCHECK_BENCH", "ltransform.gpucheck.bench")
 
 
 def jsonable(value: Any) -> Any:
@@ -44,20 +49,35 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def run_benchmark_job(device: Any, smoke: bool, budget_s: float | None) -> dict[str, Any]:
-    """Call the GPU benchmark (``ltransform/gpucheck/bench.py``: ``run_benchmark(*, smoke, device)``,
-    written separately) if it is there; options it does not take are not passed."""
+def run_benchmark_job(device: Any, smoke: bool, deadline: float | None,
+                      emit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Call the GPU benchmark (``ltransform/gpucheck/bench.py``: ``run_benchmark(*, smoke, device,
+    deadline, progress)``) if it is there; options it does not take are not passed. ``deadline``
+    is a wall-clock time (``time.time()``): when the supervisor kills this worker. Each finished
+    part is emitted at once (``{"event": "partial", "results": ..., "running": ...}``), so a kill
+    keeps what finished. The job fails if any part or loop recorded an error."""
     start = time.perf_counter()
     if importlib.util.find_spec(BENCH_MODULE) is None:
         return {"name": BENCHMARK, "status": "skip", "reason": f"{BENCH_MODULE} is not there yet", "duration_s": 0.0}
+
+    def progress(results: dict[str, Any], running: str | None) -> None:
+        if emit is not None:
+            emit({"event": "partial", "name": BENCHMARK, "running": running, "results": results})
+
     try:
         bench = importlib.import_module(BENCH_MODULE)
         run_benchmark = bench.run_benchmark
-        offered = {"smoke": smoke, "device": str(device), "budget_s": budget_s, "time_budget_s": budget_s}
         accepted = inspect.signature(run_benchmark).parameters
+        offered: dict[str, Any] = {"smoke": smoke, "device": str(device), "deadline": deadline, "progress": progress}
+        if "deadline" not in accepted and deadline is not None:  # an older benchmark: the seconds left
+            offered["budget_s"] = offered["time_budget_s"] = deadline - time.time()
         kwargs = {k: v for k, v in offered.items() if k in accepted}
-        results = run_benchmark(**kwargs)
-        record = {"name": BENCHMARK, "status": "pass", "results": jsonable(results)}
+        results = jsonable(run_benchmark(**kwargs))
+        record = {"name": BENCHMARK, "status": "pass", "results": results}
+        failed = bench_errors(results)
+        if failed:
+            record.update(status="fail", reason=f"{len(failed)} part(s) or loop(s) of the benchmark failed: "
+                                                + "; ".join(failed)[:2000])
     except Exception as error:  # noqa: BLE001  (the benchmark failing is its result)
         record = {"name": BENCHMARK, "status": "fail", "reason": f"{type(error).__name__}: {error}"[:2000],
                   "traceback": traceback.format_exc()[-8000:]}
@@ -84,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", required=True, choices=("smoke", "full"))
     parser.add_argument("--events", required=True, type=Path)
     parser.add_argument("--jobs", required=True, help="comma-separated check names (and 'benchmark')")
-    parser.add_argument("--bench-budget", type=float, default=None)
+    parser.add_argument("--bench-deadline", type=float, default=None,
+                        help="wall-clock time (time.time()) when the supervisor stops this worker")
     args = parser.parse_args(argv)
     _exit_with_parent()
 
@@ -101,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.jobs.split(","):
         emit({"event": "start", "name": name, "time": time.time()})
         if name == BENCHMARK:
-            result = run_benchmark_job(device, args.size == "smoke", args.bench_budget)
+            result = run_benchmark_job(device, args.size == "smoke", args.bench_deadline, emit)
         else:
             result = checks.run_check(_resolve(checks, name), device, size)
         emit({"event": "result", **result})
