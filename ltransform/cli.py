@@ -11,7 +11,6 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,40 +54,10 @@ def _parser() -> argparse.ArgumentParser:
                     "counters, and every tensor's name, shape, dtype and size, for a full file or a sharded "
                     "directory; tensor data is not read.")
     inspect.add_argument("checkpoint", help="a checkpoint file or sharded directory lt.save wrote")
-    _estimate_parser(commands)
+    from ltransform.cli_estimate import add_parser
+
+    add_parser(commands)
     return parser
-
-
-def _estimate_parser(commands: Any) -> None:
-    estimate = commands.add_parser(
-        "estimate", help="estimate the memory per rank of a training step (nothing is allocated)",
-        description="Build MODEL on the meta device, trace one training step and print what each rank "
-                    "holds at its peak: parameters, gradients, optimizer state, activations, temporary "
-                    "buffers (lt.estimate_memory).")
-    estimate.add_argument("model", help="module:callable returning the model (e.g. ltransform.examples.gpt:GPT), "
-                                        "or a GPT preset: gpt-124m, gpt-350m, gpt-774m, gpt-1.5b")
-    estimate.add_argument("--config", default=None,
-                          help="JSON keyword arguments: for the config class the callable's first argument is "
-                               "annotated with (e.g. GPTConfig), else for the callable itself")
-    estimate.add_argument("--batch", default=None,
-                          help="per-rank batch shape, e.g. 8x1024 (default: 1 x the preset's block); the batch is "
-                               "(inputs, targets) of that shape")
-    estimate.add_argument("--batch-dtype", default="int64", help="the batch's dtype: int64 (tokens) or float32")
-    estimate.add_argument("--loss", default=None,
-                          help="module:callable loss_fn(model, batch) (default: MODEL's module's loss_fn if it has "
-                               "one, else the sum of the outputs)")
-    estimate.add_argument("--precision", default="32-true", help="e.g. 32-true, bf16-mixed, bf16-true")
-    estimate.add_argument("--optimizer", default="adamw", help="adamw, adam, sgd, sgd-momentum")
-    estimate.add_argument("--strategy", default="single", help="single, ddp, fsdp or hsdp")
-    estimate.add_argument("--world-size", type=int, default=1, help="ranks")
-    estimate.add_argument("--mesh", default=None, help="for hsdp: REPLICASxSHARDS, e.g. 2x4")
-    estimate.add_argument("--policy", default=None,
-                          help="FSDP units: module:Class[,module:Class] (the presets: their Block)")
-    estimate.add_argument("--checkpoint", default=None,
-                          help="activation checkpointing of module:Class[,module:Class] (e.g. "
-                               "ltransform.examples.gpt:Block)")
-    estimate.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                          help="the device the run will use (the optimizer's kernels differ)")
 
 
 def _version() -> str:
@@ -146,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return _one_line("inspect", lambda: print(describe(options.checkpoint)))
     if options.command == "estimate":
-        return _one_line("estimate", lambda: print(_estimate(options)))
+        from ltransform.cli_estimate import estimate
+
+        return _one_line("estimate", lambda: print(estimate(options)))
     if options.command == "consolidate":
         from ltransform.checkpoint.convert import consolidate
 
@@ -213,91 +184,3 @@ def _run(options: argparse.Namespace) -> int:
         return 1
     print(failures.summary(found, "ltransform run", options.node_rank), file=sys.stderr)
     return found[0].exit_status()
-
-
-def _named(spec: str, what: str) -> Any:
-    """The object ``module:name`` names."""
-    import importlib
-
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"{what} must be module:name, e.g. ltransform.examples.gpt:GPT, got {spec!r}")
-    try:
-        found: Any = importlib.import_module(module)
-        for part in name.split("."):
-            found = getattr(found, part)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"{what} {spec!r}: {error}") from None
-    return found
-
-
-def _shape(text: str, what: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(n) for n in text.lower().split("x"))
-    except ValueError:
-        shape = ()
-    if not shape or min(shape) < 1:
-        raise ValueError(f"{what} must be sizes joined by x, e.g. 8x1024, got {text!r}")
-    return shape
-
-
-def _estimate(options: argparse.Namespace) -> Any:
-    """``ltransform estimate``: the model, batch and options from the command line."""
-    import dataclasses
-    import importlib
-    import json
-    import typing
-
-    import attrs
-    import torch
-
-    from ltransform.examples import gpt
-    from ltransform.models.memory import estimate_memory
-
-    if ":" not in options.model:
-        if options.model not in gpt.PRESETS:
-            raise ValueError(f"MODEL must be module:callable (e.g. ltransform.examples.gpt:GPT) or a GPT preset, "
-                             f"one of: {', '.join(map(repr, gpt.PRESETS))}; got {options.model!r}")
-        loss_fn: Any = gpt.loss_fn
-        config, build = gpt.preset(options.model), gpt.GPT
-        factory = lambda: build(config)  # noqa: E731
-        default_batch: tuple[int, ...] | None = (1, config.block)
-        policy = options.policy or "ltransform.examples.gpt:Block"
-    else:
-        build = _named(options.model, "MODEL")
-        try:
-            kwargs = json.loads(options.config) if options.config else {}
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--config is not JSON ({error}): {options.config!r}") from None
-        if not isinstance(kwargs, dict):
-            raise ValueError(f"--config must be a JSON object of keyword arguments, got {options.config!r}")
-        hints = typing.get_type_hints(build.__init__ if isinstance(build, type) else build)  # type: ignore[misc]
-        config_class = next((h for n, h in hints.items() if n != "return"), None)
-        if isinstance(config_class, type) and (attrs.has(config_class) or dataclasses.is_dataclass(config_class)):
-            factory = lambda: build(config_class(**kwargs))  # noqa: E731
-        else:
-            factory = lambda: build(**kwargs)  # noqa: E731
-        loss_fn = getattr(importlib.import_module(options.model.partition(":")[0]), "loss_fn", None)
-        default_batch, policy = None, options.policy
-    if options.loss is not None:
-        loss_fn = _named(options.loss, "--loss")
-    if options.batch is None and default_batch is None:
-        raise ValueError("give the per-rank batch shape: --batch 8x1024")
-    shape = _shape(options.batch, "--batch") if options.batch else default_batch or ()
-    dtype = getattr(torch, options.batch_dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"--batch-dtype must be a torch dtype such as int64 or float32, got {options.batch_dtype!r}")
-    x = torch.empty(shape, dtype=dtype, device="meta")
-
-    def classes(spec: str | None) -> set[Any] | None:
-        return None if spec is None else {_named(s, "a policy class") for s in spec.split(",")}
-
-    mesh = _shape(options.mesh, "--mesh") if options.mesh else None
-    try:
-            return estimate_memory(factory, batch=(x, x), loss_fn=loss_fn, precision=options.precision,
-                               optimizer=options.optimizer, strategy=options.strategy,
-                               world_size=options.world_size,
-                               mesh=mesh, policy=classes(policy), checkpoint=classes(options.checkpoint),  # type: ignore[arg-type]
-                               device=options.device)
-    except ValueError as error:  # the options are the command's, not the function's
-        raise ValueError(str(error).removeprefix("estimate_memory: ")) from None

@@ -12,7 +12,7 @@ import torch
 
 from ltransform.core.precisions import resolve_precision
 from ltransform.models.memory import default_loss, estimate_memory, resolve_optimizer
-from ltransform.models.memory_trace import on_device
+from ltransform.models.memory_inputs import on_device
 
 
 def estimate_vs_cuda(

@@ -3,15 +3,16 @@ order, and what an optimizer step holds and allocates. Nothing here allocates re
 
 from __future__ import annotations
 
-import copy
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from ltransform.models.memory_inputs import map_tensors, tensors
 
 # torch's autocast lists, the functions a Python-level trace sees: matmuls run in the low dtype;
 # losses (and on CUDA normalisations and softmax) in float32. Autocast has no meta backend, so the
@@ -22,18 +23,8 @@ _LOW = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, to
 _FLOAT32 = {"cpu": {F.cross_entropy, F.nll_loss, F.mse_loss, F.binary_cross_entropy_with_logits}}
 _FLOAT32["cuda"] = _FLOAT32["cpu"] | {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, torch.Tensor.softmax,
                                      torch.Tensor.log_softmax}
-
-
-def tensors(value: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a (nested) tuple, list or dict."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from tensors(item)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -66,24 +57,24 @@ class ForwardTrace:
     region_largest: int = 0
     suspended: bool = False
     params: set[int] = attrs.Factory(set)  # ids of the parameters that train
+    rehook: set[int] = attrs.Factory(set)  # ids of the modules torch's checkpoint was applied to
+    inner: list[Any] = attrs.Factory(list)  # the saved-tensor hooks pushed inside those
     cached: dict[int, int] = attrs.Factory(dict)  # autocast's casts of parameters: bytes by parameter
 
     def cast(self, value: Any, dtype: torch.dtype) -> Any:
         """``value``'s floating tensors in ``dtype``, as autocast casts them. Autocast caches the
         casts of trainable parameters until it exits: they are not activations."""
-        if isinstance(value, (tuple, list)):
-            return type(value)(self.cast(v, dtype) for v in value)
-        if isinstance(value, dict):
-            return {k: self.cast(v, dtype) for k, v in value.items()}
-        if not (isinstance(value, torch.Tensor) and value.is_floating_point()
-                and value.dtype not in (dtype, torch.float64)):
-            return value
-        cast = value.to(dtype)
-        if id(value) in self.params:
-            storage = cast.untyped_storage()
-            self.known[id(storage)] = storage
-            self.cached[id(value)] = storage.nbytes()
-        return cast
+        def one(t: torch.Tensor) -> torch.Tensor:
+            if not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+                return t
+            cast = t.to(dtype)
+            if id(t) in self.params:
+                storage = cast.untyped_storage()
+                self.known[id(storage)] = storage
+                self.cached[id(t)] = storage.nbytes()
+            return cast
+
+        return map_tensors(one, value)
 
     def save(self, t: torch.Tensor) -> torch.Tensor:
         if self.suspended:
@@ -113,8 +104,13 @@ class ForwardTrace:
                     self.save(t)
                 self.region, self.region_bytes, self.region_largest = {}, 0, 0
             self.depth += 1
+        if id(module) in self.rehook:  # torch's checkpoint pushed its hooks, which hide the saves: ours go above
+            self.inner.append(torch.autograd.graph.saved_tensors_hooks(self.save, _unpack))
+            self.inner[-1].__enter__()
 
     def after(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if id(module) in self.rehook:
+            self.inner.pop().__exit__(None, None, None)
         if id(module) in self.checkpointed:
             self.depth -= 1
             if self.depth == 0:
@@ -122,9 +118,14 @@ class ForwardTrace:
                 self.region = None
 
 
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class TraceMode(TorchFunctionMode):
-    """Casts like autocast (when ``trace.low`` is set) and saves what a fused attention kernel
-    saves: meta runs attention's math path, which keeps the whole attention matrix."""
+    """Casts like autocast (when ``trace.low`` is set) and, where torch runs attention as a fused
+    kernel, saves what that kernel saves: meta runs attention's math path, which keeps the whole
+    attention matrix (as the CPU does where its fused kernel does not apply)."""
 
     def __init__(self, trace: ForwardTrace) -> None:
         super().__init__()
@@ -138,36 +139,70 @@ class TraceMode(TorchFunctionMode):
             args, kwargs = self.trace.cast(args, dtype), self.trace.cast(kwargs, dtype)
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
+        given = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
+        if not (torch.is_grad_enabled() and fused_attention(self.trace.device, given)):
+            return func(*args, **kwargs)  # nothing kept, or the math path's own saves, traced as they are
         self.trace.suspended = True
         try:
             out = func(*args, **kwargs)
         finally:
             self.trace.suspended = False
-        if torch.is_grad_enabled():
-            for t in (*tensors(args[:3]), out):  # flash attention's q, k, v, output, log-sum-exp
-                self.trace.save(t)
-            self.trace.events[-1].saved += out[..., 0].numel() * 4
+        q, mask = given["query"], given.get("attn_mask")
+        lse = torch.empty(out.shape[:-1], dtype=torch.float32, device="meta")
+        for t in (q, given["key"], given["value"], out, lse):  # what flash attention keeps
+            self.trace.save(t)
+        if isinstance(mask, torch.Tensor):  # and the mask, a boolean one as q's dtype
+            self.trace.save(mask if mask.is_floating_point() else torch.empty_like(mask, dtype=q.dtype))
         return out
 
 
+def fused_attention(device: str, given: dict[str, Any]) -> bool:
+    """Whether torch runs ``scaled_dot_product_attention(**given)`` as a fused kernel. On CUDA,
+    flash or memory-efficient attention takes dropout and masks; the CPU's flash kernel takes
+    neither dropout nor some shapes, dtypes, strides and masks (torch's ``sdp_utils_cpp``),
+    and the math path runs instead."""
+    if device != "cpu":
+        return True
+    q, k, v, mask = given["query"], given["key"], given["value"], given.get("attn_mask")
+    qkv = (q, k, v)
+    if given.get("dropout_p", 0.0) > 0 or not torch.backends.cuda.flash_sdp_enabled() or q.dtype not in _FLASH_DTYPES:
+        return False
+    if any(t.dim() != 4 or t.dtype != q.dtype or t.size(-2) == 0 or t.stride(-1) != 1 for t in qkv):
+        return False
+    if len({t.size(0) for t in qkv}) > 1 or len({t.size(-1) for t in qkv}) > 1 or k.size(1) != v.size(1):
+        return False
+    if q.size(1) != k.size(1) and not (given.get("enable_gqa") and q.size(1) % k.size(1) == 0):
+        return False
+    if mask is None:
+        return True
+    batched = mask.dim() == 4 and mask.size(0) in (1, q.size(0)) and mask.size(1) in (1, q.size(1))
+    return (not mask.requires_grad and mask.stride(-1) == 1 and mask.size(-2) in (1, q.size(2))
+            and mask.size(-1) in (1, k.size(2)) and (mask.dim() == 2 or batched))
+
 
 def trace_forward(model: torch.nn.Module, run: Callable[[], torch.Tensor], *, known: dict[int, Any],
-                  checkpointed: set[int], low: torch.dtype | None,
+                  checkpointed: set[int], rehook: set[int], low: torch.dtype | None,
                   device: str) -> tuple[ForwardTrace, torch.Tensor]:
     """Run ``run()`` (a meta forward and loss) and record, in order, what it saves for backward;
-    ``low``: the autocast dtype (None: no autocast), ``device``: whose autocast lists apply."""
-    trace = ForwardTrace(known=known, checkpointed=checkpointed, low=low, device=device,
+    ``low``: the autocast dtype (None: no autocast), ``device``: whose autocast lists apply;
+    ``rehook``: the modules torch's checkpoint was applied to. Compiled code runs eagerly, and
+    tensors the forward creates without a device are created on ``meta``."""
+    trace = ForwardTrace(known=known, checkpointed=checkpointed, low=low, device=device, rehook=rehook,
                          params={id(p) for p in model.parameters() if p.requires_grad})
     handles = []
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(trace.before))
-        handles.append(module.register_forward_hook(trace.after))
+        # first of the forward hooks: it pops its hooks before torch's checkpoint pops its own
+        handles.append(module.register_forward_hook(trace.after, prepend=True, always_call=True))
     try:
-        with torch.autograd.graph.saved_tensors_hooks(trace.save, lambda t: t), TraceMode(trace):
+        with torch.autograd.graph.saved_tensors_hooks(trace.save, _unpack), TraceMode(trace), \
+                torch.compiler.set_stance("force_eager"), torch.device("meta"):
             loss = run()
     finally:
         for handle in handles:
             handle.remove()
+        while trace.inner:
+            trace.inner.pop().__exit__(None, None, None)
     return trace, loss
 
 
@@ -215,45 +250,3 @@ def measure_optimizer(build: Callable[[list[torch.nn.Parameter]], torch.optim.Op
     for p in params:
         p.grad = None
     return state_bytes, live.peak
-
-
-def on_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device) if batch.device.type != "meta" else torch.zeros_like(batch, device=device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(on_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: on_device(v, device) for k, v in batch.items()}
-    return batch
-
-def meta_copy(model: Any, dtype: torch.dtype) -> torch.nn.Module:
-    """The model again on ``meta``, its floating weights in ``dtype``; a real
-    model's weights are not copied (deepcopy's memo hands it meta tensors instead)."""
-    if not isinstance(model, torch.nn.Module):
-        if not callable(model):
-            raise TypeError(f"estimate_memory: model must be an nn.Module or a factory () -> nn.Module, "
-                            f"got {type(model).__name__}")
-        with torch.device("meta"):
-            model = model()
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"estimate_memory: the factory returned {type(model).__name__}, not an nn.Module")
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta", dtype=dtype if p.is_floating_point()
-                                                          else p.dtype), p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
-
-def meta_batch(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return torch.empty_like(batch, device="meta")
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(meta_batch(b) for b in batch)
-    if isinstance(batch, dict):
-        return {k: meta_batch(v) for k, v in batch.items()}
-    return batch
-
-def describe(batch: Any) -> str:
-    shown = [f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors(batch)]
-    return ", ".join(shown) or repr(batch)
