@@ -281,3 +281,11 @@ def test_quantizing_from_weights_never_holds_the_full_precision_model(tmp_path):
     # against 180 MB for building the model, loading it and then quantizing it
     assert peak < 0.5 * size_mb, (peak, size_mb)
     assert final < 0.25 * size_mb, (final, size_mb)
+
+
+def test_sharding_a_quantized_model_is_refused_with_what_works(one_rank_group):
+    """FSDP2 drops bitsandbytes' quantization state (the forward would fail inside bitsandbytes)."""
+    model = lt.quantize(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)), "nf4")
+    with pytest.raises(NotImplementedError, match=r"shard: '0.weight' is a bitsandbytes-quantized parameter "
+                                                  r"\(Params4bit, from lt.quantize\); FSDP2 cannot shard it"):
+        lt.shard(model)
