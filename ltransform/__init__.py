@@ -78,6 +78,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "quantize": ("ltransform.models.quantize", "quantize"),
     "checkpoint_activations": ("ltransform.models.shard", "checkpoint_activations"),
     "compile": ("ltransform.models.compile", "compile"),
+    "parallelize": ("ltransform.models.parallelize", "parallelize"),
     "shard": ("ltransform.models.shard", "shard"),
     "every": ("ltransform.runner.hooks", "every"),
     "stop": ("ltransform.runner.hooks", "stop"),
@@ -117,7 +118,7 @@ __all__ = [
     "ema", "ema_weights", "estimate_memory", "eval_step", "every", "explain", "export_safetensors",
     "guard_nonfinite", "init_module",
     "latest_checkpoint", "launch", "load", "load_raw", "local_rank", "lr_monitor", "materialize",
-    "memory_monitor", "memory_snapshot", "optimizer_step", "pipe", "prepare", "profile", "quantize",
+    "memory_monitor", "memory_snapshot", "optimizer_step", "parallelize", "pipe", "prepare", "profile", "quantize",
     "rank", "requeue", "run", "save", "seed_everything", "shard", "stop", "throughput",
     "to_precision", "train_step", "use_accelerator", "with_precision", "world_size",
 ]
@@ -131,6 +132,8 @@ def __getattr__(name: str) -> Any:
         return value
     if name in ("core", "steps", "models", "runner", "distributed", "checkpoint", "examples", "cli"):
         return importlib.import_module(f"ltransform.{name}")
+    if name == "plans":  # lt.plans.gpt, lt.plans.llama: ready tensor-parallel plans
+        return importlib.import_module("ltransform.models.plans")
     raise AttributeError(f"module 'ltransform' has no attribute {name!r}")
 
 
@@ -194,6 +197,7 @@ if TYPE_CHECKING:
     from ltransform.models.quantize import quantize
     from ltransform.models.shard import checkpoint_activations
     from ltransform.models.compile import compile
+    from ltransform.models.parallelize import parallelize
     from ltransform.models.shard import shard
     from ltransform.runner.hooks import every
     from ltransform.runner.hooks import stop

@@ -168,7 +168,8 @@ def test_inductor_on_cpu_matches_eager_within_float_tolerance():
 
 def test_order_and_usage_errors_name_the_fix(one_rank_group):
     with pytest.raises(RuntimeError, match=r"torch.compile must be applied before shard; reorder: lt.pipe\(model, "
-                                           r"lt.checkpoint_activations\(policy=...\), lt.to_precision\(name\), "
+                                           r"lt.parallelize\(plan=...\), lt.checkpoint_activations\(policy=...\), "
+                                           r"lt.to_precision\(name\), "
                                            r"lt.compile\(policy=...\), lt.shard\(policy=...\)\)"):
         lt.compile(lt.shard(gpt(), policy={Block}), policy={Block})
     compiled = lt.compile(gpt(), backend="eager")

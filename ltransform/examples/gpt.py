@@ -66,11 +66,15 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.heads = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        # qkv's features are grouped per head ([q k v] of head 0, then of head 1, ...) and the head count is
+        # read from its output, not self.heads: split column-wise (lt.parallelize, lt.plans.gpt), each rank's
+        # part is whole heads, and the same code runs on them
+        q, k, v = rearrange(self.qkv(x), "b t (h three d) -> three b h t d", three=3, d=self.head_dim)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 

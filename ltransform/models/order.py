@@ -1,13 +1,15 @@
-"""The real orders among model transforms: activation checkpointing → compile (``lt.compile`` or
-``torch.compile``) → shard, fp8 layer swaps (``to_precision``) → compile → shard, and a mixed
-``to_precision`` → shard.
+"""The real orders among model transforms: tensor parallel (``parallelize``) first, then activation
+checkpointing → compile (``lt.compile`` or ``torch.compile``) → shard, fp8 layer swaps (``to_precision``) →
+compile → shard, and a mixed ``to_precision`` → shard.
 
 Checkpointing must wrap the plain forward that compile traces, and FSDP2 must see the
 final module structure (and sharded weights cannot move into new layers) and take its
 mixed-precision policy when sharding; applying them the other way round silently loses
 memory savings, breaks tracing or shards without the chosen policy. Checkpointing and the fp8
-swap may come in either order. Each transform calls :func:`check_order` before it acts, so a
-violation is an error naming both transforms, raised here and nowhere else.
+swap may come in either order. Tensor parallel must see the plain layers its plan names (and
+its DTensor parameters are what FSDP2 shards on a 2-D mesh), so it comes before all three. Each
+transform calls :func:`check_order` before it acts, so a violation is an error naming both
+transforms, raised here and nowhere else.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import torch
 from ltransform.distributed import wrappers
 from ltransform.models.fp8 import is_fp8_layer
 
-ORDER = ("checkpoint_activations", "to_precision", "torch.compile", "shard")  # as suggested in errors
+TENSOR_PARALLEL = "_lt_tensor_parallel"  # the attribute lt.parallelize sets on the root it parallelized
+ORDER = ("parallelize", "checkpoint_activations", "to_precision", "torch.compile", "shard")  # as suggested in errors
 MUST_PRECEDE = {
+    "parallelize": ("checkpoint_activations", "torch.compile", "shard"),
     "checkpoint_activations": ("torch.compile", "shard"),
     "to_precision": ("torch.compile", "shard"),
     "torch.compile": ("shard",),
@@ -42,6 +46,8 @@ def applied(model: torch.nn.Module) -> set[str]:
             found.add("torch.compile")
         if wrappers.is_checkpointed(module):
             found.add("checkpoint_activations")
+        if vars(module).get(TENSOR_PARALLEL) is not None:
+            found.add("parallelize")
         if is_fp8_layer(module):
             found.add("to_precision")
     return found
@@ -63,7 +69,8 @@ def check_order(model: Any, applying: str, *, later: tuple[str, ...] | None = No
 
 
 def _spelling(name: str) -> str:
-    return {"checkpoint_activations": "lt.checkpoint_activations(policy=...)",
+    return {"parallelize": "lt.parallelize(plan=...)",
+            "checkpoint_activations": "lt.checkpoint_activations(policy=...)",
             "to_precision": "lt.to_precision(name)", "torch.compile": "lt.compile(policy=...)",
             "shard": "lt.shard(policy=...)"}[name]
 

@@ -54,6 +54,15 @@ def per_rank(data: Iterable[Any], *, world: int, rank: int, shuffle_seed: int = 
     return DataLoader(data.dataset, **options)
 
 
+def data_parallel(models: Iterable[torch.nn.Module], *, world: int, rank: int) -> tuple[int, int]:
+    """How many parts the data splits into, and this rank's part: one per rank, unless a model is tensor
+    parallel (``lt.parallelize``), whose ranks in one tensor-parallel group must all see the same batch."""
+    from ltransform.models.parallelize import tensor_parallel
+
+    record = tensor_parallel(models)
+    return (world, rank) if record is None else (record.dp, record.dp_rank)
+
+
 def _seed_then(worker_id: int, *, rank: int, then: Callable[[int], None] | None) -> None:
     """Per-rank worker seeds, then the user's ``worker_init_fn`` (it may reseed on purpose); module-level,
     so the partial pickles for spawn and forkserver workers."""

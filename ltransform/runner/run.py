@@ -17,7 +17,7 @@ from ltransform.core.step import TransformedStep, as_step
 from ltransform.distributed import env
 from ltransform.distributed.preemption import Preempted, Preemption, Watch
 from ltransform.runner.context import Run
-from ltransform.runner.data import check_same_length, per_rank
+from ltransform.runner.data import check_same_length, data_parallel, per_rank
 from ltransform.runner.hooks import Slot, bind_hook, say
 from ltransform.runner.hooks.evaluation import Evaluation
 from ltransform.runner.hooks.logs import Logging
@@ -86,7 +86,8 @@ def run(
             ``eval_data``) a ``DistributedSampler`` so each rank sees its own part; False if
             your data is already per rank. Other iterables are always taken as per rank; when
             they have a length it must be the same on every rank (checked once), since a rank
-            with an extra batch would wait forever for the others.
+            with an extra batch would wait forever for the others. The ranks of one tensor-parallel
+            group (``lt.parallelize``) get the same part: with the mesh over every rank, the whole data.
         resume: continue from a checkpoint: a path (file, sharded directory, or a directory
             of ``step-N`` ones), or ``"latest"``: the newest in the directory of the run's
             ``lt.checkpoint_sharded`` hook (none there yet: start from the beginning). The
@@ -130,9 +131,10 @@ def run(
     if distributed:
         processes, me = env.process_count(), env.process_index()
         if distributed_sampler:
-            data = per_rank(data, world=processes, rank=me)
+            parts, part = data_parallel(inventory(state).models.values(), world=processes, rank=me)
+            data = per_rank(data, world=parts, rank=part)
             if eval_data is not None:
-                eval_data = per_rank(eval_data, world=processes, rank=me)
+                eval_data = per_rank(eval_data, world=parts, rank=part)
         _warn_if_not_distributed(step, state)
         check_same_length(data, "data")
         if eval_data is not None:
@@ -320,9 +322,12 @@ def _warn_if_not_distributed(step: TransformedStep, state: Any) -> None:
     if any(t.kind == "distribute" for t in step.transforms):
         return
     from ltransform.distributed import wrappers
+    from ltransform.models.parallelize import tensor_parallel
 
     models = inventory(state).models.values()
     if any(wrappers.is_sharded(m) or wrappers.is_replicated(m) or wrappers.is_ddp(m) for m in models):
+        return
+    if tensor_parallel(models) is not None:  # DTensor shares what tensor parallel needs
         return
     warnings.warn(
         f"lt.run: running on {env.world_size()} ranks, but the step has no lt.distribute(...) and "

@@ -81,10 +81,31 @@ def _clip(config: _Clip, frame, optimizer, *, proceed):
     if config.max_value is not None:
         torch.nn.utils.clip_grad_value_(params, config.max_value, foreach=config.foreach)
     if config.max_norm is not None:
-        norm = torch.nn.utils.clip_grad_norm_(
-            params, config.max_norm, norm_type=config.norm_type, foreach=config.foreach
-        )
-        if hasattr(norm, "full_tensor"):  # sharded (DTensor) gradients: the global norm, replicated
-            norm = norm.full_tensor()
-        frame.report("grad_norm", norm)
+        frame.report("grad_norm", _clip_norm(params, config))
     return proceed(frame, optimizer)
+
+
+def _clip_norm(params: list[torch.Tensor], config: _Clip) -> torch.Tensor:
+    """Clip to the global norm, returned. Gradients on different device meshes, or DTensors beside plain
+    tensors (a tensor-parallel model's split layers beside its replicated ones), cannot meet in one torch
+    call: each group's norm is taken alone, made whole, and combined."""
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for param in params:
+        groups.setdefault(getattr(param.grad, "device_mesh", None), []).append(param)
+    if len(groups) <= 1:
+        norm = torch.nn.utils.clip_grad_norm_(params, config.max_norm,  # type: ignore[arg-type]
+                                              norm_type=config.norm_type, foreach=config.foreach)
+        return _whole(norm)
+    norms = [_whole(torch.nn.utils.get_total_norm([p.grad for p in group if p.grad is not None],
+                                                  config.norm_type, foreach=config.foreach))
+             for group in groups.values()]
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), config.norm_type)
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, config.max_norm,  # type: ignore[arg-type]
+                                             total, foreach=config.foreach)
+    return total
+
+
+def _whole(norm: torch.Tensor) -> torch.Tensor:
+    full = getattr(norm, "full_tensor", None)  # sharded (DTensor) gradients: the global norm, replicated
+    return full() if callable(full) else norm

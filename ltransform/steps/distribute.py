@@ -15,6 +15,7 @@ from ltransform.core.step import StepTransform, apply_step_transform
 from ltransform.distributed import env, wrappers, xla
 from ltransform.distributed.strategies import Strategy, resolve_strategy
 from ltransform.models.order import check_compiled_before_shard
+from ltransform.models.parallelize import tensor_parallel
 
 
 @attrs.frozen
@@ -51,7 +52,9 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
 
     Args:
         step: the step to transform; omit it for the partial form.
-        strategy: ``"auto"``, ``"single"``, ``"ddp"``, ``"fsdp"``, ``"hsdp"``, ``"xla"``, or an
+        strategy: ``"auto"`` (also: for a model ``lt.parallelize`` split over every rank, no
+            data-parallel wrapping: every rank trains on the same batch), ``"single"``, ``"ddp"``,
+            ``"fsdp"``, ``"hsdp"``, ``"xla"``, or an
             ``lt.Strategy(...)`` record.
 
     Raises:
@@ -106,6 +109,8 @@ def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
     for module in modules:
         check_compiled_before_shard(module)
     name = _resolve_auto(strategy.name, distributed, modules)
+    if name == "tensor parallel":  # every rank in one tensor-parallel group: DTensor does all the communication
+        return state, _Sync(strategy, ())
     if name == "single" and env.world_size() > 1:
         raise RuntimeError(
             f"distribute('single') in a world of {env.world_size()} ranks would train each rank "
@@ -125,6 +130,14 @@ def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
 def _resolve_auto(name: str, distributed: bool, modules: list[torch.nn.Module]) -> str:
     if name != "auto":
         return name
+    parallel = tensor_parallel(modules)
+    if parallel is not None and not any(wrappers.is_sharded(m) for m in modules):
+        if parallel.dp == 1:
+            return "tensor parallel"
+        raise RuntimeError(
+            f"distribute('auto'): the model is tensor parallel over {parallel.tp} of {parallel.tp * parallel.dp} "
+            f"ranks, and nothing shares gradients across its {parallel.dp} data-parallel groups; shard it over the "
+            f"mesh's 'dp' dimension after lt.parallelize: lt.shard(model, policy=..., mesh=mesh['dp'])")
     sharded = [m for m in modules if wrappers.is_sharded(m)]
     if sharded:
         mesh = wrappers.mesh_of(sharded[0])
@@ -140,6 +153,11 @@ def _replicate(module: torch.nn.Module) -> None:
         )
     if wrappers.is_replicated(module):
         return
+    if tensor_parallel([module]) is not None:
+        raise RuntimeError(
+            "distribute('ddp'): the model is tensor parallel (lt.parallelize); use distribute('auto') (with the "
+            "tensor-parallel mesh over every rank it needs no data-parallel wrapping; on a 2-D mesh, shard the "
+            "model over 'dp' with lt.shard)")
     from torch.distributed._composable import replicate
 
     device = env.device()

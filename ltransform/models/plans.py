@@ -1,0 +1,131 @@
+"""Ready tensor-parallel plans for ``lt.parallelize``: ``lt.plans.gpt`` (the demo GPT) and ``lt.plans.llama``.
+
+Each is a function ``model -> dict`` (pass it as ``plan=``, or call it to see or edit the plan). Attention
+is split by heads: the query/key/value projections column-wise, the output projection row-wise, so each
+rank computes its own heads and one all-reduce sums the outputs; the MLP likewise (up column-wise, down
+row-wise). Embeddings, norms and the head stay replicated. ``sequence=True`` adds sequence parallel:
+the norms run on a slice of the sequence, and the activations between the split layers stay split
+along the sequence (less activation memory per rank, the same traffic).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["gpt", "llama"]
+
+
+def gpt(model: torch.nn.Module, *, sequence: bool = False) -> dict[str, Any]:
+    """The plan for ``ltransform.examples.gpt.GPT``: in every block, ``attn.qkv`` and ``mlp.0`` column-wise,
+    ``attn.proj`` and ``mlp.2`` row-wise; with ``sequence=True`` also ``ln1`` / ``ln2`` sequence parallel.
+
+    The demo's attention groups qkv's features per head and reads its head count from qkv's output,
+    so a rank's column slice is whole heads; ``n_head`` must be divisible by the tensor-parallel size.
+
+    Example:
+        >>> import ltransform as lt
+        >>> from ltransform.examples.gpt import GPT, GPTConfig
+        >>> sorted(lt.plans.gpt(GPT(GPTConfig(n_layer=1))))
+        ['blocks.0.attn.proj', 'blocks.0.attn.qkv', 'blocks.0.mlp.0', 'blocks.0.mlp.2']
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput, SequenceParallel
+
+    blocks = [(n, m) for n, m in model.named_modules()
+              if isinstance(getattr(m, "attn", None), torch.nn.Module) and hasattr(m.attn, "qkv")
+              and isinstance(getattr(m, "mlp", None), torch.nn.Sequential)]
+    if not blocks:
+        raise ValueError(f"lt.plans.gpt: {type(model).__name__} has no blocks with attn.qkv, attn.proj and an mlp "
+                         f"Sequential (the demo GPT's Block); write a plan for it")
+    plan: dict[str, Any] = {}
+    for name, block in blocks:
+        heads = block.attn.heads
+        plan |= {f"{name}.attn.qkv": _heads("colwise", heads), f"{name}.attn.proj": _heads("rowwise", heads),
+                 f"{name}.mlp.0": "colwise", f"{name}.mlp.2": "rowwise"}
+        if sequence:
+            split, whole = Shard(1), Replicate()
+            plan |= {
+                name: _block_io(),
+                f"{name}.ln1": SequenceParallel(), f"{name}.ln2": SequenceParallel(),
+                f"{name}.attn": PrepareModuleInput(input_layouts=(split,), desired_input_layouts=(whole,),
+                                                   use_local_output=True),
+                f"{name}.mlp": PrepareModuleInput(input_layouts=(split,), desired_input_layouts=(whole,),
+                                                  use_local_output=True),
+                f"{name}.attn.proj": _heads("rowwise", heads, output_layouts=split, use_local_output=False),
+                f"{name}.mlp.2": _rowwise(output_layouts=split, use_local_output=False),
+            }
+    return plan
+
+
+def llama(model: torch.nn.Module, *, sequence: bool = False) -> dict[str, Any]:
+    """The plan for Hugging Face Llama-style decoder layers: in every layer ``self_attn.{q,k,v}_proj`` and
+    ``mlp.{gate,up}_proj`` column-wise, ``self_attn.o_proj`` and ``mlp.down_proj`` row-wise; with
+    ``sequence=True`` also ``input_layernorm`` / ``post_attention_layernorm`` sequence parallel.
+
+    Transformers' attention reshapes with ``-1`` heads, so a rank's column slice is its own heads; both
+    ``num_attention_heads`` and ``num_key_value_heads`` must be divisible by the tensor-parallel size
+    (checked when applied). Train with ``config.use_cache = False``.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput, SequenceParallel
+
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+    layers = [(n, m) for n, m in model.named_modules()
+              if all(hasattr(getattr(m, "self_attn", None), p) for p in projections)
+              and all(hasattr(getattr(m, "mlp", None), p) for p in ("gate_proj", "up_proj", "down_proj"))]
+    if not layers:
+        raise ValueError(f"lt.plans.llama: {type(model).__name__} has no decoder layers with "
+                         f"self_attn.{{q,k,v,o}}_proj and mlp.{{gate,up,down}}_proj (Llama's); write a plan for it")
+    plan: dict[str, Any] = {}
+    for name, layer in layers:
+        config = layer.self_attn.config
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        plan |= {f"{name}.self_attn.q_proj": _heads("colwise", heads),
+                 f"{name}.self_attn.k_proj": _heads("colwise", kv_heads, "num_key_value_heads"),
+                 f"{name}.self_attn.v_proj": _heads("colwise", kv_heads, "num_key_value_heads"),
+                 f"{name}.self_attn.o_proj": _heads("rowwise", heads),
+                 f"{name}.mlp.gate_proj": "colwise", f"{name}.mlp.up_proj": "colwise",
+                 f"{name}.mlp.down_proj": "rowwise"}
+        if sequence:
+            split, whole = Shard(1), Replicate()
+            plan |= {
+                name: _block_io(),
+                f"{name}.input_layernorm": SequenceParallel(), f"{name}.post_attention_layernorm": SequenceParallel(),
+                f"{name}.self_attn": PrepareModuleInput(  # (transformers passes hidden_states by name)
+                    input_kwarg_layouts={"hidden_states": split}, desired_input_kwarg_layouts={"hidden_states": whole},
+                    use_local_output=True),
+                f"{name}.mlp": PrepareModuleInput(input_layouts=(split,), desired_input_layouts=(whole,),
+                                                  use_local_output=True),
+                f"{name}.self_attn.o_proj": _heads("rowwise", heads, output_layouts=split, use_local_output=False),
+                f"{name}.mlp.down_proj": _rowwise(output_layouts=split, use_local_output=False),
+            }
+    return plan
+
+
+def _heads(style: str, heads: int, what: str = "heads", **options: Any) -> Any:
+    """A column- or row-wise style that also records how many attention heads its layer holds:
+    ``lt.parallelize`` checks that they divide evenly over the tensor-parallel ranks."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    made: Any = (ColwiseParallel if style == "colwise" else RowwiseParallel)(**options)
+    made.heads = (heads, what)
+    return made
+
+
+def _rowwise(**options: Any) -> Any:
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    return RowwiseParallel(**options)
+
+
+def _block_io() -> Any:
+    """Into a block, split the (replicated) activations along the sequence; out of it, gather them
+    (the layers between the blocks then see whole, plain tensors)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInputOutput
+
+    return PrepareModuleInputOutput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+                                    output_layouts=(Shard(1),), desired_output_layouts=(Replicate(),),
+                                    use_local_input=False, use_local_output=True)
