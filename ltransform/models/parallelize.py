@@ -12,6 +12,7 @@ import torch
 from ltransform.core.compose import MISSING, Partial
 from ltransform.distributed import env
 from ltransform.models.order import TENSOR_PARALLEL, applied, check_order
+from ltransform.models.shard import _device_mesh_type
 
 STYLES = ("colwise", "rowwise", "sequence")  # the names a plan may give; or a ParallelStyle object
 
@@ -116,12 +117,6 @@ def tensor_parallel(models: Iterable[torch.nn.Module]) -> TensorParallel | None:
 def _plan_text(plan: Any) -> str:
     name = getattr(plan, "__qualname__", None)
     return name or (f"{{{len(plan)} entries}}" if isinstance(plan, Mapping) else repr(plan))
-
-
-def _device_mesh_type() -> type:
-    from torch.distributed.device_mesh import DeviceMesh
-
-    return DeviceMesh
 
 
 def _check_mesh_argument(mesh: Any) -> None:
