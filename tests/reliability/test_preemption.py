@@ -7,6 +7,7 @@ send SIGTERM to the ranks' pids, as SLURM or Kubernetes do: to every rank, or to
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -335,17 +336,18 @@ def test_many_runs_leave_no_thread_or_fd_and_restore_and_feed_the_previous_wakeu
     reader.settimeout(5)
     previous = signal.set_wakeup_fd(writer.fileno())
     try:
+        gc.collect()  # close what earlier tests left for the collector, so that it is not closed mid-comparison
         threads, fds = set(threading.enumerate()), _open_fds()
         for _ in range(30):
             lt.run(step, state, data, progress=False, log_every=None)
         assert set(threading.enumerate()) == threads
-        assert _open_fds() == fds
+        assert _open_fds() <= fds  # none opened and left open (one an earlier test left may be closed meanwhile)
         assert signal.set_wakeup_fd(writer.fileno()) == writer.fileno()  # put back each time
 
         with pytest.raises(lt.Preempted):  # a signal during the run still reaches the previous wakeup fd
             lt.run(step, state, data, progress=False, log_every=None, hooks=[_signal_at(2)])
         assert reader.recv(16) == bytes([signal.SIGTERM])
-        assert set(threading.enumerate()) == threads and _open_fds() == fds
+        assert set(threading.enumerate()) == threads and _open_fds() <= fds
     finally:
         signal.set_wakeup_fd(previous)
         reader.close()
