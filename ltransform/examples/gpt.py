@@ -11,6 +11,7 @@ installed) logs to a run directory, and ends with a generated sample.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sysconfig
@@ -155,6 +156,8 @@ def generate(model: GPT, prompt: str, chars: int, temperature: float = 0.8, seed
     idx = torch.tensor([list(prompt.encode())], dtype=torch.long, device=next(model.parameters()).device)
     for _ in range(chars):
         logits = model(idx[:, -model.cfg.block:])[:, -1].float() / temperature
+        full = getattr(logits, "full_tensor", None)  # (--loss-parallel: logits split over the vocabulary)
+        logits = full() if callable(full) else logits
         probs = F.softmax(logits, dim=-1).cpu()  # sampled on the CPU: one generator everywhere
         idx = torch.cat([idx, torch.multinomial(probs, 1, generator=gen).to(idx.device)], dim=1)
     model.train(was_training)
@@ -195,12 +198,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto, ddp, fsdp or hsdp (with --devices > 1); xla (torch_xla's SPMD over every XLA "
                         "device of this host, e.g. PJRT_DEVICE=TPU, or PJRT_DEVICE=CPU CPU_NUM_DEVICES=4); "
                         "xla-fsdp (the same with the blocks sharded: FSDPv2)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size (lt.parallelize with lt.plans.gpt): a 2-D mesh of devices/tp "
+                        "data-parallel groups of tp ranks; with more than one group, --strategy fsdp shards over them")
+    p.add_argument("--loss-parallel", action="store_true",
+                   help="with --tp: split the output projection too, the loss computed on logits split over the "
+                        "vocabulary (lt.plans.gpt(model, loss_parallel=True)); pays for a large vocabulary")
     return p.parse_args(argv)
+
+
+def check_tensor_parallel(args: argparse.Namespace) -> None:
+    """``--tp`` needs several processes, a size dividing them, and a strategy that composes with it
+    (a clear one-line error here, rather than deep inside the first step)."""
+    if args.tp == 1:
+        if args.loss_parallel:
+            raise SystemExit("gpt: --loss-parallel splits the output projection over the tensor-parallel ranks; "
+                             "give --tp too")
+        return
+    devices = int(os.environ.get("WORLD_SIZE", args.devices))  # (under torchrun, --devices is not given)
+    if args.tp < 1 or devices == 1 or devices % args.tp:
+        raise SystemExit(f"gpt: --tp {args.tp} needs several processes, a multiple of it (e.g. --devices "
+                         f"{2 * max(args.tp, 1)} --tp {max(args.tp, 1)}); got {devices} process(es)")
+    if args.strategy not in ("auto", "fsdp"):
+        raise SystemExit(f"gpt: --tp composes with --strategy fsdp (FSDP over the data-parallel groups) or auto "
+                         f"(tensor parallel alone, --tp equal to --devices), not {args.strategy!r}")
+    if devices > args.tp and args.strategy != "fsdp":
+        raise SystemExit(f"gpt: --tp {args.tp} on {devices} processes leaves {devices // args.tp} data-parallel "
+                         f"groups, which need --strategy fsdp to share their gradients")
 
 
 def main(argv: list[str] | None = None) -> lt.State | None:
     """Train on one process, or on ``--devices`` processes started by ``lt.launch``."""
     args = parse_args(argv)
+    check_tensor_parallel(args)
     if args.strategy.startswith("xla"):
         lt.use_accelerator("xla")  # one process drives every device of the host: no lt.launch
         return train(args)
@@ -222,11 +252,15 @@ def train(args: argparse.Namespace) -> lt.State | None:
     cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, block=args.block)
 
     model = lt.init_module(GPT, cfg, precision=args.precision)
+    if args.tp > 1:  # tensor parallel first: a ("dp", "tp") mesh, the blocks' layers split over "tp"
+        model = lt.parallelize(model, functools.partial(lt.plans.gpt, loss_parallel=args.loss_parallel),
+                               mesh=args.tp)
     if lt.PRECISIONS.get(args.precision) is not None and lt.PRECISIONS[args.precision].fp8:
         model = lt.to_precision(model, args.precision)  # fp8 layers go in before sharding
     if args.compile:  # after the fp8 swap, before sharding: the one order of model transforms
         model = lt.compile(model, policy={Block})
     if args.strategy in ("fsdp", "hsdp", "xla-fsdp"):  # FSDP2 takes its mixed-precision policy when sharding
+        # (on a tensor-parallel model, over the mesh's "dp" dimension)
         model = lt.shard(model, policy={Block}, mesh=(lt.world_size(), 1) if args.strategy == "hsdp" else None,
                          precision=args.precision)
     strategy = "xla" if args.strategy == "xla-fsdp" else args.strategy
@@ -245,7 +279,7 @@ def train(args: argparse.Namespace) -> lt.State | None:
           f"standard library source, precision {args.precision}, accumulate {args.accumulate}, "
           f"clip {args.clip or 'off'}, {'compiled, ' if args.compile else ''}{lt.world_size()} "
           f"{'XLA device' if lt.accelerator() == 'xla' else 'process'}"
-          f"(s), strategy {args.strategy}; "
+          f"(s), strategy {args.strategy}{f', tensor parallel {args.tp}' if args.tp > 1 else ''}; "
           f"logs in {run_dir}/")
     loggers: list[Callable[[Mapping[str, float], int], Any]] = [lt.CSVLogger(run_dir), _print_loss]
     try:
@@ -253,8 +287,9 @@ def train(args: argparse.Namespace) -> lt.State | None:
     except ImportError:
         pass
     batches = args.max_steps * args.accumulate
-    # each rank draws its own windows (a different seed), so together they see world × batch
-    seed = args.seed + 1000 * lt.rank()
+    # each data-parallel rank draws its own windows (a different seed), so together they see world / tp × batch;
+    # the tp ranks of one group (consecutive ranks: parallelize's mesh is (dp, tp)) must see the same
+    seed = args.seed + 1000 * (lt.rank() // args.tp)
     data = Windows(corpus[:split], cfg.block, args.batch, batches=batches, seed=seed)
     val = list(Windows(corpus[split:], cfg.block, args.batch, batches=4, seed=seed + 1))
     started = time.perf_counter()

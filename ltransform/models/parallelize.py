@@ -19,12 +19,15 @@ STYLES = ("colwise", "rowwise", "sequence")  # the names a plan may give; or a P
 
 @attrs.frozen(kw_only=True)
 class TensorParallel:
-    """What ``parallelize`` records on the model's root: the tensor-parallel size, and the data-parallel
-    size and rank (1 and 0 when the tensor-parallel mesh spans every rank: every rank sees the same batch)."""
+    """What ``parallelize`` records on the model's root: the tensor-parallel size, the data-parallel
+    size and rank (1 and 0 when the tensor-parallel mesh spans every rank: every rank sees the same batch),
+    and the data-parallel mesh ``lt.shard`` shards over by default (None when there is none)."""
 
     tp: int
     dp: int
     dp_rank: int
+    dp_mesh: Any = attrs.field(default=None, eq=False, repr=False)
+    loss_parallel: bool = False  # a style left the logits split over the vocabulary (lt.plans' loss_parallel)
 
 
 def parallelize(model: Any = MISSING, /, plan: Any = MISSING, *, mesh: Any = None) -> Any:
@@ -49,6 +52,11 @@ def parallelize(model: Any = MISSING, /, plan: Any = MISSING, *, mesh: Any = Non
             ``(world // tp, tp)``, tensor parallel on ``"tp"``); or a ``DeviceMesh`` (1-D over all
             ranks, or 2-D with a ``"tp"`` dimension).
 
+    On a 2-D mesh, shard the model over its data-parallel dimension next: ``lt.shard(model,
+    policy=...)`` does so by default (it reads the mesh from the model: no mesh to pass), the 2-D
+    composition of tensor parallel within a group and FSDP across the groups; ``lt.run`` splits the
+    data by the data-parallel size, the ranks of one tensor-parallel group seeing the same batch.
+
     Returns:
         The same module, parallelized in place.
 
@@ -66,6 +74,7 @@ def parallelize(model: Any = MISSING, /, plan: Any = MISSING, *, mesh: Any = Non
         >>> model = lt.parallelize(model, plan={"0": "colwise", "2": "rowwise"})
         >>> type(model[0].weight)  # one process, no group: unchanged
         <class 'torch.nn.parameter.Parameter'>
+        >>> model = lt.shard(model)  # on a 2-D mesh (mesh=<tp size>): FSDP over its "dp" dimension
 
     Note:
         Tensor parallel comes first: ``parallelize`` → ``checkpoint_activations`` → ``compile`` →
@@ -101,6 +110,8 @@ def parallelize(model: Any = MISSING, /, plan: Any = MISSING, *, mesh: Any = Non
 
     for _, module, style in pairs:
         parallelize_module(module, tp_mesh, style)
+    if any(getattr(style, "loss_parallel", False) for _, _, style in pairs):
+        record = attrs.evolve(record, loss_parallel=True)
     setattr(model, TENSOR_PARALLEL, record)
     return model
 
@@ -149,7 +160,8 @@ def _meshes(mesh: Any) -> tuple[Any, TensorParallel]:
         raise ValueError(f"parallelize: a mesh must be 1-D, or 2-D with a 'tp' dimension; got {mesh.ndim}-D with "
                          f"dimensions {names!r}")
     dp_mesh = mesh[next(n for n in names if n != "tp")]
-    return mesh["tp"], TensorParallel(tp=mesh["tp"].size(), dp=dp_mesh.size(), dp_rank=dp_mesh.get_local_rank())
+    return mesh["tp"], TensorParallel(tp=mesh["tp"].size(), dp=dp_mesh.size(), dp_rank=dp_mesh.get_local_rank(),
+                                      dp_mesh=dp_mesh)
 
 
 def _resolve(model: torch.nn.Module, plan: Any) -> list[tuple[str, torch.nn.Module, Any]]:

@@ -5,7 +5,11 @@ is split by heads: the query/key/value projections column-wise, the output proje
 rank computes its own heads and one all-reduce sums the outputs; the MLP likewise (up column-wise, down
 row-wise). Embeddings, norms and the head stay replicated. ``sequence=True`` adds sequence parallel:
 the norms run on a slice of the sequence, and the activations between the split layers stay split
-along the sequence (less activation memory per rank, the same traffic).
+along the sequence (less activation memory per rank, the same traffic). ``loss_parallel=True`` splits
+the output projection column-wise too and leaves its logits split over the vocabulary (a ``DTensor``):
+``lt.distribute`` then computes the loss and its backward under torch's ``loss_parallel``, so the
+whole ``batch x sequence x vocabulary`` logits are never gathered on one rank (worth it for a large
+vocabulary; anything else reading the logits, such as sampling, calls ``logits.full_tensor()``).
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import torch
 __all__ = ["gpt", "llama"]
 
 
-def gpt(model: torch.nn.Module, *, sequence: bool = False) -> dict[str, Any]:
+def gpt(model: torch.nn.Module, *, sequence: bool = False, loss_parallel: bool = False) -> dict[str, Any]:
     """The plan for ``ltransform.examples.gpt.GPT``: in every block, ``attn.qkv`` and ``mlp.0`` column-wise,
-    ``attn.proj`` and ``mlp.2`` row-wise; with ``sequence=True`` also ``ln1`` / ``ln2`` sequence parallel.
+    ``attn.proj`` and ``mlp.2`` row-wise; with ``sequence=True`` also ``ln1`` / ``ln2`` sequence parallel;
+    with ``loss_parallel=True`` also ``head``, its logits left split over the vocabulary (see above).
 
     The demo's attention groups qkv's features per head and reads its head count from qkv's output,
     so a rank's column slice is whole heads; ``n_head`` must be divisible by the tensor-parallel size.
@@ -56,13 +61,15 @@ def gpt(model: torch.nn.Module, *, sequence: bool = False) -> dict[str, Any]:
                 f"{name}.attn.proj": _heads("rowwise", heads, output_layouts=split, use_local_output=False),
                 f"{name}.mlp.2": _rowwise(output_layouts=split, use_local_output=False),
             }
-    return plan
+    return plan | (_output(model, "head") if loss_parallel else {})
 
 
-def llama(model: torch.nn.Module, *, sequence: bool = False) -> dict[str, Any]:
+def llama(model: torch.nn.Module, *, sequence: bool = False, loss_parallel: bool = False) -> dict[str, Any]:
     """The plan for Hugging Face Llama-style decoder layers: in every layer ``self_attn.{q,k,v}_proj`` and
     ``mlp.{gate,up}_proj`` column-wise, ``self_attn.o_proj`` and ``mlp.down_proj`` row-wise; with
-    ``sequence=True`` also ``input_layernorm`` / ``post_attention_layernorm`` sequence parallel.
+    ``sequence=True`` also ``input_layernorm`` / ``post_attention_layernorm`` sequence parallel; with
+    ``loss_parallel=True`` also ``lm_head`` (of a ``...ForCausalLM``), its logits left split over the
+    vocabulary (transformers' own loss, ``model(ids, labels=ids).loss``, then runs under ``loss_parallel``).
 
     Transformers' attention reshapes with ``-1`` heads, so a rank's column slice is its own heads; both
     ``num_attention_heads`` and ``num_key_value_heads`` must be divisible by the tensor-parallel size
@@ -101,7 +108,7 @@ def llama(model: torch.nn.Module, *, sequence: bool = False) -> dict[str, Any]:
                 f"{name}.self_attn.o_proj": _heads("rowwise", heads, output_layouts=split, use_local_output=False),
                 f"{name}.mlp.down_proj": _rowwise(output_layouts=split, use_local_output=False),
             }
-    return plan
+    return plan | (_output(model, "lm_head") if loss_parallel else {})
 
 
 def _heads(style: str, heads: int, what: str = "heads", **options: Any) -> Any:
@@ -112,6 +119,21 @@ def _heads(style: str, heads: int, what: str = "heads", **options: Any) -> Any:
     made: Any = (ColwiseParallel if style == "colwise" else RowwiseParallel)(**options)
     made.heads = (heads, what)
     return made
+
+
+def _output(model: torch.nn.Module, name: str) -> dict[str, Any]:
+    """The output projection column-wise, its logits left a ``DTensor`` split over the vocabulary (its last
+    dimension), for a loss under torch's ``loss_parallel`` (which ``lt.distribute`` enters: the style is
+    marked for it)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    if not isinstance(getattr(model, name, None), torch.nn.Linear):
+        raise ValueError(f"lt.plans: loss_parallel=True splits the output projection {name!r}, but "
+                         f"{type(model).__name__} has no Linear {name!r}")
+    made: Any = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)
+    made.loss_parallel = True
+    return {name: made}
 
 
 def _rowwise(**options: Any) -> Any:

@@ -42,7 +42,10 @@ def shard(
             many parameters of their own or in children not yet sharded). None: the root only.
         mesh: a ``DeviceMesh``; or a shape ``(replicas, shards)`` for hybrid sharding (HSDP:
             shard within a group of ``shards`` ranks, replicate across ``replicas`` groups).
-            Default: one dimension over all ranks.
+            Default: one dimension over all ranks; for a model ``lt.parallelize`` made tensor
+            parallel on a 2-D ``("dp", "tp")`` mesh, that mesh's data-parallel dimension (FSDP
+            across the tensor-parallel groups), so ``lt.parallelize(model, plan, mesh=2)`` then
+            ``lt.shard(model, policy={Block})`` is the 2-D composition.
         reshard_after_forward: free gathered parameters after forward (less memory, one
             more all-gather in backward).
         offload: keep sharded parameters and gradients on the CPU (``CPUOffloadPolicy``);
@@ -102,7 +105,7 @@ def shard(
     _check_not_quantized(model)
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    device_mesh = resolve_mesh(mesh)
+    device_mesh = resolve_mesh(mesh if mesh is not None else _tensor_parallel_mesh(model))
     record = record or recorded_precision(model) or PRECISIONS["32-true"]
     old = list(model.parameters())
     # On a CPU mesh the sharded parameters already live in host memory: offloading is what
@@ -124,13 +127,15 @@ def shard(
 def _check_not_quantized(model: torch.nn.Module) -> None:
     """bitsandbytes' 4-bit and int8 parameters keep their quantization state beside the packed
     data, which FSDP2's per-parameter sharding drops: the forward then fails deep inside
-    bitsandbytes ("quant_state is required"). Refused here, with what works today."""
+    bitsandbytes ("quant_state is required"). Refused here, naming what works: torchao's NF4
+    (``lt.quantize(model, 'nf4', backend='torchao')``), whose tensors FSDP2 shards and
+    all-gathers in 4 bits."""
     for name, param in model.named_parameters():
         if type(param).__module__.startswith("bitsandbytes"):
             raise NotImplementedError(
                 f"shard: {name!r} is a bitsandbytes-quantized parameter ({type(param).__name__}, from lt.quantize); "
-                f"FSDP2 cannot shard it (its quantization state is lost), so QLoRA across ranks is not supported yet: "
-                f"train the quantized model in one process per model")
+                f"FSDP2 cannot shard it (its quantization state is lost). For QLoRA across ranks quantize with "
+                f"torchao instead: lt.quantize(model, 'nf4', backend='torchao'), then lt.add_adapters and lt.shard")
 
 
 def _shard_xla(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool] | None, mesh: Any,
@@ -193,6 +198,20 @@ def _check_mesh(mesh: Any) -> None:
             and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in mesh)):
         raise TypeError(f"shard: mesh must be a DeviceMesh or a shape (replicas, shards) of two "
                         f"positive ints, got {mesh!r}")
+
+
+def _tensor_parallel_mesh(model: torch.nn.Module) -> Any:
+    """The data-parallel mesh ``lt.parallelize`` recorded on ``model`` (None: it is not tensor parallel)."""
+    from ltransform.models.order import TENSOR_PARALLEL
+
+    record = next((r for m in model.modules() if (r := vars(m).get(TENSOR_PARALLEL)) is not None), None)
+    if record is None:
+        return None
+    if record.dp_mesh is None:
+        raise ValueError(f"shard: the model is tensor parallel over all {record.tp} ranks (lt.parallelize with a "
+                         f"1-D mesh), which leaves no data-parallel dimension to shard over; give lt.parallelize "
+                         f"mesh=<tensor-parallel size> (a 2-D ('dp', 'tp') mesh), then lt.shard shards over 'dp'")
+    return record.dp_mesh
 
 
 def resolve_mesh(mesh: Any) -> Any:

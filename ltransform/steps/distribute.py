@@ -26,6 +26,7 @@ class _Sync:
     strategy: Strategy
     modules: tuple[weakref.ref, ...]  # weak: the binding lives with the model (no cycle)
     xla: bool = False  # on XLA: the step's graph is cut after the update
+    loss_parallel: bool = False  # the model's logits are split over the vocabulary (lt.plans' loss_parallel)
 
 
 def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
@@ -87,11 +88,14 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
                 label="distribute: set_requires_gradient_sync(False) for forward and backward",
                 after="distribute: restore gradient sync", when=When.NON_BOUNDARY,
                 needed=lambda ctx: bool(ctx.modules), needed_text="on several ranks"),)
+    loss_parallel = Handler(effect=Effect.STEP, stage=Stage.SYNC, fn=_loss_parallel,
+                            label="distribute: the step (loss and backward) under loss_parallel(), metrics made whole",
+                            needed=lambda ctx: ctx.loss_parallel, needed_text="on logits split over the vocabulary")
     transform = StepTransform(
         name=f"distribute({record.name!r})",
         kind="distribute",
-        handlers=cut + no_sync,
-        prepare=lambda state: _prepare(state, record),
+        handlers=cut + no_sync + (loss_parallel,),
+        prepare=lambda state: _with_loss_parallel(*_prepare(state, record)),
     )
     return apply_step_transform(step, transform, "distribute")
 
@@ -127,6 +131,25 @@ def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
     return state, _Sync(strategy, tuple(weakref.ref(m) for m in modules))
 
 
+def _with_loss_parallel(state: Any, sync: _Sync) -> tuple[Any, _Sync]:
+    """Record whether a model's logits come split over the vocabulary (``lt.plans.gpt(...,
+    loss_parallel=True)``): its loss must then be computed, and differentiated, under ``loss_parallel``."""
+    parallel = tensor_parallel(inventory(state).models.values())
+    return state, (attrs.evolve(sync, loss_parallel=True) if parallel is not None and parallel.loss_parallel
+                   else sync)
+
+
+def _loss_parallel(ctx: _Sync, frame, value, *, proceed):
+    """Forward, loss and backward under torch's ``loss_parallel`` (its cross-entropy takes the logits split
+    over the vocabulary; its backward must run inside it too); the metrics it made (DTensors) made whole."""
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    with loss_parallel():
+        state, metrics = proceed(frame, value)
+    whole = {k: v.full_tensor() if callable(getattr(v, "full_tensor", None)) else v for k, v in metrics.items()}
+    return state, whole
+
+
 def _resolve_auto(name: str, distributed: bool, modules: list[torch.nn.Module]) -> str:
     if name != "auto":
         return name
@@ -137,7 +160,8 @@ def _resolve_auto(name: str, distributed: bool, modules: list[torch.nn.Module]) 
         raise RuntimeError(
             f"distribute('auto'): the model is tensor parallel over {parallel.tp} of {parallel.tp * parallel.dp} "
             f"ranks, and nothing shares gradients across its {parallel.dp} data-parallel groups; shard it over the "
-            f"mesh's 'dp' dimension after lt.parallelize: lt.shard(model, policy=..., mesh=mesh['dp'])")
+            f"mesh's 'dp' dimension after lt.parallelize: lt.shard(model, policy=..., mesh=mesh['dp']) (with no "
+            f"mesh, lt.shard reads it from the model)")
     sharded = [m for m in modules if wrappers.is_sharded(m)]
     if sharded:
         mesh = wrappers.mesh_of(sharded[0])
