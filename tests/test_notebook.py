@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
-NAMES = ["quickstart.ipynb", "distributed.ipynb", "finetune.ipynb"]
+NAMES = ["quickstart.ipynb", "distributed.ipynb", "finetune.ipynb", "qlora_fsdp.ipynb"]
 
 
 def _script():
@@ -118,3 +118,16 @@ def test_a_tqdm_widget_is_saved_as_the_text_of_its_last_state():
                "post": model("HTMLModel", value="\u200780/80\u2007[00:08&lt;00:00,\u200716.43step/s]")}
     assert notebooks.progress_text(widgets, "bar") == "100%|██████████| 80/80 [00:08<00:00, 16.43step/s]"
     assert notebooks.progress_text(widgets, "pre") is None and notebooks.progress_text(widgets, "gone") is None
+
+
+def test_qlora_fsdp_notebook_shards_a_4bit_base_on_two_processes(tmp_path):
+    """It executes: 2 forked processes, torchao's NF4 sharded by FSDP2, against one process."""
+    pytest.importorskip("torchao")
+    nb = executed("qlora_fsdp.ipynb", tmp_path)
+    text = printed(nb)
+    shard = "a DTensor of shape (1024, 256) whose local shard is a NF4Tensor of shape (512, 256)"
+    assert f"2 ranks; a quantized weight on rank 0: {shard}" in text
+    assert "(2.00x rank 0's share)" in text and "bitwise equal: True" in text
+    assert "largest loss difference, 2 processes against 1:" in text
+    assert notebooks.problems(nb) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qlora_fsdp.ipynb"]

@@ -105,10 +105,7 @@ def _tensors(inv: Inventory, filters: Mapping[str, Filter], *, full: bool) -> di
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=full, cpu_offload=full)
-    models = {}
-    for name, module in inv.models.items():
-        keep = filters.get(name)
-        models[name] = {k: v for k, v in _model_state(module, options).items() if keep is None or keep(k, v)}
+    models = {name: _model_entries(name, module, filters.get(name), options) for name, module in inv.models.items()}
     optimizers = {name: get_optimizer_state_dict(module, opt, options=options) if _has_dtensors(module)
                   else contents.optimizer_state(names, opt)
                   for name, (opt, module, names) in contents.optimizers(inv).items()}
@@ -118,6 +115,36 @@ def _tensors(inv: Inventory, filters: Mapping[str, Filter], *, full: bool) -> di
         optimizers = tree_map(lambda v: v.cpu() if isinstance(v, torch.Tensor) and v.device.type == "xla" else v,
                               optimizers)
     return {"models": models, "optimizers": optimizers}
+
+
+def _model_entries(name: str, module: torch.nn.Module, keep: Filter | None, options: Any) -> dict[str, Any]:
+    """A model's state dict, filtered. A sharded model's is filtered before anything is gathered
+    (each kept DTensor is then gathered alone), so a frozen base the filter leaves out is never
+    all-gathered."""
+    if keep is None:
+        _refuse_nf4(name, dict(module.named_parameters()))
+        return _model_state(module, options)
+    if not (options.full_state_dict and _has_dtensors(module)):
+        entries = {k: v for k, v in _model_state(module, options).items() if keep(k, v)}
+        _refuse_nf4(name, entries)
+        return entries
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    shards = {k: v for k, v in _model_state(module, StateDictOptions()).items() if keep(k, v)}
+    _refuse_nf4(name, shards)
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in shards.items()}
+
+
+def _refuse_nf4(model: str, entries: Mapping[str, Any]) -> None:
+    """torchao's ``NF4Tensor`` (``lt.quantize(..., backend="torchao")``) pickles as a tensor subclass that a
+    safe load refuses, and DCP stores its packed bytes under the unpacked size: refused at save time."""
+    for key, value in entries.items():
+        local = value.to_local() if hasattr(value, "to_local") else value
+        if type(local).__name__ == "NF4Tensor":
+            raise NotImplementedError(
+                f"lt.save: {model}.{key} is a torchao NF4 weight (from lt.quantize(..., backend='torchao')), which "
+                f"checkpoints cannot hold; save the adapters only: lt.save(path, state, filter=lambda name, t: "
+                f"'.adapter.' in name), and rebuild the 4-bit base with lt.quantize(..., weights=...) before loading")
 
 
 def _save_full(path: Path, inv: Inventory, filters: Mapping[str, Filter], position: Any) -> Path:

@@ -39,8 +39,10 @@ def add_adapters(model: Any = MISSING, /, rank: Any = MISSING, *, alpha: float |
 
     Each adapter is a child module ``adapter`` of its layer (parameters ``<layer>.adapter.a`` /
     ``.b``), added to the layer's output by a forward hook: the layer itself, its parameter
-    names and its checkpoints are unchanged. Works on ``nn.Linear`` and on bitsandbytes'
-    quantized layers (a frozen 4-bit base with 16/32-bit adapters: QLoRA).
+    names and its checkpoints are unchanged. Works on ``nn.Linear``, on bitsandbytes' quantized
+    layers and on torchao's NF4 layers (``lt.quantize(..., backend="torchao")``, which ``lt.shard``
+    can shard): a frozen 4-bit base with adapters in float32, or in the base's dtype where that is
+    a float (a bf16 NF4 base: bf16 adapters) — QLoRA.
 
     Args:
         model: the module; omit it for the partial form.
@@ -90,6 +92,6 @@ def add_adapters(model: Any = MISSING, /, rank: Any = MISSING, *, alpha: float |
 
 
 def _linear(module: torch.nn.Module) -> bool:
-    """``nn.Linear`` or a layer standing in for one (bitsandbytes' quantized linears)."""
+    """``nn.Linear`` or a layer standing in for one (bitsandbytes' quantized linears, ``NF4Linear``)."""
     return isinstance(module, torch.nn.Linear) or (
         hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight"))

@@ -7,7 +7,9 @@ final module structure (and sharded weights cannot move into new layers) and tak
 mixed-precision policy when sharding; applying them the other way round silently loses
 memory savings, breaks tracing or shards without the chosen policy. Checkpointing and the fp8
 swap may come in either order. Tensor parallel must see the plain layers its plan names (and
-its DTensor parameters are what FSDP2 shards on a 2-D mesh), so it comes before all three. Each
+its DTensor parameters are what FSDP2 shards on a 2-D mesh), so it comes before all three.
+``quantize`` swaps layers too, so it comes before compile and shard; tensor parallel cannot split
+its packed weights, so a model is either quantized or tensor parallel (:data:`EXCLUSIVE`). Each
 transform calls :func:`check_order` before it acts, so a violation is an error naming both
 transforms, raised here and nowhere else.
 """
@@ -20,6 +22,7 @@ import torch
 
 from ltransform.distributed import wrappers
 from ltransform.models.fp8 import is_fp8_layer
+from ltransform.models.nf4 import NF4Linear
 
 TENSOR_PARALLEL = "_lt_tensor_parallel"  # the attribute lt.parallelize sets on the root it parallelized
 ORDER = ("parallelize", "checkpoint_activations", "to_precision", "torch.compile", "shard")  # as suggested in errors
@@ -29,6 +32,12 @@ MUST_PRECEDE = {
     "to_precision": ("torch.compile", "shard"),
     "torch.compile": ("shard",),
     "shard": (),
+    "quantize": ("torch.compile", "shard"),
+}
+QUANTIZED_ORDER = ("quantize", "add_adapters", "checkpoint_activations", "torch.compile", "shard")  # in its errors
+EXCLUSIVE = {  # applying -> already applied: these never combine (tensor parallel cannot split packed 4-bit data)
+    "quantize": ("parallelize",),
+    "parallelize": ("quantize",),
 }
 
 
@@ -50,6 +59,8 @@ def applied(model: torch.nn.Module) -> set[str]:
             found.add("parallelize")
         if is_fp8_layer(module):
             found.add("to_precision")
+        if isinstance(module, NF4Linear) or type(module).__module__.startswith("bitsandbytes"):
+            found.add("quantize")
     return found
 
 
@@ -59,12 +70,24 @@ def check_order(model: Any, applying: str, *, later: tuple[str, ...] | None = No
     if not isinstance(model, torch.nn.Module):
         return
     found = applied(model)
+    _check_exclusive(applying, found)
     done = [name for name in MUST_PRECEDE[applying] if name in found and (later is None or name in later)]
     if done:
+        order = QUANTIZED_ORDER if applying == "quantize" else ORDER
         raise RuntimeError(
             f"{applying} must be applied before {done[0]}; reorder: "
-            f"lt.pipe(model, {', '.join(_spelling(n) for n in ORDER)}) (model transforms in this "
+            f"lt.pipe(model, {', '.join(_spelling(n) for n in order)}) (model transforms in this "
             f"order, then build the optimizer)"
+        )
+
+
+def _check_exclusive(applying: str, found: set[str]) -> None:
+    clash = [name for name in EXCLUSIVE.get(applying, ()) if name in found]
+    if clash:
+        raise RuntimeError(
+            f"{applying} cannot be applied to a model that {clash[0]} was applied to: tensor parallel cannot split "
+            f"quantized weights; train a quantized model sharded instead: "
+            f"lt.pipe(model, {', '.join(_spelling(n) for n in QUANTIZED_ORDER)})"
         )
 
 
@@ -72,7 +95,8 @@ def _spelling(name: str) -> str:
     return {"parallelize": "lt.parallelize(plan=...)",
             "checkpoint_activations": "lt.checkpoint_activations(policy=...)",
             "to_precision": "lt.to_precision(name)", "torch.compile": "lt.compile(policy=...)",
-            "shard": "lt.shard(policy=...)"}[name]
+            "shard": "lt.shard(policy=...)", "quantize": "lt.quantize(mode, backend='torchao')",
+            "add_adapters": "lt.add_adapters(rank)"}[name]
 
 
 def check_compiled_before_shard(model: Any) -> None:

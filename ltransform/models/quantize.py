@@ -1,7 +1,9 @@
-"""``quantize``: replace ``nn.Linear`` layers with bitsandbytes' 4-bit or 8-bit layers."""
+"""``quantize``: replace ``nn.Linear`` layers with bitsandbytes' 4-bit or 8-bit layers, or torchao's NF4."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -11,6 +13,9 @@ from ltransform.core.compose import MISSING, Partial
 from ltransform.models.weights import (aliases, check_missing, fill, open_weights, placed, read,
                                        release_freed_memory)
 from ltransform.models.adapters import LowRank
+from ltransform.models.nf4 import MODES as NF4_MODES
+from ltransform.models.nf4 import nf4_layer
+from ltransform.models.order import check_order
 from ltransform.models.select import selector
 from ltransform.core.state import mark_replaced
 
@@ -44,23 +49,30 @@ QUANTIZATIONS = {q.name: q for q in (
     Quantization(name="fp4-dq", bits=4, quant_type="fp4", double_quant=True),
 )}
 
+BACKENDS = ("bitsandbytes", "torchao")
 Skip = Any  # names, glob patterns, or a predicate (name, module) -> bool
+Make = Callable[[torch.Tensor, "torch.nn.Parameter | None"], torch.nn.Module]  # (weight, bias) -> the new layer
 
 
-def quantize(model: Any = MISSING, /, mode: Any = MISSING, *, skip: Skip = None,
+def quantize(model: Any = MISSING, /, mode: Any = MISSING, *, backend: str = "bitsandbytes", skip: Skip = None,
              compute_dtype: torch.dtype | None = None, weights: Any = None,
              device: str | torch.device | None = None) -> Any:
-    """Replace every ``nn.Linear`` of ``model`` (except the skipped ones) with a bitsandbytes layer.
+    """Replace every ``nn.Linear`` of ``model`` (except the skipped ones) with a quantized layer.
 
-    Modes: ``"nf4"`` / ``"fp4"`` (4-bit ``Linear4bit`` of that type), ``"nf4-dq"`` /
+    bitsandbytes modes: ``"nf4"`` / ``"fp4"`` (4-bit ``Linear4bit`` of that type), ``"nf4-dq"`` /
     ``"fp4-dq"`` (also quantizing the quantization constants), ``"int8"`` (``Linear8bitLt``
     with frozen int8 weights, for inference) and ``"int8-training"`` (``Linear8bitLt`` keeping
-    trainable weights). Quantized weights are frozen: train adapters on top, or use
-    ``"int8-training"``. Biases are kept as they were.
+    trainable weights). With ``backend="torchao"``, ``"nf4"`` and ``"nf4-dq"`` give
+    :class:`~ltransform.models.nf4.NF4Linear` layers holding torchao's ``NF4Tensor``, which
+    ``lt.shard`` can shard (QLoRA across ranks); torchao always quantizes the scalers too, so
+    the two modes are the same there. Quantized weights are frozen: train adapters on top, or
+    use ``"int8-training"``. Biases are kept as they were.
 
     Args:
         model: the module; omit it for the partial form.
         mode: the mode's name.
+        backend: ``"bitsandbytes"`` (default) or ``"torchao"`` (NF4 only; each weight's size must be
+            a multiple of 16384 elements, of 16384 times the ranks to shard it).
         skip: layers to keep in full precision: an iterable of names and glob patterns
             (``{"lm_head", "blocks.*.attn.*"}``) or a predicate ``(name, module) -> bool``.
         compute_dtype: the dtype 4-bit layers compute in (default: the weight's dtype).
@@ -77,52 +89,67 @@ def quantize(model: Any = MISSING, /, mode: Any = MISSING, *, skip: Skip = None,
         The same module, with its linear layers replaced in place.
 
     Raises:
-        ValueError: an unknown mode (lists the valid ones); a meta model and no ``weights``; a
-            stored tensor of the wrong shape.
+        ValueError: an unknown mode or backend, or a mode the backend lacks (lists the valid
+            ones); a meta model and no ``weights``; a stored tensor of the wrong shape.
+        RuntimeError: applied after ``add_adapters``, ``torch.compile``, ``shard`` or ``parallelize``.
         KeyError: tensors missing from ``weights`` (all named).
-        ImportError: bitsandbytes is not installed (names the pip command).
+        ImportError: bitsandbytes (torchao) is not installed (names the pip command).
 
     Example:
         >>> import torch, ltransform as lt
         >>> model = lt.quantize(torch.nn.Sequential(torch.nn.Linear(64, 64)), "nf4")  # doctest: +SKIP
         >>> type(model[0]).__name__  # doctest: +SKIP
         'Linear4bit'
+        >>> layers = torch.nn.Sequential(torch.nn.Linear(128, 128))
+        >>> model = lt.quantize(layers, "nf4", backend="torchao")  # doctest: +SKIP
+        >>> type(model[0].weight).__name__  # doctest: +SKIP
+        'NF4Tensor'
 
     Note:
-        Build the optimizer after quantizing: the replaced layers have new parameters.
+        Build the optimizer after quantizing: the replaced layers have new parameters. Quantize
+        first: ``lt.pipe(model, lt.quantize("nf4", backend="torchao"), lt.add_adapters(rank),
+        lt.shard(policy=...))``; tensor parallel cannot split quantized weights.
     """
     if mode is MISSING and not isinstance(model, torch.nn.Module) and model is not MISSING:
         model, mode = MISSING, model
-    record = resolve_quantization(mode)
+    record = resolve_quantization(mode, backend)
     skipped = selector(skip, call="quantize", option="skip", default=False)
     if model is MISSING:
-        return Partial(lambda m: quantize(m, record.name, skip=skip, compute_dtype=compute_dtype,
-                                          weights=weights, device=device), f"quantize({record.name!r})")
+        text = f"quantize({record.name!r}" + ("" if backend == "bitsandbytes" else f", backend={backend!r}") + ")"
+        return Partial(lambda m: quantize(m, record.name, backend=backend, skip=skip, compute_dtype=compute_dtype,
+                                          weights=weights, device=device), text)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
     if any(isinstance(m, LowRank) for m in model.modules()):
         raise RuntimeError("quantize must be applied before add_adapters; reorder: "
                            "lt.pipe(model, lt.quantize(mode), lt.add_adapters(rank))")
-    bnb = _bitsandbytes()
+    check_order(model, "quantize")
+    make = _maker(backend, record, compute_dtype)
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is torch.nn.Linear and not skipped(name, module)]
     if weights is not None:
-        return _quantize_from(weights, model, targets, bnb, record, compute_dtype, device)
+        return _quantize_from(weights, model, targets, make, device)
     on_meta = [name for name, p in model.named_parameters() if p.is_meta]
     if on_meta:
         raise ValueError(f"quantize: the model is on the meta device (e.g. {on_meta[0]!r}); pass "
                          f"weights=PATH (.safetensors or a torch.save-d state dict) or a state dict to "
                          f"load and quantize it layer by layer")
     for name, linear in targets:
-        layer = _replacement(bnb, record, linear.weight.data, linear.bias, compute_dtype)
+        layer = make(linear.weight.data, linear.bias)
         mark_replaced([linear.weight], "lt.quantize")
         model.set_submodule(name, layer)
     return model
 
 
+def _maker(backend: str, record: Quantization, compute_dtype: torch.dtype | None) -> Make:
+    """The function building a quantized layer from a linear layer's weight and bias."""
+    if backend == "torchao":
+        return functools.partial(nf4_layer, compute_dtype=compute_dtype)
+    return functools.partial(_replacement, _bitsandbytes(), record, compute_dtype=compute_dtype)
+
+
 def _quantize_from(source: Any, model: torch.nn.Module, targets: list[tuple[str, torch.nn.Linear]],
-                   bnb: Any, record: Quantization, compute_dtype: torch.dtype | None,
-                   device: str | torch.device | None) -> torch.nn.Module:
+                   make: Make, device: str | torch.device | None) -> torch.nn.Module:
     """Load, quantize and place one linear layer at a time, then load everything else."""
     device = torch.device(device) if device is not None else None
     tied = aliases(model)
@@ -139,7 +166,7 @@ def _quantize_from(source: Any, model: torch.nn.Module, targets: list[tuple[str,
             if bias is not None:
                 bias = torch.nn.Parameter(placed(bias, linear.bias, prefix + "bias", device, "quantize"),
                                           requires_grad=linear.bias.requires_grad)
-            model.set_submodule(name, _replacement(bnb, record, weight, bias, compute_dtype))
+            model.set_submodule(name, make(weight, bias))
             mark_replaced([linear.weight], "lt.quantize")
             done |= {prefix + "weight", prefix + "bias"}
             on_cpu = weight.device.type == "cpu"
@@ -152,12 +179,21 @@ def _quantize_from(source: Any, model: torch.nn.Module, targets: list[tuple[str,
     return model
 
 
-def resolve_quantization(mode: Any) -> Quantization:
-    if isinstance(mode, Quantization):
-        return mode
-    if isinstance(mode, str) and mode in QUANTIZATIONS:
-        return QUANTIZATIONS[mode]
-    raise ValueError(f"quantize: unknown mode {mode!r}; expected one of: {', '.join(map(repr, QUANTIZATIONS))}")
+def resolve_quantization(mode: Any, backend: str = "bitsandbytes") -> Quantization:
+    """The record of a mode's name, checked against the backend.
+
+    Raises:
+        ValueError: an unknown backend or mode, or a mode the backend lacks (lists the valid ones).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"quantize: unknown backend {backend!r}; expected one of: {', '.join(map(repr, BACKENDS))}")
+    record = mode if isinstance(mode, Quantization) else QUANTIZATIONS.get(mode) if isinstance(mode, str) else None
+    if record is None:
+        raise ValueError(f"quantize: unknown mode {mode!r}; expected one of: {', '.join(map(repr, QUANTIZATIONS))}")
+    if backend == "torchao" and record.name not in NF4_MODES:
+        raise ValueError(f"quantize: mode {record.name!r} is not available with backend='torchao'; expected one of: "
+                         f"{', '.join(map(repr, NF4_MODES))} (or backend='bitsandbytes' for {record.name!r})")
+    return record
 
 
 def _replacement(bnb: Any, q: Quantization, weight: torch.Tensor, bias: torch.nn.Parameter | None,
