@@ -23,7 +23,7 @@ def shard(
     policy: Policy = None,
     *,
     mesh: Any = None,
-    reshard_after_forward: bool = True,
+    reshard_after_forward: bool | None = None,
     offload: bool = False,
     precision: Any = None,
 ) -> Any:
@@ -47,7 +47,9 @@ def shard(
             across the tensor-parallel groups), so ``lt.parallelize(model, plan, mesh=2)`` then
             ``lt.shard(model, policy={Block})`` is the 2-D composition.
         reshard_after_forward: free gathered parameters after forward (less memory, one
-            more all-gather in backward).
+            more all-gather in backward). None (default): FSDP2's own choice, True for every
+            unit but the root, whose parameters backward needs first (gathering them again at
+            once would cost an all-gather per step for nothing); True or False: every unit.
         offload: keep sharded parameters and gradients on the CPU (``CPUOffloadPolicy``);
             on a CPU-only mesh they are there already.
         precision: the precision the model will train in (a name or record, as for
