@@ -361,6 +361,8 @@ def _errors() -> dict:
     out = {}
     for name, call in {
         "quantize after shard": lambda: lt.quantize(lt.shard(net(), policy={Block}), "nf4", backend="torchao"),
+        "uneven split": lambda: lt.shard(lt.quantize(torch.nn.Sequential(torch.nn.Linear(256, 64)), "nf4",
+                                                     backend="torchao")),  # 16384 elements: 8192 a rank
     }.items():
         try:
             call()
@@ -448,3 +450,8 @@ def test_quantize_after_shard_is_named_on_two_ranks(two_ranks):
         "quantize must be applied before shard; reorder: lt.pipe(model, lt.quantize(mode, backend='torchao'), ")
 
 
+def test_a_4bit_weight_that_cannot_split_into_whole_blocks_is_named_before_fsdp(two_ranks):
+    assert two_ranks["errors"]["uneven split"] == (
+        "shard: the 4-bit weight '0.weight' (64x256) cannot be split over 2 ranks: torchao's NF4 splits by rows "
+        "into whole blocks of 16384 elements, so each rank's part must be a multiple of 16384 elements; keep the "
+        "layer unquantized (lt.quantize(..., skip={'0'})) or shard over fewer ranks")

@@ -108,6 +108,7 @@ def shard(
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     device_mesh = resolve_mesh(mesh if mesh is not None else _tensor_parallel_mesh(model))
+    _check_nf4_splits(model, device_mesh.size(device_mesh.ndim - 1))
     record = record or recorded_precision(model) or PRECISIONS["32-true"]
     old = list(model.parameters())
     # On a CPU mesh the sharded parameters already live in host memory: offloading is what
@@ -138,6 +139,22 @@ def _check_not_quantized(model: torch.nn.Module) -> None:
                 f"shard: {name!r} is a bitsandbytes-quantized parameter ({type(param).__name__}, from lt.quantize); "
                 f"FSDP2 cannot shard it (its quantization state is lost). For QLoRA across ranks quantize with "
                 f"torchao instead: lt.quantize(model, 'nf4', backend='torchao'), then lt.add_adapters and lt.shard")
+
+
+def _check_nf4_splits(model: torch.nn.Module, shards: int) -> None:
+    """torchao's NF4 weights split only into whole scaler blocks: each rank's rows must hold a multiple of
+    ``BLOCK * SCALER_BLOCK`` elements (otherwise torchao fails inside FSDP2 with an assertion)."""
+    from ltransform.models.nf4 import BLOCK, SCALER_BLOCK, is_nf4
+
+    whole = BLOCK * SCALER_BLOCK
+    for name, param in model.named_parameters():
+        rows = param.shape[0] if param.dim() else 0
+        if is_nf4(param) and (rows % shards or (param.numel() // shards) % whole):
+            raise ValueError(
+                f"shard: the 4-bit weight {name!r} ({'x'.join(map(str, param.shape))}) cannot be split over {shards} "
+                f"ranks: torchao's NF4 splits by rows into whole blocks of {whole} elements, so each rank's part "
+                f"must be a multiple of {whole} elements; keep the layer unquantized (lt.quantize(..., "
+                f"skip={{{name.rsplit('.', 1)[0]!r}}})) or shard over fewer ranks")
 
 
 def _shard_xla(model: torch.nn.Module, match: Callable[[torch.nn.Module], bool] | None, mesh: Any,
