@@ -350,3 +350,24 @@ def test_inspect_lists_every_tensor_without_loading_and_the_cli_prints_it(tmp_pa
     missing = subprocess.run([sys.executable, "-m", "ltransform", "inspect", str(tmp_path / "nothing")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_save_after_an_evaluation_forward_holds_the_shards(one_rank_group, tmp_path, sharded):
+    """FSDP2 leaves the root's parameters gathered after a forward without backward (the default
+    reshard_after_forward); a save then must still see a sharded model and write whole tensors."""
+    torch.manual_seed(0)
+    model = lt.shard(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
+    state = lt.State(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1))
+    step = lt.pipe(lt.train_step(lambda m, b: m(b).square().mean()), lt.distribute("fsdp"))
+    state, _ = step(state, torch.randn(3, 4))
+    with torch.no_grad():
+        model(torch.randn(3, 4))  # an evaluation: the root stays gathered
+    assert {type(p).__name__ for p in model.parameters()} == {"Parameter"}
+    path = lt.save(tmp_path / ("ckpt" if sharded else "ckpt.pt"), state, sharded=sharded)
+    assert {type(p).__name__ for p in model.parameters()} == {"DTensor"}  # the save resharded it
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    loaded = lt.load(path, lt.State(model=plain, optimizer=torch.optim.AdamW(plain.parameters(), lr=0.1)))
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(p.full_tensor(), q), name
+    assert loaded.step == 1 and len(loaded.optimizer.state) == 4

@@ -21,7 +21,8 @@ from ltransform.checkpoint import contents, files, sharded
 from ltransform.checkpoint.read import (_check_common, _check_rank, _has_dtensors, _model_state, _read_full,
                                         _read_sharded, write_full)
 from ltransform.core.inventory import Inventory, inventory
-from ltransform.distributed import env
+from ltransform.distributed import env, wrappers
+from ltransform.models.nf4 import is_nf4
 
 Filter = Callable[[str, torch.Tensor], bool]
 
@@ -43,6 +44,9 @@ def save(path: str | os.PathLike[str], state: Any, *, sharded: bool = False, fil
             gather sharded models to rank 0, offloaded to the CPU, and rank 0 writes one file.
         filter: keep only some model entries: ``fn(name, tensor) -> bool`` for every model, or
             ``{"model": fn}`` by the model's field name. Load such a file with ``strict=False``.
+            For a sharded model it sees each entry before anything is gathered (a ``DTensor``:
+            the global shape and dtype), so what it leaves out is never all-gathered; it must
+            decide alike on every rank.
         async_save: sharded only: write in the background; the next ``lt.optimizer_step`` waits
             for it before touching parameters.
         run: in a hook of ``lt.run``, its second argument (the run context): the checkpoint
@@ -65,11 +69,19 @@ def save(path: str | os.PathLike[str], state: Any, *, sharded: bool = False, fil
         raise ValueError("lt.save: async_save=True needs sharded=True (a full save gathers on rank 0)")
     inv = inventory(state)
     finish_pending(inv)
+    _resharded(inv)
     filters = _filters(filter, inv.models)
     position = getattr(run, "position", None)
     if sharded:
         return _save_sharded(path, inv, filters, async_save, position)
     return _save_full(path, inv, filters, position)
+
+
+def _resharded(inv: Inventory) -> None:
+    """Models hold their shards, not what FSDP2 left gathered after a forward without backward (the
+    root's parameters, by default): what is saved and loaded into are the shards."""
+    for module in inv.models.values():
+        wrappers.reshard(module)
 
 
 def _filters(filter: Any, modules: Mapping[str, torch.nn.Module]) -> dict[str, Filter]:
@@ -129,18 +141,25 @@ def _model_entries(name: str, module: torch.nn.Module, keep: Filter | None, opti
         _refuse_nf4(name, entries)
         return entries
     from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.tensor import DTensor
 
     shards = {k: v for k, v in _model_state(module, StateDictOptions()).items() if keep(k, v)}
     _refuse_nf4(name, shards)
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in shards.items()}
+    mine = env.rank() == 0  # gathered on every rank (a collective), kept on rank 0 only, as torch's full state dict
+    entries = {}
+    for key, value in shards.items():
+        if isinstance(value, DTensor):  # (an offloaded shard is gathered on its mesh's device)
+            value = value.to(value.device_mesh.device_type).full_tensor()  # type: ignore[attr-defined]
+        if mine:
+            entries[key] = value.cpu() if isinstance(value, torch.Tensor) else value  # (extra state as it is)
+    return entries
 
 
 def _refuse_nf4(model: str, entries: Mapping[str, Any]) -> None:
     """torchao's ``NF4Tensor`` (``lt.quantize(..., backend="torchao")``) pickles as a tensor subclass that a
     safe load refuses, and DCP stores its packed bytes under the unpacked size: refused at save time."""
     for key, value in entries.items():
-        local = value.to_local() if hasattr(value, "to_local") else value
-        if type(local).__name__ == "NF4Tensor":
+        if is_nf4(value.to_local() if hasattr(value, "to_local") else value):
             raise NotImplementedError(
                 f"lt.save: {model}.{key} is a torchao NF4 weight (from lt.quantize(..., backend='torchao')), which "
                 f"checkpoints cannot hold; save the adapters only: lt.save(path, state, filter=lambda name, t: "
@@ -279,6 +298,7 @@ def load_with_position(path: str | os.PathLike[str], state: Any, *, strict: bool
     """``load``, also returning this rank's saved data position (None if saved outside lt.run)."""
     inv = inventory(state)
     finish_pending(inv)
+    _resharded(inv)
     optimizers = contents.optimizers(inv)
     path = _resolve(Path(path))
     read = _read_sharded if path.is_dir() else _read_full

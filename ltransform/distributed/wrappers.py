@@ -62,6 +62,16 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Free the parameters FSDP2 left gathered, so that ``model`` holds its shards again: after a
+    forward without backward the root (whose ``reshard_after_forward`` is off by default) and any
+    unit with it off keep plain gathered parameters until the next step, which whoever reads the
+    parameters themselves (checkpoints, averages) must not see."""
+    for module in model.modules():
+        if is_sharded(module):
+            module.reshard()  # type: ignore[operator]
+
+
 def composable_apis(module: torch.nn.Module) -> frozenset[str]:
     """The names of torch's composable APIs applied to ``module`` itself (``"replicate"``,
     ``"checkpoint"``, ``"fully_shard"``), read from torch's private registry."""

@@ -98,7 +98,7 @@ class EMAState:
         """This rank's parts of the averages and of the model's tensors they average, made once
         per model: what an update reads every step."""
         if self._pairs is None or self._pairs[0] is not model:
-            _reshard(model)
+            wrappers.reshard(model)
             live: dict[str, torch.Tensor] = {**dict(model.named_parameters()), **dict(model.named_buffers())}
             with torch.no_grad():
                 self._pairs = (model, [_local(a) for a in self.averages], [_local(live[n]) for n in self.names])
@@ -124,15 +124,6 @@ class EMAState:
             tensor.copy_(average)
             average.copy_(kept)
         self.swapped = not self.swapped
-
-
-def _reshard(model: torch.nn.Module) -> None:
-    """Free the parameters FSDP2 left gathered (a forward without backward under
-    ``reshard_after_forward=False``): the model then holds its shards, which are what is averaged
-    and swapped (a swap of the shards alone would not reach the gathered copies)."""
-    for module in model.modules():
-        if wrappers.is_sharded(module):
-            module.reshard()  # type: ignore[operator]
 
 
 def _like(value: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -185,7 +176,7 @@ class EMA:
                             f"not an average; give the hook another key: lt.ema(..., key='ema_weights')")
         path, model = self._find(state)
         step = read_counters(state)[0]
-        _reshard(model)
+        wrappers.reshard(model)
         entries = _averaged(model, self.buffers)
         if not entries:
             raise ValueError(f"lt.ema: model {path!r} has no trained parameter (and no floating-point buffer) to "
