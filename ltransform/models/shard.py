@@ -73,7 +73,10 @@ def shard(
         ValueError: the policy puts the two ends of a weight tie (a tied embedding and head)
             in different FSDP units, which would silently untie them.
         TypeError / ValueError: a policy or mesh of the wrong kind; an unknown precision
-            name (the message lists the valid ones).
+            name (the message lists the valid ones); a model tensor parallel over every rank
+            (no data-parallel dimension left); a torchao 4-bit weight whose share per rank is
+            not whole NF4 blocks.
+        NotImplementedError: bitsandbytes-quantized parameters (use ``backend="torchao"``).
 
     Example:
         >>> import torch, ltransform as lt
@@ -114,13 +117,16 @@ def shard(
     # On a CPU mesh the sharded parameters already live in host memory: offloading is what
     # happens anyway (and FSDP2's offload path would pin memory for a device there is not).
     cpu_offload = offload and device_mesh.device_type != "cpu"
-    options = dict(mesh=device_mesh, reshard_after_forward=reshard_after_forward, mp_policy=_mp_policy(record),
+    options = dict(mesh=device_mesh, mp_policy=_mp_policy(record),
                    offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     units = _matches(model, match)
     _check_ties(model, units)
+    # None spelled out as FSDP2 (torch 2.8+) decides it, which torch before 2.8 cannot take
     for module in units:
-        fully_shard(module, **options)
-    fully_shard(model, **options)
+        fully_shard(module, reshard_after_forward=True if reshard_after_forward is None else reshard_after_forward,
+                    **options)
+    fully_shard(model, reshard_after_forward=False if reshard_after_forward is None else reshard_after_forward,
+                **options)
     record_shard_precision(model, record)  # with_precision checks the step's precision against it
     new = {id(p) for p in model.parameters()}
     mark_replaced((p for p in old if id(p) not in new), "lt.shard")
