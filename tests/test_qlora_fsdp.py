@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ltransform as lt
+from ltransform.models.order import applied
 
 nf4tensor = pytest.importorskip("torchao.dtypes.nf4tensor")
 
@@ -193,9 +194,12 @@ def test_errors_name_the_valid_choices_and_the_fix(monkeypatch):
         lt.quantize("int8", backend="torchao")
     with pytest.raises(ValueError, match=r"quantize: unknown mode 'nf3'; expected one of: 'int8'"):
         lt.quantize(net(), "nf3", backend="torchao")
-    with pytest.raises(ValueError, match=r"a 4x128 weight cannot be quantized: torchao's NF4 needs a number of "
-                                         r"elements that is a multiple of 16384 .* skip the layer"):
-        lt.quantize(net(), "nf4", backend="torchao")
+    model = net()
+    with pytest.raises(ValueError, match=r"quantize\(backend='torchao'\): torchao's NF4 needs weights of a multiple of "
+                                         r"16384 elements \(blocks of 64, scalers in blocks of 256\); 'head' is 4x128: "
+                                         r"keep them unquantized, skip=\{'head'\}, or use backend='bitsandbytes'"):
+        lt.quantize(model, "nf4", backend="torchao")
+    assert {type(m).__name__ for m in model.modules()} == {"Net", "ModuleList", "Block", "Linear"}  # untouched
     with pytest.raises(RuntimeError, match=r"quantize must be applied before add_adapters"):
         lt.quantize(qlora(net()), "nf4", backend="torchao")
     with pytest.raises(RuntimeError, match=r"quantize must be applied before torch.compile; reorder: lt.pipe\(model, "
@@ -227,6 +231,30 @@ def test_quantize_and_tensor_parallel_never_combine(one_rank_group):
     with pytest.raises(RuntimeError, match=r"quantize must be applied before shard; reorder: lt.pipe\(model, "
                                            r"lt.quantize\(mode, backend='torchao'\), lt.add_adapters\(rank\)"):
         lt.quantize(lt.shard(net()), "nf4", backend="torchao", skip={"head"})
+
+
+def test_the_checkpoint_hook_saves_the_adapters_of_a_4bit_model(tmp_path):
+    model = qlora(net())
+    state = lt.State(model=model, optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+    with pytest.raises(NotImplementedError, match="checkpoints cannot hold; save the adapters only"):
+        lt.checkpoint_sharded(state, tmp_path / "whole")
+    hook = lt.checkpoint_sharded(dir=tmp_path / "adapters", filter=ADAPTERS)
+    state = hook(state)
+    fresh = qlora(net())
+    torch.nn.init.normal_(fresh.blocks[0].up.adapter.b)
+    lt.load(lt.latest_checkpoint(tmp_path / "adapters"), lt.State(model=fresh), strict=False)
+    ours, saved = adapters(fresh), adapters(model)
+    assert ours.keys() == saved.keys() and all(torch.equal(ours[n], saved[n]) for n in saved)
+
+
+def test_order_reads_quantized_parameters_not_the_library_a_module_comes_from(one_rank_group):
+    bnb = pytest.importorskip("bitsandbytes")
+    with_embedding = torch.nn.Sequential(bnb.nn.StableEmbedding(16, 64), torch.nn.Linear(64, 64))
+    assert "quantize" not in applied(with_embedding)  # a bitsandbytes layer, but nothing quantized
+    lt.parallelize(with_embedding, plan={"1": "colwise"})  # so tensor parallel goes on
+    quantized = lt.quantize(torch.nn.Sequential(torch.nn.Linear(64, 64)), "int8")
+    with pytest.raises(RuntimeError, match="parallelize cannot be applied to a model that quantize was applied to"):
+        lt.parallelize(quantized, plan={"0": "colwise"})
 
 
 def test_sharding_a_bitsandbytes_model_names_the_torchao_backend(one_rank_group):

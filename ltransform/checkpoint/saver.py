@@ -14,7 +14,7 @@ from ltransform.distributed import env
 
 
 def checkpoint_sharded(state: Any = MISSING, /, dir: Any = MISSING, *, keep: int | None = None,
-                       async_save: bool = False) -> Any:
+                       async_save: bool = False, filter: Any = None) -> Any:
     """Save ``state`` as a sharded checkpoint ``dir/step-N`` (N = ``state.step``); returns the state.
 
     Without ``state`` it is the same saver as a hook for ``lt.run``:
@@ -27,6 +27,9 @@ def checkpoint_sharded(state: Any = MISSING, /, dir: Any = MISSING, *, keep: int
         keep: keep only the newest ``keep`` checkpoints (None: all); saves in progress or
             killed half-way are never counted.
         async_save: write in the background (the next optimizer step waits for it).
+        filter: keep only some model entries, as for ``lt.save`` (e.g. the adapters of a
+            4-bit model, ``filter=lambda name, t: ".adapter." in name``); load such a
+            checkpoint with ``lt.load(..., strict=False)``.
 
     Each call first removes what killed saves left in ``dir`` (``.step-N.partial`` directories,
     a stale ``.step-N.old``; see ``ltransform.checkpoint.files``): rank 0 does it once every rank
@@ -50,15 +53,15 @@ def checkpoint_sharded(state: Any = MISSING, /, dir: Any = MISSING, *, keep: int
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
         raise ValueError(f"checkpoint_sharded: keep must be a positive int or None, got {keep!r}")
     if state is MISSING:
-        return _Saver(Path(dir), keep, async_save)
-    return _Saver(Path(dir), keep, async_save)(state)
+        return _Saver(Path(dir), keep, async_save, filter)
+    return _Saver(Path(dir), keep, async_save, filter)(state)
 
 
 class _Saver:
     """``checkpoint_sharded`` bound to a directory: a ``state -> state`` hook."""
 
-    def __init__(self, dir: Path, keep: int | None, async_save: bool) -> None:
-        self.checkpoint_dir, self.keep, self.async_save = dir, keep, async_save
+    def __init__(self, dir: Path, keep: int | None, async_save: bool, filter: Any = None) -> None:
+        self.checkpoint_dir, self.keep, self.async_save, self.filter = dir, keep, async_save, filter
         self.__name__ = f"checkpoint_sharded(dir={str(dir)!r})"
 
     def __repr__(self) -> str:
@@ -70,7 +73,7 @@ class _Saver:
         env.barrier()  # every rank is done writing earlier saves: any partial left is dead
         if env.rank() == 0:
             files.remove_leftovers(self.checkpoint_dir)
-        save(path, state, sharded=True, async_save=self.async_save, run=run)
+        save(path, state, sharded=True, async_save=self.async_save, run=run, filter=self.filter)
         if self.keep is not None and env.rank() == 0:  # published ones only; a pending one is not yet
             files.prune(self.checkpoint_dir, self.keep)
         return state

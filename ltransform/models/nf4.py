@@ -60,29 +60,30 @@ def nf4_layer(weight: torch.Tensor, bias: torch.nn.Parameter | None,
         The new layer, on the weight's device.
 
     Raises:
-        ValueError: the weight's size is not a multiple of torchao's block sizes.
         ImportError: torchao is not installed (names the pip command).
     """
     to_nf4 = _torchao().to_nf4
-    out_features, in_features = weight.shape
-    if weight.numel() % (BLOCK * SCALER_BLOCK) != 0:
-        raise ValueError(f"quantize(backend='torchao'): a {out_features}x{in_features} weight cannot be quantized: "
-                         f"torchao's NF4 needs a number of elements that is a multiple of {BLOCK * SCALER_BLOCK} "
-                         f"(blocks of {BLOCK}, scalers in blocks of {SCALER_BLOCK}); skip the layer "
-                         f"(skip={{name}}) or use backend='bitsandbytes'")
     with torch.no_grad():
         packed = to_nf4(weight.detach().contiguous(), block_size=BLOCK, scaler_block_size=SCALER_BLOCK)
     return NF4Linear(packed, bias, compute_dtype)
 
 
+def check_sizes(targets: list[tuple[str, torch.nn.Linear]]) -> None:
+    """Raise, naming the layers, if any weight is not whole NF4 blocks: before any layer is
+    replaced, so that a refused model is left as it was."""
+    whole = BLOCK * SCALER_BLOCK
+    bad = [(name, linear.weight.shape) for name, linear in targets if linear.weight.numel() % whole]
+    if bad:
+        shape = "x".join(map(str, bad[0][1]))
+        raise ValueError(f"quantize(backend='torchao'): torchao's NF4 needs weights of a multiple of {whole} "
+                         f"elements (blocks of {BLOCK}, scalers in blocks of {SCALER_BLOCK}); {bad[0][0]!r} is {shape}"
+                         f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: keep them unquantized, "
+                         f"skip={ {name for name, _ in bad}!r}, or use backend='bitsandbytes'")
+
+
 def is_nf4(tensor: Any) -> bool:
     """A torchao ``NF4Tensor`` (checked without importing torchao)."""
     return any(c.__name__ == "NF4Tensor" and c.__module__.startswith("torchao") for c in type(tensor).__mro__)
-
-
-def has_nf4(module: torch.nn.Module) -> bool:
-    """``module`` holds :class:`NF4Linear` layers."""
-    return any(isinstance(m, NF4Linear) for m in module.modules())
 
 
 def _torchao() -> Any:

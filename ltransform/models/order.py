@@ -59,7 +59,8 @@ def applied(model: torch.nn.Module) -> set[str]:
             found.add("parallelize")
         if is_fp8_layer(module):
             found.add("to_precision")
-        if isinstance(module, NF4Linear) or type(module).__module__.startswith("bitsandbytes"):
+        if isinstance(module, NF4Linear) or any(type(p).__module__.startswith("bitsandbytes")  # (Params4bit, ...)
+                                                for p in module.parameters(recurse=False)):
             found.add("quantize")
     return found
 

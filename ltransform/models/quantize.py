@@ -14,7 +14,7 @@ from ltransform.models.weights import (aliases, check_missing, fill, open_weight
                                        release_freed_memory)
 from ltransform.models.adapters import LowRank
 from ltransform.models.nf4 import MODES as NF4_MODES
-from ltransform.models.nf4 import nf4_layer
+from ltransform.models.nf4 import check_sizes, nf4_layer
 from ltransform.models.order import check_order
 from ltransform.models.select import selector
 from ltransform.core.state import mark_replaced
@@ -127,6 +127,8 @@ def quantize(model: Any = MISSING, /, mode: Any = MISSING, *, backend: str = "bi
     make = _maker(backend, record, compute_dtype)
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is torch.nn.Linear and not skipped(name, module)]
+    if backend == "torchao":
+        check_sizes(targets)
     if weights is not None:
         return _quantize_from(weights, model, targets, make, device)
     on_meta = [name for name, p in model.named_parameters() if p.is_meta]
