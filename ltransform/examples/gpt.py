@@ -198,13 +198,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto, ddp, fsdp or hsdp (with --devices > 1); xla (torch_xla's SPMD over every XLA "
                         "device of this host, e.g. PJRT_DEVICE=TPU, or PJRT_DEVICE=CPU CPU_NUM_DEVICES=4); "
                         "xla-fsdp (the same with the blocks sharded: FSDPv2)")
-    p.add_argument("--tp", type=int, default=1,
+    p.add_argument("--tp", type=_positive, default=1,
                    help="tensor-parallel size (lt.parallelize with lt.plans.gpt): a 2-D mesh of devices/tp "
                         "data-parallel groups of tp ranks; with more than one group, --strategy fsdp shards over them")
     p.add_argument("--loss-parallel", action="store_true",
                    help="with --tp: split the output projection too, the loss computed on logits split over the "
                         "vocabulary (lt.plans.gpt(model, loss_parallel=True)); pays for a large vocabulary")
     return p.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
 
 
 def check_tensor_parallel(args: argparse.Namespace) -> None:
