@@ -22,7 +22,6 @@ from ltransform.checkpoint.read import (_check_common, _check_rank, _has_dtensor
                                         _read_sharded, write_full)
 from ltransform.core.inventory import Inventory, inventory
 from ltransform.distributed import env, wrappers
-from ltransform.models.nf4 import is_nf4
 
 Filter = Callable[[str, torch.Tensor], bool]
 
@@ -159,7 +158,7 @@ def _refuse_nf4(model: str, entries: Mapping[str, Any]) -> None:
     """torchao's ``NF4Tensor`` (``lt.quantize(..., backend="torchao")``) pickles as a tensor subclass that a
     safe load refuses, and DCP stores its packed bytes under the unpacked size: refused at save time."""
     for key, value in entries.items():
-        if is_nf4(value.to_local() if hasattr(value, "to_local") else value):
+        if wrappers.is_nf4(value.to_local() if hasattr(value, "to_local") else value):
             raise NotImplementedError(
                 f"lt.save: {model}.{key} is a torchao NF4 weight (from lt.quantize(..., backend='torchao')), which "
                 f"checkpoints cannot hold; save the adapters only: lt.save(path, state, filter=lambda name, t: "

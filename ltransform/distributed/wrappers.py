@@ -72,6 +72,11 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()  # type: ignore[operator]
 
 
+def is_nf4(tensor: Any) -> bool:
+    """A torchao ``NF4Tensor`` (``lt.quantize(..., backend="torchao")``), checked without importing torchao."""
+    return any(c.__name__ == "NF4Tensor" and c.__module__.startswith("torchao") for c in type(tensor).__mro__)
+
+
 def composable_apis(module: torch.nn.Module) -> frozenset[str]:
     """The names of torch's composable APIs applied to ``module`` itself (``"replicate"``,
     ``"checkpoint"``, ``"fully_shard"``), read from torch's private registry."""

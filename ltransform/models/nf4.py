@@ -81,11 +81,6 @@ def check_sizes(targets: list[tuple[str, torch.nn.Linear]]) -> None:
                          f"skip={ {name for name, _ in bad}!r}, or use backend='bitsandbytes'")
 
 
-def is_nf4(tensor: Any) -> bool:
-    """A torchao ``NF4Tensor`` (checked without importing torchao)."""
-    return any(c.__name__ == "NF4Tensor" and c.__module__.startswith("torchao") for c in type(tensor).__mro__)
-
-
 def _torchao() -> Any:
     try:
         from torchao.dtypes import nf4tensor

@@ -150,12 +150,12 @@ def _check_not_quantized(model: torch.nn.Module) -> None:
 def _check_nf4_splits(model: torch.nn.Module, shards: int) -> None:
     """torchao's NF4 weights split only into whole scaler blocks: each rank's rows must hold a multiple of
     ``BLOCK * SCALER_BLOCK`` elements (otherwise torchao fails inside FSDP2 with an assertion)."""
-    from ltransform.models.nf4 import BLOCK, SCALER_BLOCK, is_nf4
+    from ltransform.models.nf4 import BLOCK, SCALER_BLOCK
 
     whole = BLOCK * SCALER_BLOCK
     for name, param in model.named_parameters():
         rows = param.shape[0] if param.dim() else 0
-        if is_nf4(param) and (rows % shards or (param.numel() // shards) % whole):
+        if wrappers.is_nf4(param) and (rows % shards or (param.numel() // shards) % whole):
             raise ValueError(
                 f"shard: the 4-bit weight {name!r} ({'x'.join(map(str, param.shape))}) cannot be split over {shards} "
                 f"ranks: torchao's NF4 splits by rows into whole blocks of {whole} elements, so each rank's part "
