@@ -54,6 +54,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "all_reduce": ("ltransform.distributed.env", "all_reduce"),
     "barrier": ("ltransform.distributed.env", "barrier"),
     "broadcast": ("ltransform.distributed.env", "broadcast"),
+    "node_rank": ("ltransform.distributed.ranks", "node_rank"),
+    "print": ("ltransform.distributed.ranks", "print"),
+    "rank_zero_first": ("ltransform.distributed.ranks", "rank_zero_first"),
+    "rank_zero_only": ("ltransform.distributed.ranks", "rank_zero_only"),
     "accelerator": ("ltransform.distributed.env", "accelerator"),
     "device": ("ltransform.distributed.env", "device"),
     "use_accelerator": ("ltransform.distributed.env", "use_accelerator"),
@@ -97,6 +101,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "WandbLogger": ("ltransform.runner.loggers", "WandbLogger"),
     "MLflowLogger": ("ltransform.runner.loggers", "MLflowLogger"),
     "run": ("ltransform.runner.run", "run"),
+    "evaluate": ("ltransform.runner.evaluate", "evaluate"),
+    "predict": ("ltransform.runner.predict", "predict"),
     "seed_everything": ("ltransform.seed", "seed_everything"),
     "accumulate": ("ltransform.steps.accumulate", "accumulate"),
     "clip_gradients": ("ltransform.steps.clip", "clip_gradients"),
@@ -104,6 +110,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "NonFiniteError": ("ltransform.steps.guard", "NonFiniteError"),
     "guard_nonfinite": ("ltransform.steps.guard", "guard_nonfinite"),
     "with_precision": ("ltransform.steps.precision", "with_precision"),
+    "autocast": ("ltransform.steps.autocast", "autocast"),
 }
 
 # spelled out (not sorted(_EXPORTS)) so type checkers and linters can read it; a test keeps it equal
@@ -112,14 +119,17 @@ __all__ = [
     "MLflowLogger", "MemoryEstimate", "NonFiniteError", "PRECISIONS", "Precision", "Preempted", "Preemption",
     "QUANTIZATIONS", "Quantization", "STRATEGIES", "Stage", "State", "StepTransform", "Strategy",
     "TensorBoardLogger", "WandbLogger", "When", "accelerator", "accumulate", "add_adapters",
-    "all_gather", "all_reduce", "apply_step_transform", "backward", "barrier", "broadcast",
+    "all_gather", "all_reduce", "apply_step_transform", "autocast", "backward", "barrier", "broadcast",
     "checkpoint_activations", "checkpoint_best", "checkpoint_sharded", "clip_gradients", "cluster",
     "compile", "compose", "consolidate", "describe_checkpoint", "device", "distribute", "early_stopping",
-    "ema", "ema_weights", "estimate_memory", "eval_step", "every", "explain", "export_safetensors",
+    "ema", "ema_weights", "estimate_memory", "eval_step", "evaluate", "every", "explain",
+    "export_safetensors",
     "guard_nonfinite", "init_module",
     "latest_checkpoint", "launch", "load", "load_raw", "local_rank", "lr_monitor", "materialize",
-    "memory_monitor", "memory_snapshot", "optimizer_step", "parallelize", "pipe", "prepare", "profile", "quantize",
-    "rank", "requeue", "run", "save", "seed_everything", "shard", "stop", "throughput",
+    "memory_monitor", "memory_snapshot", "node_rank", "optimizer_step", "parallelize", "pipe", "predict",
+    "prepare",
+    "print", "profile", "quantize", "rank", "rank_zero_first", "rank_zero_only", "requeue", "run", "save",
+    "seed_everything", "shard", "stop", "throughput",
     "to_precision", "train_step", "use_accelerator", "with_precision", "world_size",
 ]
 
@@ -173,6 +183,10 @@ if TYPE_CHECKING:
     from ltransform.distributed.env import all_reduce
     from ltransform.distributed.env import barrier
     from ltransform.distributed.env import broadcast
+    from ltransform.distributed.ranks import node_rank
+    from ltransform.distributed.ranks import print
+    from ltransform.distributed.ranks import rank_zero_first
+    from ltransform.distributed.ranks import rank_zero_only
     from ltransform.distributed.env import accelerator
     from ltransform.distributed.env import device
     from ltransform.distributed.env import use_accelerator
@@ -216,6 +230,8 @@ if TYPE_CHECKING:
     from ltransform.runner.loggers import TensorBoardLogger
     from ltransform.runner.loggers import WandbLogger
     from ltransform.runner.run import run
+    from ltransform.runner.evaluate import evaluate
+    from ltransform.runner.predict import predict
     from ltransform.seed import seed_everything
     from ltransform.steps.accumulate import accumulate
     from ltransform.steps.clip import clip_gradients
@@ -223,3 +239,4 @@ if TYPE_CHECKING:
     from ltransform.steps.guard import NonFiniteError
     from ltransform.steps.guard import guard_nonfinite
     from ltransform.steps.precision import with_precision
+    from ltransform.steps.autocast import autocast

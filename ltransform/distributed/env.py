@@ -396,44 +396,145 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return tree_map(lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x, batch)
 
 
-def _group_size() -> int:
-    return dist.get_world_size() if ensure_process_group() else 1
+def _group_size(group: Any = None) -> int:
+    return dist.get_world_size(group) if ensure_process_group() else 1
 
 
-def all_reduce(tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
-    """Reduce ``tensor`` across ranks (``"mean"``, ``"sum"``, ``"max"``, ``"min"``, ``"product"``).
+def _leaves(value: Any, fn: Any, call: str) -> Any:
+    """``fn`` applied to every tensor and Python number in ``value`` (nested dicts, lists,
+    tuples), the structure kept; ``TypeError`` for any other leaf."""
+    from torch.utils._pytree import tree_map
 
-    Returns a new tensor; the input is left unchanged.
+    def one(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) or (isinstance(leaf, (int, float)) and not isinstance(leaf, bool)):
+            return fn(leaf)
+        raise TypeError(f"{call}: expected tensors or numbers (in dicts, lists, tuples), got "
+                        f"{type(leaf).__name__} {leaf!r}; lt.broadcast carries any picklable value, "
+                        f"torch.distributed.all_gather_object gathers one")
+
+    return tree_map(one, value)
+
+
+def _as_tensor(leaf: Any) -> torch.Tensor:
+    """A Python number as a one-element tensor where the collectives run (float64 / int64)."""
+    return torch.tensor([leaf], dtype=torch.float64 if isinstance(leaf, float) else torch.int64,
+                        device=collective_device())
+
+
+def all_reduce(value: Any, op: str = "mean", *, group: Any = None) -> Any:
+    """Reduce ``value`` across ranks (``"mean"``, ``"sum"``, ``"max"``, ``"min"``, ``"product"``):
+    a tensor, a Python number, or a dict/list/tuple of them (the structure is kept).
+
+    A tensor comes back as a new tensor (the input is left unchanged, no autograd), a number
+    as a number (``"mean"`` of ints as a float). In a single process the value is returned
+    unchanged (a tensor as a detached copy).
+
+    Args:
+        value: a tensor, an int or float, or a nested dict/list/tuple of them.
+        op: the reduction.
+        group: a process group (``torch.distributed.new_group``) of the ranks to reduce over;
+            default all ranks. ``"mean"`` divides by the group's size.
+
+    Returns:
+        ``value``'s structure with each leaf reduced.
+
+    Raises:
+        ValueError: an unknown ``op`` (the message lists the valid ones).
+        TypeError: a leaf that is neither a tensor nor a number.
 
     Example:
         >>> import torch, ltransform as lt
         >>> lt.all_reduce(torch.tensor([1.0, 3.0]), "mean")
         tensor([1., 3.])
+        >>> lt.all_reduce({"loss": 0.5, "seen": [3, torch.tensor(2.0)]}, "sum")
+        {'loss': 0.5, 'seen': [3, tensor(2.)]}
     """
     if op not in _OPS:
         raise ValueError(f"all_reduce: unknown op {op!r}; expected one of: {', '.join(map(repr, _OPS))}")
-    out = tensor.detach().clone()
-    size = _group_size()
-    if size == 1:
-        return out
-    dist.all_reduce(out, op=_OPS[op])
-    return out / size if op == "mean" else out
+    size = _group_size(group)
+
+    def reduce(leaf: Any) -> Any:
+        if size == 1:
+            return leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf
+        out = leaf.detach().clone() if isinstance(leaf, torch.Tensor) else _as_tensor(leaf)
+        dist.all_reduce(out, op=_OPS[op], group=group)
+        if op == "mean":
+            out = out / size
+        return out if isinstance(leaf, torch.Tensor) else out.item()
+
+    return _leaves(value, reduce, "all_reduce")
 
 
-def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's ``tensor`` (same shape on all ranks), in rank order.
+def all_gather(value: Any, *, group: Any = None, sync_grads: bool = False) -> Any:
+    """Every rank's ``value``, in rank order: for a tensor (same shape on all ranks) a list of
+    the ranks' tensors; for a number a list of numbers; for a dict/list/tuple of them the same
+    structure with each leaf such a list.
+
+    Without ``sync_grads`` the gathered tensors are detached. With ``sync_grads=True`` the
+    gather is autograd-aware (as ``torch.distributed.nn.functional.all_gather``): a loss over
+    the gathered batch (a contrastive loss) sends each rank's share of the gradient back to the
+    rank that computed it, so N ranks with lt.distribute train as one process with the whole
+    batch.
+
+    Args:
+        value: a tensor, an int or float, or a nested dict/list/tuple of them.
+        group: a process group of the ranks to gather from; default all ranks.
+        sync_grads: keep the autograd graph through the gather (tensors only).
+
+    Returns:
+        ``value``'s structure with each leaf a list over the group's ranks.
+
+    Raises:
+        TypeError: a leaf that is neither a tensor nor a number.
 
     Example:
         >>> import torch, ltransform as lt
         >>> lt.all_gather(torch.tensor([7]))
         [tensor([7])]
+        >>> lt.all_gather({"n": 3})
+        {'n': [3]}
     """
-    size = _group_size()
-    if size == 1:
-        return [tensor.detach().clone()]
-    out = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(out, tensor.detach().contiguous())
+    size = _group_size(group)
+
+    def gather(leaf: Any) -> list[Any]:
+        if size == 1:
+            if isinstance(leaf, torch.Tensor):
+                return [leaf if sync_grads else leaf.detach().clone()]
+            return [leaf]
+        if not isinstance(leaf, torch.Tensor):
+            return [t.item() for t in _gather_tensor(_as_tensor(leaf), group, False)]
+        return _gather_tensor(leaf, group, sync_grads)
+
+    return _leaves(value, gather, "all_gather")
+
+
+def _gather_tensor(tensor: torch.Tensor, group: Any, sync_grads: bool) -> list[torch.Tensor]:
+    if sync_grads:
+        return list(_GatherWithGrads.apply(tensor, group))
+    out = [torch.empty_like(tensor) for _ in range(_group_size(group))]
+    dist.all_gather(out, tensor.detach().contiguous(), group=group)
     return out
+
+
+class _GatherWithGrads(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for each rank's piece and hands each
+    rank its own: what ``torch.distributed.nn.functional.all_gather`` does, which torch 2.13
+    deprecates in favour of a private module. The backward all-reduces the stacked gradients
+    (every backend has all_reduce; gloo has no reduce_scatter): N times the traffic of a
+    reduce-scatter, on embeddings, not weights."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> tuple[torch.Tensor, ...]:
+        ctx.group = group
+        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, tensor.contiguous(), group=group)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, None]:
+        summed = torch.stack(grads).contiguous()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=ctx.group)
+        return summed[dist.get_rank(ctx.group)], None
 
 
 def all_gather_objects(value: Any) -> list[Any]:
@@ -446,26 +547,38 @@ def all_gather_objects(value: Any) -> list[Any]:
     return out
 
 
-def broadcast(value: Any, src: int = 0) -> Any:
+def broadcast(value: Any, src: int = 0, *, group: Any = None) -> Any:
     """Rank ``src``'s ``value`` on every rank: a tensor, or any picklable object.
+
+    Args:
+        value: a tensor (same shape and dtype on every rank), or any picklable object (a
+            pytree of tensors too: it travels pickled).
+        src: the global rank whose value wins.
+        group: a process group holding ``src``; default all ranks.
 
     Example:
         >>> import ltransform as lt
         >>> lt.broadcast({"seed": 3})
         {'seed': 3}
     """
-    if _group_size() == 1:
+    if _group_size(group) == 1:
         return value
     if isinstance(value, torch.Tensor):
         out = value.detach().clone().contiguous()
-        dist.broadcast(out, src=src)
+        dist.broadcast(out, src=src, group=group)
         return out
     box = [value]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 
-def barrier() -> None:
-    """Wait until every rank reaches this point (nothing in a single process)."""
-    if _group_size() > 1:
-        dist.barrier()
+def barrier(group: Any = None) -> None:
+    """Wait until every rank (of ``group``, e.g. one from ``torch.distributed.new_group``)
+    reaches this point (nothing in a single process).
+
+    Example:
+        >>> import ltransform as lt
+        >>> lt.barrier()
+    """
+    if _group_size(group) > 1:
+        dist.barrier(group=group)

@@ -68,7 +68,8 @@ def run(
         loggers: callables ``(metrics: dict[str, float], step: int)``, e.g. ``lt.CSVLogger``.
         eval_step: a step (e.g. ``lt.eval_step(fn)``) run over ``eval_data``, models in eval mode,
             in the training step's precision unless it has its own (``lt.with_precision``).
-        eval_data: batches for evaluation; each batch's metrics count with its batch size, the
+        eval_data: batches for evaluation, evaluated as ``lt.evaluate`` does (its loop, after the
+            data is split once per rank): each batch's metrics count with its batch size, the
             samples a ``DistributedSampler`` repeats to even out the ranks are left out, and the
             sums are added over the ranks: 1 process and N give the same ``val_*`` metrics.
         eval_every: evaluate every this many optimizer steps; None: at the end of each epoch.
