@@ -35,9 +35,6 @@ def gpt(model: torch.nn.Module, *, sequence: bool = False, loss_parallel: bool =
         >>> sorted(lt.plans.gpt(GPT(GPTConfig(n_layer=1))))
         ['blocks.0.attn.proj', 'blocks.0.attn.qkv', 'blocks.0.mlp.0', 'blocks.0.mlp.2']
     """
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import PrepareModuleInput, SequenceParallel
-
     blocks = [(n, m) for n, m in model.named_modules()
               if isinstance(getattr(m, "attn", None), torch.nn.Module) and hasattr(m.attn, "qkv")
               and isinstance(getattr(m, "mlp", None), torch.nn.Sequential)]
@@ -50,17 +47,7 @@ def gpt(model: torch.nn.Module, *, sequence: bool = False, loss_parallel: bool =
         plan |= {f"{name}.attn.qkv": _heads("colwise", heads), f"{name}.attn.proj": _heads("rowwise", heads),
                  f"{name}.mlp.0": "colwise", f"{name}.mlp.2": "rowwise"}
         if sequence:
-            split, whole = Shard(1), Replicate()
-            plan |= {
-                name: _block_io(),
-                f"{name}.ln1": SequenceParallel(), f"{name}.ln2": SequenceParallel(),
-                f"{name}.attn": PrepareModuleInput(input_layouts=(split,), desired_input_layouts=(whole,),
-                                                   use_local_output=True),
-                f"{name}.mlp": PrepareModuleInput(input_layouts=(split,), desired_input_layouts=(whole,),
-                                                  use_local_output=True),
-                f"{name}.attn.proj": _heads("rowwise", heads, output_layouts=split, use_local_output=False),
-                f"{name}.mlp.2": _rowwise(output_layouts=split, use_local_output=False),
-            }
+            plan |= _sequence(name, heads, norms=("ln1", "ln2"), attention="attn", outputs=("attn.proj", "mlp.2"))
     return plan | (_output(model, "head") if loss_parallel else {})
 
 
@@ -75,9 +62,6 @@ def llama(model: torch.nn.Module, *, sequence: bool = False, loss_parallel: bool
     ``num_attention_heads`` and ``num_key_value_heads`` must be divisible by the tensor-parallel size
     (checked when applied). Train with ``config.use_cache = False``.
     """
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import PrepareModuleInput, SequenceParallel
-
     projections = ("q_proj", "k_proj", "v_proj", "o_proj")
     layers = [(n, m) for n, m in model.named_modules()
               if all(hasattr(getattr(m, "self_attn", None), p) for p in projections)
@@ -95,19 +79,9 @@ def llama(model: torch.nn.Module, *, sequence: bool = False, loss_parallel: bool
                  f"{name}.self_attn.o_proj": _heads("rowwise", heads),
                  f"{name}.mlp.gate_proj": "colwise", f"{name}.mlp.up_proj": "colwise",
                  f"{name}.mlp.down_proj": "rowwise"}
-        if sequence:
-            split, whole = Shard(1), Replicate()
-            plan |= {
-                name: _block_io(),
-                f"{name}.input_layernorm": SequenceParallel(), f"{name}.post_attention_layernorm": SequenceParallel(),
-                f"{name}.self_attn": PrepareModuleInput(  # (transformers passes hidden_states by name)
-                    input_kwarg_layouts={"hidden_states": split}, desired_input_kwarg_layouts={"hidden_states": whole},
-                    use_local_output=True),
-                f"{name}.mlp": PrepareModuleInput(input_layouts=(split,), desired_input_layouts=(whole,),
-                                                  use_local_output=True),
-                f"{name}.self_attn.o_proj": _heads("rowwise", heads, output_layouts=split, use_local_output=False),
-                f"{name}.mlp.down_proj": _rowwise(output_layouts=split, use_local_output=False),
-            }
+        if sequence:  # (transformers passes the attention its hidden_states by name)
+            plan |= _sequence(name, heads, norms=("input_layernorm", "post_attention_layernorm"), attention="self_attn",
+                              outputs=("self_attn.o_proj", "mlp.down_proj"), by_name="hidden_states")
     return plan | (_output(model, "lm_head") if loss_parallel else {})
 
 
@@ -140,6 +114,29 @@ def _rowwise(**options: Any) -> Any:
     from torch.distributed.tensor.parallel import RowwiseParallel
 
     return RowwiseParallel(**options)
+
+
+def _sequence(name: str, heads: int, *, norms: tuple[str, str], attention: str, outputs: tuple[str, str],
+              by_name: str | None = None) -> dict[str, Any]:
+    """Sequence parallel for one block: the block's input split along the sequence and gathered at its
+    end, its norms run on their slice, the attention and the MLP gathering their (split) input, and their
+    row-wise output projections (``outputs``: attention's, then the MLP's) leaving their output split
+    along the sequence again. ``by_name``: the attention takes its input as that keyword argument."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput, SequenceParallel
+
+    split, whole = Shard(1), Replicate()
+    gathered: dict[str, Any] = dict(input_layouts=(split,), desired_input_layouts=(whole,))
+    attention_input = gathered if by_name is None else dict(input_kwarg_layouts={by_name: split},
+                                                            desired_input_kwarg_layouts={by_name: whole})
+    return {
+        name: _block_io(),
+        **{f"{name}.{norm}": SequenceParallel() for norm in norms},
+        f"{name}.{attention}": PrepareModuleInput(**attention_input, use_local_output=True),
+        f"{name}.mlp": PrepareModuleInput(**gathered, use_local_output=True),
+        f"{name}.{outputs[0]}": _heads("rowwise", heads, output_layouts=split, use_local_output=False),
+        f"{name}.{outputs[1]}": _rowwise(output_layouts=split, use_local_output=False),
+    }
 
 
 def _block_io() -> Any:
