@@ -46,13 +46,17 @@ def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max((whole(p) - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
-def train(model, batches, loss_fn, *transforms):
-    """Direct step calls; the grad norms each step reported."""
+def adam(model):
     # (eps: the demo GPT's key bias has a gradient of exactly 0 in exact arithmetic, float noise of ~1e-9 in
     # practice, different with the sum split over ranks; Adam's default eps=1e-8 would blow that noise up to
     # updates of ~lr)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-5)
-    step = lt.pipe(lt.train_step(loss_fn), lt.with_precision("32-true"), *transforms)
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-5)
+
+
+def train(model, batches, loss_fn, *transforms, precision="32-true", optimizer=adam):
+    """Direct step calls; the model, and the grad norms each optimizer step reported."""
+    optimizer = optimizer(model)
+    step = lt.pipe(lt.train_step(loss_fn), lt.with_precision(precision), *transforms)
     state, norms = lt.State(model=model, optimizer=optimizer), []
     for batch in batches:
         state, metrics = step(state, batch)

@@ -14,7 +14,7 @@ import ltransform as lt
 from ltransform.examples.gpt import GPTConfig
 from ltransform.examples.gpt import loss_fn as gpt_loss
 from ltransform.models.order import applied
-from test_parallelize import gpt, llama, llama_loss, max_difference, tokens, whole
+from test_parallelize import adam, gpt, llama, llama_loss, max_difference, tokens, train, whole
 
 TP = 2  # on 4 ranks: dp = 2 groups of tp = 2
 
@@ -48,11 +48,6 @@ def half(batch, dp_rank: int):
     return tuple(rows(t) for t in batch) if isinstance(batch, tuple) else rows(batch)
 
 
-def adam(model):
-    # (eps: see tests/test_parallelize.py: a gradient of exactly 0 in exact arithmetic is float noise in practice)
-    return torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-5)
-
-
 def sgd(model):
     """For bf16: Adam's first update moves every weight by about +-lr whatever the size of its gradient, so a
     gradient near 0 whose sign bf16's rounding flips moves lr the other way; SGD's difference is lr times the
@@ -60,28 +55,16 @@ def sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.1)
 
 
-def train(model, batches, loss_fn, precision, *transforms, optimizer=adam):
-    """Direct step calls; the state, and the grad norms each optimizer step reported."""
-    optimizer = optimizer(model)
-    step = lt.pipe(lt.train_step(loss_fn), lt.with_precision(precision), *transforms)
-    state, norms = lt.State(model=model, optimizer=optimizer), []
-    for batch in batches:
-        state, metrics = step(state, batch)
-        if "grad_norm" in metrics:
-            norms.append(float(metrics["grad_norm"]))
-    return state, norms
-
-
 def _compare(make, batches, loss_fn, precision="32-true", *transforms, plan=None, checkpoint=False) -> dict:
     """2 x 2 (each dp group its half of every batch) against one process with the whole batches."""
     optimizer = sgd if precision == "bf16-mixed" else adam
-    reference, ref_norms = train(make(), batches, loss_fn, precision, *transforms, optimizer=optimizer)
+    reference, ref_norms = train(make(), batches, loss_fn, *transforms, precision=precision, optimizer=optimizer)
     model, dp_rank = two_d(make, precision, plan=plan, checkpoint=checkpoint)
-    _, norms = train(model, [half(b, dp_rank) for b in batches], loss_fn, precision, *transforms,
-                     lt.distribute("auto"), optimizer=optimizer)
+    _, norms = train(model, [half(b, dp_rank) for b in batches], loss_fn, *transforms, lt.distribute("auto"),
+                     precision=precision, optimizer=optimizer)
     kinds = {tuple(p.device_mesh.mesh_dim_names) for p in model.parameters()}
     by_name = {n: (whole(p) - q).abs().max().item()
-               for (n, p), q in zip(model.named_parameters(), reference.model.parameters())}
+               for (n, p), q in zip(model.named_parameters(), reference.parameters())}
     checkpointed = "checkpoint_activations" in applied(model)
     return dict(diff=max(by_name.values()), by_name=by_name, norms=norms, ref_norms=ref_norms, meshes=kinds,
                 checkpointed=checkpointed)
@@ -103,10 +86,10 @@ def _run_splits_by_dp() -> dict:
     state = lt.State(model=model, optimizer=adam(model))
     step = lt.pipe(lt.train_step(loss_fn), lt.clip_gradients(max_norm=0.5), lt.distribute("auto"))
     state = lt.run(step, state, loader, progress=False)  # each dp group: every other window, 2 batches of 4
-    reference, _ = train(gpt(), [(x[:8], y[:8]), (x[8:], y[8:])], gpt_loss, "32-true", lt.clip_gradients(max_norm=0.5))
+    reference, _ = train(gpt(), [(x[:8], y[:8]), (x[8:], y[8:])], gpt_loss, lt.clip_gradients(max_norm=0.5))
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, torch.stack(seen))
-    return dict(steps=state.step, diff=max_difference(model, reference.model), seen=everyone, windows=x)
+    return dict(steps=state.step, diff=max_difference(model, reference), seen=everyone, windows=x)
 
 
 def _loss_parallel() -> dict:
