@@ -59,15 +59,53 @@ def init_module(
         )
     if not callable(build):
         raise TypeError(f"init_module: expected a function that builds the model, got {build!r}")
-    target: torch.device | str
-    if empty:
-        target = torch.device("meta")
-    else:
+    with _placed(torch.device("meta") if empty else device, record.param_dtype):
+        return build(*args)
+
+
+@contextlib.contextmanager
+def _placed(device: str | torch.device | None, dtype: torch.dtype | None) -> Iterator[None]:
+    """New tensors on ``device`` (None: ``lt.device()``) in ``dtype`` (None: the default as it is)."""
+    if device is None:
         from ltransform.distributed import env
 
-        target = device if device is not None else env.device()
-    with _default_dtype(record.param_dtype), torch.device(target):
-        return build(*args)
+        device = env.device()
+    with contextlib.ExitStack() as stack:
+        if dtype is not None:
+            stack.enter_context(_default_dtype(dtype))
+        stack.enter_context(torch.device(device))
+        yield
+
+
+def init_tensor(precision: Any = None, *, device: str | torch.device | None = None) -> Any:
+    """A context in which new tensors are created on ``device`` in ``precision``'s weight dtype:
+    ``lt.init_module`` for the plain tensors of a custom loop (buffers, caches, inputs).
+
+    Tensor factories without a ``device`` (``torch.zeros``, ``torch.randn``, ...) allocate on
+    ``device``, and floating-point ones without a ``dtype`` take the precision's (``"bf16-true"``:
+    ``torch.bfloat16``; a mixed precision's weights stay ``torch.float32``). Both are restored
+    when the block ends, also on an error.
+
+    Args:
+        precision: a precision name or record (as ``lt.with_precision`` takes); None keeps the
+            default dtype as it is.
+        device: where to allocate (default: ``lt.device()``, this rank's accelerator, else the CPU).
+
+    Returns:
+        A context manager.
+
+    Raises:
+        ValueError: an unknown precision (lists the valid ones).
+
+    Example:
+        >>> import torch, ltransform as lt
+        >>> with lt.init_tensor("bf16-true", device="cpu"):
+        ...     cache = torch.zeros(2, 3)
+        >>> cache.dtype, torch.zeros(1).dtype
+        (torch.bfloat16, torch.float32)
+    """
+    dtype = None if precision is None else resolve_precision(precision, "init_tensor").param_dtype
+    return _placed(device, dtype)
 
 
 _UNINITIALIZED = ("raise", "warn", "ignore")

@@ -12,6 +12,10 @@ its DTensor parameters are what FSDP2 shards on a 2-D mesh), so it comes before 
 its packed weights, so a model is either quantized or tensor parallel (:data:`EXCLUSIVE`). Each
 transform calls :func:`check_order` before it acts, so a violation is an error naming both
 transforms, raised here and nowhere else.
+
+``sync_batchnorm`` swaps BatchNorm layers, so it comes before compile, shard and the DDP wrapping of
+``distribute`` (``"replicate"``); it has no order with the others (quantize, checkpointing and the fp8 swap
+touch no BatchNorm layer; conventionally it comes first).
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ MUST_PRECEDE = {
     "torch.compile": ("shard",),
     "shard": (),
     "quantize": ("torch.compile", "shard"),
+    "sync_batchnorm": ("torch.compile", "shard", "replicate"),
 }
 QUANTIZED_ORDER = ("quantize", "add_adapters", "checkpoint_activations", "torch.compile", "shard")  # in its errors
+SYNC_BATCHNORM_ORDER = ("sync_batchnorm", "checkpoint_activations", "torch.compile", "shard")  # in its errors
 EXCLUSIVE = {  # applying -> already applied: these never combine (tensor parallel cannot split packed 4-bit data)
     "quantize": ("parallelize",),
     "parallelize": ("quantize",),
@@ -42,7 +48,8 @@ EXCLUSIVE = {  # applying -> already applied: these never combine (tensor parall
 
 
 def applied(model: torch.nn.Module) -> set[str]:
-    """Which of :data:`ORDER` have been applied to ``model`` or its submodules."""
+    """Which of :data:`MUST_PRECEDE`'s transforms (and DDP's ``"replicate"``) have been applied to ``model``
+    or its submodules."""
     found = set()
     inner = wrappers.compiled_original(model)
     if inner is not None:  # torch.compile(model)
@@ -51,6 +58,8 @@ def applied(model: torch.nn.Module) -> set[str]:
     for module in model.modules():
         if wrappers.is_sharded(module) or wrappers.is_xla_sharded(module):
             found.add("shard")
+        if wrappers.is_replicated(module):  # distribute("ddp") prepared a step for it
+            found.add("replicate")
         if wrappers.is_compiled_in_place(module):
             found.add("torch.compile")
         if wrappers.is_checkpointed(module):
@@ -74,11 +83,12 @@ def check_order(model: Any, applying: str, *, later: tuple[str, ...] | None = No
     _check_exclusive(applying, found)
     done = [name for name in MUST_PRECEDE[applying] if name in found and (later is None or name in later)]
     if done:
-        order = QUANTIZED_ORDER if applying == "quantize" else ORDER
+        order = {"quantize": QUANTIZED_ORDER, "sync_batchnorm": SYNC_BATCHNORM_ORDER}.get(applying, ORDER)
+        after = ", then lt.distribute" if done[0] == "replicate" else ""
         raise RuntimeError(
             f"{applying} must be applied before {done[0]}; reorder: "
             f"lt.pipe(model, {', '.join(_spelling(n) for n in order)}) (model transforms in this "
-            f"order, then build the optimizer)"
+            f"order, then build the optimizer{after})"
         )
 
 
@@ -97,7 +107,7 @@ def _spelling(name: str) -> str:
             "checkpoint_activations": "lt.checkpoint_activations(policy=...)",
             "to_precision": "lt.to_precision(name)", "torch.compile": "lt.compile(policy=...)",
             "shard": "lt.shard(policy=...)", "quantize": "lt.quantize(mode, backend='torchao')",
-            "add_adapters": "lt.add_adapters(rank)"}[name]
+            "add_adapters": "lt.add_adapters(rank)", "sync_batchnorm": "lt.sync_batchnorm()"}[name]
 
 
 def check_compiled_before_shard(model: Any) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -61,7 +63,8 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
     Raises:
         ValueError: unknown strategy (lists the valid ones); a second ``distribute``.
         RuntimeError (when prepared): ``"fsdp"`` on a model that was not sharded, ``"ddp"``
-            on one that was, an optimizer built before ``lt.shard``; ``"xla"`` in a process not
+            on one that was, an optimizer built before ``lt.shard``; DDP options (``lt.Strategy(name="auto",
+            find_unused_parameters=True)``, ...) where ``"auto"`` resolves to FSDP; ``"xla"`` in a process not
             started for XLA, or ``"ddp"``/``"fsdp"``/``"hsdp"`` in one that was.
         ImportError (when prepared): ``"xla"`` with torch_xla missing or built for another torch.
 
@@ -113,6 +116,11 @@ def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
     for module in modules:
         check_compiled_before_shard(module)
     name = _resolve_auto(strategy.name, distributed, modules)
+    if strategy.ddp_options and name not in ("ddp", "single"):
+        raise RuntimeError(
+            f"distribute(Strategy(name='auto', ...)) resolved to {name!r} for this model, but the strategy has "
+            f"DDP options (find_unused_parameters, static_graph, timeout), which {name} does not take; drop "
+            f"them, or do not shard the model and use Strategy(name='ddp', ...)")
     if name == "tensor parallel":  # every rank in one tensor-parallel group: DTensor does all the communication
         return state, _Sync(strategy, ())
     if name == "single" and env.world_size() > 1:
@@ -123,8 +131,10 @@ def _prepare(state: Any, strategy: Strategy) -> tuple[Any, _Sync]:
     if not distributed or name == "single":
         return state, _Sync(strategy, ())
     if name == "ddp":
+        # (a model replicated before, by an earlier prepare, keeps the options it was wrapped with)
+        options = {} if all(wrappers.is_replicated(m) for m in modules) else _ddp_options(strategy)
         for module in modules:
-            _replicate(module)
+            _replicate(module, options)
     else:
         for module in modules:
             _check_sharded(module, name)
@@ -169,7 +179,22 @@ def _resolve_auto(name: str, distributed: bool, modules: list[torch.nn.Module]) 
     return "ddp" if distributed and env.world_size() > 1 else "single"
 
 
-def _replicate(module: torch.nn.Module) -> None:
+def _ddp_options(strategy: Strategy) -> dict[str, Any]:
+    """The DDP arguments ``replicate`` passes on: only those that differ from DDP's defaults; with a timeout,
+    a process group of every rank for the gradients, made here (each rank prepares its step: a collective)."""
+    options: dict[str, Any] = {}
+    if strategy.find_unused_parameters:
+        options["find_unused_parameters"] = True
+    if strategy.static_graph:
+        options["static_graph"] = True
+    if strategy.timeout is not None:
+        import torch.distributed as dist
+
+        options["process_group"] = dist.new_group(timeout=strategy.timeout)
+    return options
+
+
+def _replicate(module: torch.nn.Module, options: dict[str, Any]) -> None:
     if wrappers.is_sharded(module):
         raise RuntimeError(
             "distribute('ddp'): the model is sharded with lt.shard; use distribute('fsdp') "
@@ -185,11 +210,12 @@ def _replicate(module: torch.nn.Module) -> None:
     from torch.distributed._composable import replicate
 
     device = env.device()
+    # replicate passes its keyword arguments on to DistributedDataParallel (torch 2.9 to 2.13 alike)
     if device.type == "cuda":
         module.to(device)  # keeps the Parameter objects, so the optimizer stays valid
-        replicate(module, device_ids=[device.index])
+        replicate(module, device_ids=[device.index], **options)
     else:
-        replicate(module)
+        replicate(module, **options)
 
 
 def _check_sharded(module: torch.nn.Module, name: str) -> None:
@@ -210,17 +236,80 @@ def _check_sharded(module: torch.nn.Module, name: str) -> None:
 
 
 def _no_sync(ctx: _Sync, frame, value, *, proceed):
-    # (alive: a binding is used only while its models are; Any: FSDP2 or replicate modules,
-    # whose set_requires_gradient_sync torch adds to the module's class when wrapping it)
-    modules: list[Any] = [ref() for ref in ctx.modules]
+    # (alive: a binding is used only while its models are)
+    with _without_gradient_sync([ref() for ref in ctx.modules]):
+        return proceed(frame, value)
+
+
+@contextlib.contextmanager
+def _without_gradient_sync(modules: list[Any]) -> Iterator[None]:
+    """Backward passes inside reduce no gradients across ranks; each module's setting restored after.
+    (Any: FSDP2 or replicate modules, whose set_requires_gradient_sync torch adds to the module's class
+    when wrapping it.)"""
     previous = [wrappers.gradient_sync(m) for m in modules]
     for module in modules:
         module.set_requires_gradient_sync(False)
     try:
-        return proceed(frame, value)
+        yield
     finally:
         for module, sync in zip(modules, previous):
             module.set_requires_gradient_sync(sync)
+
+
+@contextlib.contextmanager
+def no_backward_sync(model: torch.nn.Module, /, enabled: bool = True) -> Iterator[None]:
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) of the backward passes run inside,
+    for accumulating gradients in a loop of your own.
+
+    Gradients then build up on each rank alone; the first backward after the block (outside it)
+    reduces them all. What ``lt.accumulate`` does on its non-boundary micro-steps, for a model
+    that ``lt.distribute("ddp")`` replicated (when its step was prepared: ``lt.prepare(step,
+    state)``), that ``lt.shard`` sharded, or that you wrapped in ``DistributedDataParallel``.
+    On any other model (one process, a plain module) it does nothing.
+
+    Args:
+        model: the model (or a module containing the wrapped ones; ``torch.compile(model)`` too).
+        enabled: ``False`` makes the block synchronise as usual: ``enabled=not boundary`` on the
+            micro-step that should reduce.
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
+
+    Example:
+        >>> import torch, ltransform as lt
+        >>> model = torch.nn.Linear(2, 1)
+        >>> for i, x in enumerate(torch.ones(4, 3, 2)):
+        ...     with lt.no_backward_sync(model, enabled=i < 3):  # reduce on the 4th only
+        ...         (model(x).sum() / 4).backward()
+        >>> model.weight.grad
+        tensor([[3., 3.]])
+
+    Note:
+        With FSDP2 the gradients inside stay unsharded on every rank (more memory, as
+        ``lt.accumulate`` without ``sync_micro_steps``). Run every forward of the block inside it
+        too: DDP decides at the forward whether the backward reduces.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"no_backward_sync: expected the model (a torch.nn.Module), got {type(model).__name__}")
+    if not enabled:
+        yield
+        return
+    inner = wrappers.compiled_original(model)
+    root = inner if inner is not None else model
+    if isinstance(root, torch.nn.parallel.DistributedDataParallel):  # wrapped by the user
+        with root.no_sync():
+            yield
+        return
+    with _without_gradient_sync(_synchronising(root)):
+        yield
+
+
+def _synchronising(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost modules of ``module`` (itself included) that reduce gradients: FSDP2's and replicate's
+    (FSDP2's setting reaches its inner units)."""
+    if wrappers.is_sharded(module) or wrappers.is_replicated(module):
+        return [module]
+    return [found for child in module.children() for found in _synchronising(child)]
 
 
 def _xla_cut(strategy: Strategy) -> Handler:
