@@ -120,7 +120,7 @@ class Frame:
     A binding reuses one frame per kind of micro-step; handlers keep no state of their own.
     """
 
-    __slots__ = ("boundary", "micro_step", "attempted", "applied", "metrics", "owner", "counted_inside",
+    __slots__ = ("boundary", "micro_step", "window", "attempted", "applied", "metrics", "owner", "counted_inside",
                  "busy", "_pipelines")
 
     def __init__(self, pipelines: Pipelines, boundary: bool, micro_step: int = 0, owner: Any = None) -> None:
@@ -129,6 +129,8 @@ class Frame:
         self.counted_inside = False  # a step called inside this one advanced the counters
         self.boundary = boundary
         self.micro_step = micro_step
+        # micro-steps in this accumulation window (a schedule's binding sets it per call)
+        self.window = getattr(owner, "every", 1)
         self.attempted = 0  # optimizer_step calls that passed the gate
         self.applied = 0  # optimizer updates really applied
         self.metrics: dict[str, Any] | None = None  # extra metrics handlers report

@@ -65,7 +65,9 @@ def explanation(step: TransformedStep, state: Any = None) -> str:
     lines = [f"step {name!r} with {transforms}" + ("" if state is None else ", bound to its state")]
     cases: list[tuple[Pipelines, str]] = [(boundary, "boundary micro-step (the optimizer updates)")]
     if step.every > 1:
-        cases = [(boundary, f"boundary micro-step (micro_step % {step.every} == {step.every - 1})"),
+        rule = (f"micro_step % {step.every} == {step.every - 1}" if step.window is None else
+                "the last micro-step of its window, whose n the schedule gives")
+        cases = [(boundary, f"boundary micro-step ({rule})"),
                  (inner, "non-boundary micro-step (gradients accumulate)")]
     for pipelines, title in cases:
         lines.append(f"{title}:")

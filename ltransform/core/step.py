@@ -36,7 +36,11 @@ class StepTransform:
         handlers: its effect handlers, each at a fixed stage.
         prepare: ``state -> (state, ctx)``, run once before the first step; ``ctx`` is
             passed to each of its handlers.
-        every: an optimizer boundary every ``every`` micro-steps (accumulation).
+        every: an optimizer boundary every ``every`` micro-steps (accumulation); with ``window``,
+            the longest window.
+        window: ``(state, micro_step) -> (state, boundary, n)``: decides the boundary itself, when
+            it is not every ``every`` micro-steps (an accumulation schedule); ``n`` is the window's
+            length (``frame.window``). It may return a new state (its record of the windows).
         setting: its main setting, for readers other than the handlers (the precision name,
             which checkpoints record).
         rejects: ``other -> reason | None``: why it cannot share a step with the transform
@@ -48,6 +52,7 @@ class StepTransform:
     handlers: tuple[Handler, ...] = ()
     prepare: Prepare | None = None
     every: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    window: Callable[[Any, int], tuple[Any, bool, int]] | None = None
     setting: Any = None
     rejects: Callable[[StepTransform], str | None] | None = None
 
@@ -103,6 +108,7 @@ class TransformedStep:
     trusted: bool
     body: Body | None
     every: int
+    window: Callable[[Any, int], tuple[Any, bool, int]] | None
     unanchored: dict[TransformedStep, BoundStep]
 
     def __init__(
@@ -121,6 +127,7 @@ class TransformedStep:
             "trusted": trusted,  # built by train_step/eval_step: its result needs no check
             "body": body,
             "every": max((t.every for t in transforms), default=1),
+            "window": next((t.window for t in transforms if t.window is not None), None),
             "unanchored": {},  # the binding of states holding no torch object to keep it with
         }
         self.__dict__.update(fields)

@@ -206,7 +206,7 @@ def _keep_loss(rt: _Runtime, frame: Frame, loss: torch.Tensor, *, proceed: Any) 
 
 def _check(rt: _Runtime, frame: Frame, optimizer: torch.optim.Optimizer, *, proceed: Any) -> bool:
     counts, config = rt.counts, rt.config
-    every = frame.owner.every if frame.owner is not None else 1
+    every = frame.window  # this window's micro-steps (an accumulation schedule varies it)
     if frame.micro_step != counts.last_micro and frame.micro_step - counts.last_micro != every:
         counts.step = None  # the counters were set under this binding (e.g. a load without our counts)
     counts.last_micro = frame.micro_step
