@@ -191,3 +191,27 @@ def test_predict_splits_dicts_and_lists_per_sample():
 def test_predict_errors_are_clear(fn, options, error, match):
     with pytest.raises(error, match=match):
         lt.predict(fn, lt.State(model=model()), [torch.ones(2, 8)], **options)
+
+
+def test_predict_keeps_no_binding_per_call():
+    """Each call makes its own step; its binding goes with it instead of staying with the model."""
+    import gc
+
+    from ltransform.core.binding import BoundStep
+
+    model = torch.nn.Linear(2, 1)
+    state = lt.State(model=model)
+
+    def live() -> int:
+        gc.collect()
+        return sum(isinstance(o, BoundStep) for o in gc.get_objects())
+
+    predict(lambda m, b: m(b), state, [torch.ones(2, 2)])
+    before = live()
+    for _ in range(10):
+        predict(lambda m, b: m(b), state, [torch.ones(2, 2)])
+    assert live() == before
+    step = lt.pipe(lt.eval_step(lambda m, b: m(b)), lt.with_precision("bf16-mixed"))
+    for _ in range(3):
+        predict(step, state, [torch.ones(2, 2)])
+    assert live() == before

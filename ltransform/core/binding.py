@@ -60,7 +60,7 @@ class BoundStep:
 
     def _make_run(self, terminal: Callable[[Frame, Any], Any]) -> Callable[..., Any]:
         step, frames, move = self.step, self._frames, self.move
-        every, trusted, base = step.every, step.trusted, step.base
+        every, window, trusted, base = step.every, step.window, step.trusted, step.base
         context = not trusted or sees_counters(self)  # user code in the step call may call the effects
         calls = (self.inner.step or terminal, self.boundary.step or terminal)  # as frames: by boundary
         from ltransform.core.step import check_result
@@ -68,10 +68,15 @@ class BoundStep:
         def run(state: Any, batch: Any, micro: int) -> tuple[Any, Mapping[str, Any], int]:
             if move is not None:
                 batch = move(batch)
-            boundary = every == 1 or (micro + 1) % every == 0
+            if window is None:
+                boundary = every == 1 or (micro + 1) % every == 0
+            else:  # an accumulation schedule: windows of varying length
+                state, boundary, size = window(state, micro)
             frame, call = frames[boundary], calls[boundary]
             if frame.busy:  # a re-entrant call (a step calling itself): its own frame
                 frame = Frame(frame._pipelines, frame.boundary, owner=step)
+            if window is not None:
+                frame.window = size
             frame.busy, frame.micro_step, frame.attempted, frame.applied = True, micro, 0, 0
             frame.metrics, frame.counted_inside = None, False
             try:
@@ -158,6 +163,15 @@ def bound_to(step: TransformedStep, state: Any) -> tuple[Any, BoundStep]:
     """``state`` and its binding of ``step``: the one it has, else a new one (``bind``)."""
     bound = lookup(step, state)
     return (state, bound) if bound is not None else bind(step, state)
+
+
+def forget(step: TransformedStep, state: Any) -> None:
+    """Drop the binding of ``step`` kept with ``state``'s objects (a step made for one call, e.g.
+    ``lt.predict``'s, would otherwise stay with the model as long as it lives)."""
+    key = anchor(state, None if type(state) is State else inventory(state))
+    holder = step.unanchored if key is None else getattr(key, _BINDINGS, None)
+    if holder is not None:
+        holder.pop(step, None)
 
 
 def _remember(key: Any, step: TransformedStep, binding: BoundStep) -> None:

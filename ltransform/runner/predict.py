@@ -10,7 +10,7 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
-from ltransform.core.binding import bound_to
+from ltransform.core.binding import bound_to, forget
 from ltransform.core.inventory import inventory
 from ltransform.core.step import Body, TransformedStep
 from ltransform.distributed import env
@@ -62,7 +62,10 @@ def predict(fn: Any, state: Any, data: Iterable[Any], *, write: Writer | None = 
         raise TypeError(f"lt.predict: write must be a callable (outputs, indices), got {type(write).__name__}")
     data = rank_data(data, state, "lt.predict")
     state, _ = bound_to(step, state)  # prepared outside inference mode (casts, lt.distribute wrappers)
-    kept = _run(step, state, data, write)
+    try:
+        kept = _run(step, state, data, write)
+    finally:
+        forget(step, state)  # the step was made for this call: its binding goes with it
     if write is not None:
         return None
     return _in_order(kept, data)
