@@ -73,6 +73,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Strategy": ("ltransform.distributed.strategies", "Strategy"),
     "add_adapters": ("ltransform.models.adapters", "add_adapters"),
     "init_module": ("ltransform.models.init", "init_module"),
+    "init_tensor": ("ltransform.models.init", "init_tensor"),
+    "sync_batchnorm": ("ltransform.models.sync_batchnorm", "sync_batchnorm"),
     "materialize": ("ltransform.models.init", "materialize"),
     "MemoryEstimate": ("ltransform.models.memory", "MemoryEstimate"),
     "estimate_memory": ("ltransform.models.memory", "estimate_memory"),
@@ -85,6 +87,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "parallelize": ("ltransform.models.parallelize", "parallelize"),
     "shard": ("ltransform.models.shard", "shard"),
     "every": ("ltransform.runner.hooks", "every"),
+    "every_epoch": ("ltransform.runner.hooks.lifecycle", "every_epoch"),
+    "at_end": ("ltransform.runner.hooks.lifecycle", "at_end"),
+    "on_exception": ("ltransform.runner.hooks.lifecycle", "on_exception"),
     "stop": ("ltransform.runner.hooks", "stop"),
     "CSVLogger": ("ltransform.runner.loggers", "CSVLogger"),
     "checkpoint_best": ("ltransform.runner.hooks.checkpoint_best", "checkpoint_best"),
@@ -103,10 +108,14 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "run": ("ltransform.runner.run", "run"),
     "evaluate": ("ltransform.runner.evaluate", "evaluate"),
     "predict": ("ltransform.runner.predict", "predict"),
+    "find_lr": ("ltransform.runner.lr_finder", "find_lr"),
+    "find_batch_size": ("ltransform.runner.batch_size", "find_batch_size"),
+    "LRFinding": ("ltransform.runner.lr_finder", "LRFinding"),
     "seed_everything": ("ltransform.seed", "seed_everything"),
     "accumulate": ("ltransform.steps.accumulate", "accumulate"),
     "clip_gradients": ("ltransform.steps.clip", "clip_gradients"),
     "distribute": ("ltransform.steps.distribute", "distribute"),
+    "no_backward_sync": ("ltransform.steps.distribute", "no_backward_sync"),
     "NonFiniteError": ("ltransform.steps.guard", "NonFiniteError"),
     "guard_nonfinite": ("ltransform.steps.guard", "guard_nonfinite"),
     "with_precision": ("ltransform.steps.precision", "with_precision"),
@@ -115,22 +124,20 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 
 # spelled out (not sorted(_EXPORTS)) so type checkers and linters can read it; a test keeps it equal
 __all__ = [
-    "CSVLogger", "CheckpointError", "CollectiveError", "Effect", "Handler", "LaunchError",
+    "CSVLogger", "CheckpointError", "CollectiveError", "Effect", "Handler", "LRFinding", "LaunchError",
     "MLflowLogger", "MemoryEstimate", "NonFiniteError", "PRECISIONS", "Precision", "Preempted", "Preemption",
     "QUANTIZATIONS", "Quantization", "STRATEGIES", "Stage", "State", "StepTransform", "Strategy",
-    "TensorBoardLogger", "WandbLogger", "When", "accelerator", "accumulate", "add_adapters",
-    "all_gather", "all_reduce", "apply_step_transform", "autocast", "backward", "barrier", "broadcast",
-    "checkpoint_activations", "checkpoint_best", "checkpoint_sharded", "clip_gradients", "cluster",
-    "compile", "compose", "consolidate", "describe_checkpoint", "device", "distribute", "early_stopping",
-    "ema", "ema_weights", "estimate_memory", "eval_step", "evaluate", "every", "explain",
-    "export_safetensors",
-    "guard_nonfinite", "init_module",
+    "TensorBoardLogger", "WandbLogger", "When", "accelerator", "accumulate", "add_adapters", "all_gather",
+    "all_reduce", "apply_step_transform", "at_end", "autocast", "backward", "barrier", "broadcast",
+    "checkpoint_activations", "checkpoint_best", "checkpoint_sharded", "clip_gradients", "cluster", "compile",
+    "compose", "consolidate", "describe_checkpoint", "device", "distribute", "early_stopping", "ema",
+    "ema_weights", "estimate_memory", "eval_step", "evaluate", "every", "every_epoch", "explain",
+    "export_safetensors", "find_batch_size", "find_lr", "guard_nonfinite", "init_module", "init_tensor",
     "latest_checkpoint", "launch", "load", "load_raw", "local_rank", "lr_monitor", "materialize",
-    "memory_monitor", "memory_snapshot", "node_rank", "optimizer_step", "parallelize", "pipe", "predict",
-    "prepare",
-    "print", "profile", "quantize", "rank", "rank_zero_first", "rank_zero_only", "requeue", "run", "save",
-    "seed_everything", "shard", "stop", "throughput",
-    "to_precision", "train_step", "use_accelerator", "with_precision", "world_size",
+    "memory_monitor", "memory_snapshot", "no_backward_sync", "node_rank", "on_exception", "optimizer_step",
+    "parallelize", "pipe", "predict", "prepare", "print", "profile", "quantize", "rank", "rank_zero_first",
+    "rank_zero_only", "requeue", "run", "save", "seed_everything", "shard", "stop", "sync_batchnorm",
+    "throughput", "to_precision", "train_step", "use_accelerator", "with_precision", "world_size",
 ]
 
 
@@ -202,6 +209,8 @@ if TYPE_CHECKING:
     from ltransform.distributed.strategies import Strategy
     from ltransform.models.adapters import add_adapters
     from ltransform.models.init import init_module
+    from ltransform.models.init import init_tensor
+    from ltransform.models.sync_batchnorm import sync_batchnorm
     from ltransform.models.init import materialize
     from ltransform.models.memory import MemoryEstimate
     from ltransform.models.memory import estimate_memory
@@ -214,6 +223,9 @@ if TYPE_CHECKING:
     from ltransform.models.parallelize import parallelize
     from ltransform.models.shard import shard
     from ltransform.runner.hooks import every
+    from ltransform.runner.hooks.lifecycle import at_end
+    from ltransform.runner.hooks.lifecycle import every_epoch
+    from ltransform.runner.hooks.lifecycle import on_exception
     from ltransform.runner.hooks import stop
     from ltransform.checkpoint.describe import describe as describe_checkpoint
     from ltransform.runner.loggers import CSVLogger
@@ -232,10 +244,14 @@ if TYPE_CHECKING:
     from ltransform.runner.run import run
     from ltransform.runner.evaluate import evaluate
     from ltransform.runner.predict import predict
+    from ltransform.runner.lr_finder import LRFinding
+    from ltransform.runner.batch_size import find_batch_size
+    from ltransform.runner.lr_finder import find_lr
     from ltransform.seed import seed_everything
     from ltransform.steps.accumulate import accumulate
     from ltransform.steps.clip import clip_gradients
     from ltransform.steps.distribute import distribute
+    from ltransform.steps.distribute import no_backward_sync
     from ltransform.steps.guard import NonFiniteError
     from ltransform.steps.guard import guard_nonfinite
     from ltransform.steps.precision import with_precision

@@ -60,6 +60,8 @@ def checkpoint_sharded(state: Any = MISSING, /, dir: Any = MISSING, *, keep: int
 class _Saver:
     """``checkpoint_sharded`` bound to a directory: a ``state -> state`` hook."""
 
+    writes_files = True  # left out of a dry run
+
     def __init__(self, dir: Path, keep: int | None, async_save: bool, filter: Any = None) -> None:
         self.checkpoint_dir, self.keep, self.async_save, self.filter = dir, keep, async_save, filter
         self.__name__ = f"checkpoint_sharded(dir={str(dir)!r})"

@@ -9,6 +9,11 @@ thread (through ``signal.set_wakeup_fd``, written by the C-level handler at once
 several ranks each check is one asynchronous all-reduce of a few ints, started at one check
 and read at the next (it completes while the steps in between run), so every rank reads the
 same answer at the same step: a rank that got the signal and one that did not stop together.
+
+The same checks carry ``lt.run(max_time=...)``'s decision: only rank 0 reads its :data:`clock`
+against the deadline and sends a flag, which the all-reduce (a maximum) hands to every rank, so
+rank 0's clock decides for all and every rank stops after the same step, however skewed the
+other ranks' clocks are.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import attrs
 
 _PERIOD = 0.2  # seconds between checks; a check costs one small asynchronous all-reduce
+clock = time.monotonic  # what the checks' pacing and lt.run's max_time read (a test may replace it)
 _UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
 
 
@@ -130,17 +136,21 @@ class Watch:
     ``check(step)`` is called at ``next_check`` (the runner makes it one of its events) and
     returns the signals received on any rank, in the order of ``signals`` (empty: go on);
     ``final()`` is the last, blocking agreement at the end of the run. Between checks nothing
-    runs, whatever the number of ranks.
+    runs, whatever the number of ranks. With a ``deadline`` (a :data:`clock` reading), ``time_up``
+    becomes True at the check where every rank learns that rank 0's clock passed it: at once on
+    one process, one check later (the all-reduce's answer) on several.
     """
 
-    def __init__(self, preemption: Preemption, start: int) -> None:
+    def __init__(self, preemption: Preemption, start: int, *, deadline: float | None = None) -> None:
         import torch.distributed as dist
 
         self.preemption = preemption
+        self.deadline = deadline
+        self.time_up = False
         self.received: list[signal.Signals] = []
         self.next_check = start + 1
         self.interval = 1
-        self._last = (time.monotonic(), start)
+        self._last = (clock(), start)
         self._pending: Any = None  # (work, tensor) of the all-reduce started at the last check
         self._previous: dict[signal.Signals, Any] = {}
         self._stopped = threading.Event()  # set by disarm: stop_within no longer applies
@@ -152,8 +162,9 @@ class Watch:
 
     def install(self) -> None:
         """Replace the handlers of the preemption signals and start the thread that enforces
-        ``stop_within`` (main thread only: Python allows no other to set handlers)."""
-        if threading.current_thread() is not threading.main_thread():
+        ``stop_within`` (main thread only: Python allows no other to set handlers); nothing
+        without signals (a watch for ``max_time`` alone)."""
+        if threading.current_thread() is not threading.main_thread() or not self.preemption.signals:
             return
         reader, writer = socket.socketpair()
         writer.setblocking(False)  # set_wakeup_fd requires it: a signal never blocks on a full buffer
@@ -231,10 +242,11 @@ class Watch:
         if self._ranks == 1:
             self.interval = proposal
             self.next_check = step + proposal
+            self.time_up = self._past_deadline()
             return self._agreed(self.received)
         agreed = self._finish()
         if agreed is not None:
-            stop, self.interval = agreed
+            stop, self.interval, self.time_up = agreed
             if stop:
                 return stop
         self._start(proposal)
@@ -249,13 +261,13 @@ class Watch:
         self._start(1)
         finished = self._finish()
         assert finished is not None  # _start has just started one
-        now, _ = finished
+        now = finished[0]
         return self._agreed([*now, *(earlier[0] if earlier else ())])
 
     def _proposal(self, step: int) -> int:
         """Steps until the next check, about ``_PERIOD`` seconds at the recent pace (growing at
         most twofold, so a slow first step does not space the checks out)."""
-        now, (then, last) = time.monotonic(), self._last
+        now, (then, last) = clock(), self._last
         self._last = (now, step)
         if step <= last:
             return self.interval
@@ -266,11 +278,18 @@ class Watch:
         import torch
         import torch.distributed as dist
 
-        flags = torch.tensor([int(s in self.received) for s in self.preemption.signals] + [-proposal])
+        # [a flag per signal, rank 0's "time is up", -proposal]: the maximum over the ranks is any
+        # rank's signal, rank 0's clock alone, and the smallest proposal
+        flags = torch.tensor([int(s in self.received) for s in self.preemption.signals]
+                             + [int(self._past_deadline() and _rank() == 0), -proposal])
         self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flags)
 
-    def _finish(self) -> tuple[tuple[signal.Signals, ...], int] | None:
-        """Wait for the all-reduce started at the last check: (signals received, next interval)."""
+    def _past_deadline(self) -> bool:
+        return self.deadline is not None and clock() >= self.deadline
+
+    def _finish(self) -> tuple[tuple[signal.Signals, ...], int, bool] | None:
+        """Wait for the all-reduce started at the last check: (signals received, next interval,
+        whether rank 0's clock had passed the deadline)."""
         if self._pending is None:
             return None
         work, flags = self._pending
@@ -288,7 +307,7 @@ class Watch:
                 f"without a checkpoint; resume='latest' continues from the last one.", sig) from error
         values = flags.tolist()
         got = [s for s, flag in zip(self.preemption.signals, values) if flag]
-        return self._agreed(got), max(1, -values[-1])
+        return self._agreed(got), max(1, -values[-1]), bool(values[-2])
 
     def _agreed(self, received: Iterable[signal.Signals]) -> tuple[signal.Signals, ...]:
         """``received`` in the order of ``signals``: the first is the one the run stops on."""
@@ -312,6 +331,11 @@ def _gloo_group(world: Any) -> Any:
     import torch.distributed as dist
 
     return dist.new_group(backend="gloo")
+
+
+def now() -> float:
+    """:data:`clock`'s reading (what ``lt.run``'s ``max_time`` counts from)."""
+    return clock()
 
 
 def _rank() -> int:

@@ -29,6 +29,7 @@ class Run(Mapping[str, Any]):
     - ``batch``: the last batch (at an event), ``precision``: the step's precision name,
       ``position``: the data position checkpoints record, ``distributed``: several processes.
     - ``eval_step`` and ``eval_data``, ``bound`` (the bound step), ``data``.
+    - ``error``: the exception that stopped the loop, for ``lt.on_exception`` hooks (else None).
     """
 
     def __init__(self, *, bound: Any, data: Iterable[Any], max_steps: int | None, max_epochs: int | None,
@@ -52,7 +53,9 @@ class Run(Mapping[str, Any]):
         self.evaluated_at: int | None = None
         self.logged: dict[str, tuple[int, float]] = {}
         self.preempted: tuple[Any, ...] = ()  # the signals the ranks agreed to stop on
+        self.out_of_time = False  # the ranks stopped because rank 0's clock passed max_time
         self.doing: str | None = None  # what an event is doing, for an error in a collective
+        self.error: BaseException | None = None  # the error that stopped the loop (for lt.on_exception)
 
     def current(self) -> Any:
         """The state with the run's counters (materialised for whoever looks at it)."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -88,6 +89,55 @@ def check_same_length(data: Iterable[Any], name: str) -> None:
             f"the ranks would hang at the first step one of them lacks. Give every rank the same "
             f"number (a DataLoader gets a padding DistributedSampler automatically)"
         )
+
+
+class Limited:
+    """The first ``n`` batches of ``data`` in each pass (``lt.run(limit_batches=...)``).
+
+    ``sampler`` (and any other attribute) is ``data``'s, so ``set_epoch`` still reaches a
+    ``DistributedSampler`` and each epoch's first ``n`` batches come from that epoch's shuffle;
+    ``len`` is the limited length, which the progress bar and the epoch count see."""
+
+    def __init__(self, data: Iterable[Any], n: int) -> None:
+        self.data, self.n = data, n
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.data), self.n)
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.data))  # type: ignore[arg-type]  # (TypeError: no length, as data)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("data", "n"):  # (not set yet: while unpickling)
+            raise AttributeError(name)
+        return getattr(self.data, name)
+
+    def __repr__(self) -> str:
+        return f"Limited({self.data!r}, {self.n})"
+
+
+def batch_limit(limit: int | float | None, data: Iterable[Any], option: str) -> int | None:
+    """``limit`` (a number of batches, or a fraction in (0, 1] of ``data``'s length, rounded down,
+    at least 1) as a number of batches; None: no limit."""
+    if limit is None:
+        return None
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        if limit < 1:
+            raise ValueError(f"lt.run: {option} must be a positive int (batches), a float in (0, 1] "
+                             f"(a fraction of the batches) or None, got {limit!r}")
+        return limit
+    if not isinstance(limit, float):
+        raise TypeError(f"lt.run: {option} must be an int (batches), a float in (0, 1] (a fraction of "
+                        f"the batches) or None, got {type(limit).__name__}")
+    if not 0 < limit <= 1:  # (also NaN)
+        raise ValueError(f"lt.run: {option} as a float is a fraction of the batches, in (0, 1], got "
+                         f"{limit!r}; for a number of batches give an int")
+    try:
+        length = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"lt.run: {option}={limit!r} is a fraction of the batches, but the data has no "
+                         f"length ({type(data).__name__}); give a number of batches (an int)") from None
+    return max(1, int(length * limit))
 
 
 def set_epoch(data: Iterable[Any], epoch: int) -> None:

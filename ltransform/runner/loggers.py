@@ -30,8 +30,7 @@ class CSVLogger:
     """
 
     def __init__(self, dir: str | os.PathLike[str], filename: str = "metrics.csv") -> None:
-        self.path = Path(dir) / filename
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(dir) / filename  # the directory is made at the first write (rank 0's)
         self._columns: list[str] = ["step"]
         self._rows: list[dict[str, Any]] = []
         self._resumed = False
@@ -181,7 +180,10 @@ class WandbLogger:
     """Log metrics to a Weights & Biases run (needs ``wandb``); the run starts at the first log.
 
     Args:
-        project, name, dir, config: ``wandb.init``'s; ``config`` is the run's hyper-parameters.
+        project: ``wandb.init``'s ``project``.
+        name: ``wandb.init``'s ``name`` (the run's).
+        dir: ``wandb.init``'s ``dir``.
+        config: ``wandb.init``'s ``config``: the run's hyper-parameters.
         mode: ``"online"``, ``"offline"`` (written under ``dir``, synced later with ``wandb sync``)
             or ``"disabled"``; default wandb's (``WANDB_MODE``).
         **init: any other ``wandb.init`` argument.

@@ -89,7 +89,7 @@ def _epoch(run: Run, slots: list[Slot], batches: Iterator[Any], done: int) -> st
     state, step, micro = run.state, run.step, run.micro
     seen = done  # batches of this epoch consumed (a nested step may count micro-steps otherwise)
     looks = sees_counters(run.bound)
-    call, next_event = run.bound.run, _next_event(run, slots, step)
+    call, next_event = _stepper(run, slots), _next_event(run, slots, step)
     outcome, metrics, batch = "end", run.metrics, None
     try:
         for batch in batches:
@@ -112,7 +112,7 @@ def _epoch(run: Run, slots: list[Slot], batches: Iterator[Any], done: int) -> st
                 if stopped:
                     outcome = "stop"
                     break
-                call, next_event = run.bound.run, _next_event(run, slots, step)
+                call, next_event = _stepper(run, slots), _next_event(run, slots, step)
                 if run.done():
                     break
     finally:  # also on KeyboardInterrupt: the state so far
@@ -121,6 +121,17 @@ def _epoch(run: Run, slots: list[Slot], batches: Iterator[Any], done: int) -> st
         if batch is not None:
             run.batch = batch
     return "empty" if seen == 0 else outcome
+
+
+def _stepper(run: Run, slots: list[Slot]) -> Any:
+    """The step call of the loop: the binding's, wrapped by the hooks that see every call
+    (``around_step``, e.g. the running means of ``log_reduce="mean"``); the binding's alone if none."""
+    call = run.bound.run
+    for slot in slots:
+        around = getattr(slot.hook, "around_step", None)
+        if around is not None:
+            call = around(call)
+    return call
 
 
 def _next_event(run: Run, slots: list[Slot], step: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import sys
@@ -15,11 +16,12 @@ from ltransform.core.inventory import inventory
 from ltransform.core.state import read_counters, read_epoch
 from ltransform.core.step import TransformedStep, as_step
 from ltransform.distributed import env
-from ltransform.distributed.preemption import Preempted, Preemption, Watch
+from ltransform.distributed.preemption import Preempted, Preemption, Watch, now
 from ltransform.runner.context import Run
-from ltransform.runner.data import check_same_length, data_parallel, per_rank
+from ltransform.runner.data import Limited, batch_limit, check_same_length, data_parallel, per_rank
 from ltransform.runner.hooks import Slot, bind_hook, say
 from ltransform.runner.hooks.evaluation import Evaluation
+from ltransform.runner.hooks.lifecycle import call_on_exception
 from ltransform.runner.hooks.logs import Logging
 from ltransform.runner.hooks.preemption import Preempting
 from ltransform.runner.hooks.progress import Progress
@@ -37,6 +39,7 @@ def run(
     max_epochs: int | None = None,
     log_every: int | None = 50,
     loggers: Iterable[Logger] = (),
+    log_reduce: str = "last",
     eval_step: Any = None,
     eval_data: Iterable[Any] | None = None,
     eval_every: int | None = None,
@@ -45,6 +48,10 @@ def run(
     distributed_sampler: bool = True,
     resume: str | os.PathLike[str] | None = None,
     preemption: Preemption | None = Preemption(),  # noqa: B008  (a frozen value, shared safely)
+    max_time: float | datetime.timedelta | str | None = None,
+    limit_batches: int | float | None = None,
+    limit_eval_batches: int | float | None = None,
+    dry_run: bool | int = False,
 ) -> Any:
     """Train: call ``step(state, batch)`` over ``data`` until ``max_steps`` or ``max_epochs``.
 
@@ -66,6 +73,12 @@ def run(
         max_epochs: stop after this many passes over ``data`` (default 1 if no ``max_steps``).
         log_every: log every this many optimizer steps (and at the end); None disables.
         loggers: callables ``(metrics: dict[str, float], step: int)``, e.g. ``lt.CSVLogger``.
+        log_reduce: what a log point logs of each training metric: ``"last"``, the last step's
+            value; ``"mean"``, its mean over the step calls since the last log point (every
+            micro-batch counts once), plus at each epoch's end the epoch's mean as
+            ``<name>_epoch`` (Lightning's ``self.log(..., on_epoch=True)``). The sums run on the
+            metrics' device: no host sync beyond the log points' one, but one small add per
+            metric per step call.
         eval_step: a step (e.g. ``lt.eval_step(fn)``) run over ``eval_data``, models in eval mode,
             in the training step's precision unless it has its own (``lt.with_precision``).
         eval_data: batches for evaluation, evaluated as ``lt.evaluate`` does (its loop, after the
@@ -76,7 +89,8 @@ def run(
         hooks: functions ``(state)`` or ``(state, run)`` run after each optimizer step, e.g.
             ``lt.every(100, fn)``, or hook objects with their own cadence (see
             ``ltransform.runner.hooks``: ``lt.early_stopping``, ``lt.checkpoint_best``,
-            ``lt.throughput``, ``lt.ema``, ``lt.profile``, ...). ``run`` is the run context: the
+            ``lt.throughput``, ``lt.ema``, ``lt.profile``, ...; ``lt.every_epoch``, ``lt.at_end``,
+            ``lt.on_exception`` for the other points of the run). ``run`` is the run context: the
             counters, the data position, ``run.log(values)``, ``run.fresh("val_loss")`` (a value
             logged at this very step, else None), and a mapping of the latest metrics. A hook
             returns a new state, None, or ``lt.stop(...)``. On several ranks a hook runs on
@@ -103,11 +117,40 @@ def run(
             otherwise). ``resume="latest"`` then continues bitwise. None: signals keep their
             handlers (SIGTERM kills at once). Under SLURM, e.g.
             ``lt.Preemption(signals=["SIGTERM", "SIGUSR1"], requeue=["SIGUSR1"])``.
+        max_time: a wall-clock budget (Lightning's ``max_time``): seconds (an int or float), a
+            ``datetime.timedelta``, or a ``"DD:HH:MM:SS"`` string (``"00:12:00:00"``: 12 hours).
+            Once it is used up the run stops after a step, logs as at any end, says so on rank 0
+            and returns the state (it is not a preemption: no exit, no save of its own; a
+            ``lt.checkpoint_best(last=True)`` saves at the end as usual). It counts from the call
+            of ``lt.run``, so a resumed run gets a fresh budget (Lightning's ``Timer`` instead
+            carries the time spent over in its checkpoint): it is a budget for this process, as a
+            job's time limit is; give a resumed run what is left if you want one total. It is
+            checked at the preemption checks (about every 0.2 s, no collective of its own). On
+            several ranks rank 0's clock decides for all: every rank stops after the same step,
+            one check after rank 0 finds the time used up, however skewed the other clocks are.
+        limit_batches: at most this many batches per epoch (an int), or that fraction of them (a
+            float in (0, 1], rounded down, at least 1), counted after the data is split per rank
+            (a ``DistributedSampler`` still shuffles each epoch anew; each rank takes the first
+            batches of its part). The progress total, the epochs and the data position of a
+            checkpoint (a mid-epoch resume) all see the limited length.
+        limit_eval_batches: the same for each evaluation over ``eval_data`` (``lt.evaluate``'s
+            ``limit``).
+        dry_run: run ``n`` batches of training (True: 1) and ``n`` of evaluation (at the end,
+            whatever ``eval_every``), then return the state, as Lightning's ``fast_dev_run``: a
+            check that everything runs. It writes no files: the loggers are not called, and the
+            hooks that write (``writes_files = True``, or built in: ``lt.checkpoint_sharded``,
+            ``lt.checkpoint_best``, ``lt.profile``, ``lt.memory_snapshot``) are left out, so no
+            checkpoint either (rank 0 says what was left out). ``resume=`` is still read (reading
+            writes nothing): the state is loaded, and its epoch starts from its first batch.
+            It replaces ``max_steps``, ``max_epochs`` and the ``limit_*`` (an error to give both).
 
     Returns:
         The final state.
 
     Raises:
+        ValueError: a bad option (``max_steps`` not positive, ``max_time`` not a positive duration,
+            ``limit_*`` zero, negative or a float above 1, ``dry_run`` with ``max_steps``...).
+        TypeError: an option of the wrong type (``max_time=[1]``, ``limit_batches="all"``).
         lt.Preempted: a preemption signal stopped the run (after saving; see ``preemption``).
         lt.CollectiveError: a collective did not complete within the process group's timeout
             (``lt.launch(timeout=...)``, ``LTRANSFORM_COLLECTIVE_TIMEOUT``) or a rank died; it
@@ -121,12 +164,26 @@ def run(
         >>> state = lt.run(lt.train_step(lambda m, b: m(b).pow(2).mean()), state, data, progress=False)
         >>> state.step, state.epoch
         (5, 1)
+        >>> state = lt.run(lt.train_step(lambda m, b: m(b).pow(2).mean()), state, data, max_epochs=2,
+        ...                limit_batches=2, max_time="00:01:00:00", progress=False)
+        >>> state.step, state.epoch
+        (7, 2)
     """
+    started = now()  # max_time counts from the call
     step = as_step(step, "lt.run")
     _check_options(max_steps=max_steps, max_epochs=max_epochs, log_every=log_every, eval_every=eval_every)
+    budget = _seconds(max_time)
+    dry = _dry_batches(dry_run, max_steps=max_steps, max_epochs=max_epochs, limit_batches=limit_batches,
+                       limit_eval_batches=limit_eval_batches)
+    if dry:
+        max_epochs, limit_batches, limit_eval_batches, eval_every = 1, dry, dry, None
+    for option, limit in (("limit_batches", limit_batches), ("limit_eval_batches", limit_eval_batches)):
+        batch_limit(limit, (), option)  # checked now; a fraction is resolved once the data is split per rank
     if max_steps is None and max_epochs is None:
         max_epochs = 1
     loggers = _check_loggers(loggers)
+    if log_reduce not in ("last", "mean"):
+        raise ValueError(f"lt.run: log_reduce must be 'last' or 'mean', got {log_reduce!r}")
     hooks = list(hooks)
     distributed = env.ensure_process_group() and env.process_count() > 1  # (on XLA: one process per host)
     if distributed:
@@ -136,6 +193,10 @@ def run(
             data = per_rank(data, world=parts, rank=part)
             if eval_data is not None:
                 eval_data = per_rank(eval_data, world=parts, rank=part)
+    if limit_batches is not None:  # after the split: the first batches of this rank's part
+        data = Limited(data, batch_limit(limit_batches, data, "limit_batches"))  # type: ignore[arg-type]
+    eval_limit = batch_limit(limit_eval_batches, () if eval_data is None else eval_data, "limit_eval_batches")
+    if distributed:
         _warn_if_not_distributed(step, state)
         check_same_length(data, "data")
         if eval_data is not None:
@@ -156,6 +217,9 @@ def run(
     if resume is not None:
         state, position = _resume(resume, hooks, state)
         state, bound = bound_to(step, state)  # bound anew only if loading changed its objects
+    if dry:  # (after resume: resume="latest" finds its directory through a checkpoint hook left out here)
+        hooks, loggers = _dry_run(dry, hooks, loggers, evaluates=eval_step is not None)
+        max_epochs, position = read_epoch(state) + 1, None  # n batches from the start of the state's epoch
     for module in inventory(state).models.values():
         module.train()
     start = read_counters(state)[0]
@@ -164,9 +228,9 @@ def run(
                   precision=_precision_name(step), total=_total(step, data, max_steps, max_epochs))
     context.resume_at = position
     context.eval_step, context.eval_data = eval_step, eval_data
-    features: list[Any] = [Logging(log_every, needed=bool(loggers) or progress)]
+    features: list[Any] = [Logging(log_every, needed=bool(loggers) or progress, reduce=log_reduce)]
     if eval_step is not None:
-        features.append(Evaluation(eval_step, eval_data or (), eval_every))
+        features.append(Evaluation(eval_step, eval_data or (), eval_every, limit=eval_limit))
     features += hooks
     if preemption is not None and not isinstance(preemption, Preemption):
         raise TypeError(f"lt.run: preemption must be an lt.Preemption(...) or None, got {preemption!r}")
@@ -175,20 +239,26 @@ def run(
     try:  # the bar redirects stdout and the watch installs signal handlers: undone in finally
         if progress:
             slots.append(Slot(Progress(context.total, start)))
-        if preemption is not None:
-            watching = Preempting(preemption, start)
+        if preemption is not None or budget is not None:  # (max_time is decided at the same checks)
+            watching = Preempting(preemption, start, deadline=None if budget is None else started + budget)
             slots.append(Slot(watching))
         state = loop(context, state, slots)
         stop = context.preempted or (watching.watch.final() if watching is not None else ())
         if stop:
             assert watching is not None
             raise _preempted(stop, context, watching.watch, hooks, start)
-    except KeyboardInterrupt:
-        state = context.current()
+        if context.out_of_time:
+            say(f"lt.run: stopped after step {context.step}: max_time ({datetime.timedelta(seconds=budget or 0)}) "
+                f"used up by rank 0's clock ({now() - started:.1f} s since lt.run began); returning the state")
+    except KeyboardInterrupt as error:
+        state = call_on_exception(slots, context, error)
         print(f"\nlt.run: interrupted at step {context.step}; returning the state so far")
-    except RuntimeError as error:
-        doing = context.doing or f"a collective of the step call (step {context.step + 1})"
-        wrapped = env.collective_error(error, doing)
+    except Exception as error:
+        wrapped = None
+        if isinstance(error, RuntimeError):
+            doing = context.doing or f"a collective of the step call (step {context.step + 1})"
+            wrapped = env.collective_error(error, doing)
+        call_on_exception(slots, context, wrapped or error)
         if wrapped is None:
             raise
         raise wrapped from error
@@ -343,15 +413,84 @@ def _total(step: TransformedStep, data: Any, max_steps: int | None, max_epochs: 
     if max_steps is not None:
         return max_steps
     try:
-        return math.ceil(len(data) * (max_epochs or 1) / step.every)
+        batches = len(data)
     except TypeError:
         return None
+    if step.window is not None:  # an accumulation schedule: windows of varying length
+        from ltransform.steps.accumulate import planned_updates
+
+        return planned_updates(step, batches, max_epochs or 1)
+    return math.ceil(batches * (max_epochs or 1) / step.every)
 
 
 def _check_options(**options: int | None) -> None:
     for name, value in options.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"lt.run: {name} must be a positive int or None, got {value!r}")
+
+
+def _seconds(max_time: Any) -> float | None:
+    """``max_time`` (seconds, a ``timedelta`` or ``"DD:HH:MM:SS"``) in seconds; None: no budget."""
+    if max_time is None:
+        return None
+    valid = "seconds (a number), a datetime.timedelta, or a 'DD:HH:MM:SS' string such as '00:12:00:00'"
+    if isinstance(max_time, datetime.timedelta):
+        seconds = max_time.total_seconds()
+    elif isinstance(max_time, str):
+        parts = max_time.strip().split(":")
+        if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"lt.run: max_time {max_time!r} is not 'DD:HH:MM:SS' (days, hours, minutes, "
+                             f"seconds, e.g. '00:12:00:00' for 12 hours); give {valid}")
+        days, hours, minutes, secs = (int(p) for p in parts)
+        seconds = datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=secs).total_seconds()
+    elif isinstance(max_time, (int, float)) and not isinstance(max_time, bool):
+        seconds = float(max_time)
+    else:
+        raise TypeError(f"lt.run: max_time must be {valid}, or None; got {type(max_time).__name__}")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"lt.run: max_time must be a positive, finite duration ({valid}); got {max_time!r}")
+    return seconds
+
+
+def _dry_batches(dry_run: Any, **replaced: Any) -> int:
+    """``dry_run`` as a number of batches (0: no dry run); it may not come with what it replaces."""
+    if dry_run is False:
+        return 0
+    if dry_run is True:
+        n = 1
+    elif isinstance(dry_run, int) and not isinstance(dry_run, bool):
+        if dry_run < 1:
+            raise ValueError(f"lt.run: dry_run must be True (1 batch), a positive int (batches) or False, "
+                             f"got {dry_run!r}")
+        n = dry_run
+    else:
+        raise TypeError(f"lt.run: dry_run must be True (1 batch), a positive int (batches) or False, "
+                        f"got {type(dry_run).__name__}")
+    given = [name for name, value in replaced.items() if value is not None]
+    if given:
+        raise ValueError(f"lt.run: dry_run runs {n} batch(es) of training and of evaluation, in place of "
+                         f"{' and '.join(given)}; pass one or the other")
+    return n
+
+
+def writes_files(hook: Any) -> bool:
+    """Whether a hook writes files (left out of a dry run): its ``writes_files`` attribute (the
+    built-in writers have it: the checkpoint savers, ``lt.checkpoint_best``, ``lt.profile``,
+    ``lt.memory_snapshot``), else whether it saves checkpoints (a ``checkpoint_dir``)."""
+    says = getattr(hook, "writes_files", None)
+    if says is not None:
+        return bool(says)
+    return _checkpoint_dir(hook) is not None
+
+
+def _dry_run(n: int, hooks: list[Any], loggers: list[Any], *, evaluates: bool) -> tuple[list[Any], list[Any]]:
+    """The hooks and loggers of a dry run: none that writes files; rank 0 says which were left out."""
+    kept = [h for h in hooks if not writes_files(h)]
+    left = [f"logger {getattr(x, '__name__', None) or type(x).__name__}" for x in loggers]
+    left += [f"hook {getattr(h, '__name__', None) or type(h).__name__}" for h in hooks if writes_files(h)]
+    say(f"lt.run: dry run: {n} batch(es) of training{' and of evaluation' if evaluates else ''}, writing no "
+        f"files; left out: {', '.join(left) or 'nothing (no logger or hook writes files)'}")
+    return kept, []
 
 
 def _check_loggers(loggers: Iterable[Any]) -> list[Logger]:

@@ -67,7 +67,7 @@ def lt_plain(progress: bool = False):
     return lambda state, data: lt.run(step, state, data, max_epochs=state.epoch + 1, progress=progress)
 
 
-def lt_monitored(csv: bool = True, log_every: int = 50):
+def lt_monitored(csv: bool = True, log_every: int = 50, log_reduce: str = "last"):
     """A logger (CSV, or a list in memory), the progress bar (to /dev/null) and the throughput and
     lr monitors: one logger and one set of hooks for every block, as one long run has (the FLOPs
     are counted once)."""
@@ -80,7 +80,7 @@ def lt_monitored(csv: bool = True, log_every: int = 50):
     def go(state, data):
         with contextlib.redirect_stderr(devnull):  # tqdm writes to sys.stderr as it is when the bar is made
             return lt.run(step, state, data, max_epochs=state.epoch + 1, log_every=log_every, loggers=[logger],
-                          hooks=hooks, progress=True)
+                          hooks=hooks, progress=True, log_reduce=log_reduce)
 
     return go
 
@@ -169,6 +169,8 @@ def main() -> None:
     compare("tiny MLP, CSV logger + bar + throughput + lr monitors", raw_plain, lt_monitored, **tiny)
     compare("tiny MLP, list logger + bar + throughput + lr monitors", raw_plain,
             lambda: lt_monitored(csv=False), **tiny)
+    compare("tiny MLP, list logger + bar + monitors, log_reduce='mean'", raw_plain,
+            lambda: lt_monitored(csv=False, log_reduce="mean"), **tiny)
     compare("medium MLP, no transforms", raw_plain, lt_plain, **medium)
     compare("medium MLP, bf16-mixed + accumulate + clip", raw_transformed, lt_transformed, **medium)
     setup_cost()

@@ -9,10 +9,16 @@ step, or an object with any of these (all optional except ``__call__``):
   ``cadence`` steps, ``cadence`` defaulting to 1); ``math.inf`` for never;
 - ``start(state, run)``, ``epoch_end(state, run)``, ``end(state, run)``: before the first step,
   after each epoch, after the last step (same returns as ``__call__``);
+- ``exception(state, run)``: when an error or an interrupt stops the loop, before ``close``
+  (``run.error`` is the exception; see ``lt.on_exception``);
+- ``around_step(call) -> call``: wraps the loop's step call ``call(state, batch, micro) ->
+  (state, metrics, applied)``, to see every step call (the running means of ``log_reduce="mean"``);
+  it costs every step, so only a hook that needs each call has it;
 - ``close(run)``: always, last, also after an error or an interrupt;
 - ``prepare(state) -> state``: once, before a checkpoint is loaded (``resume=``), to add what the
   hook keeps in the state (e.g. ``lt.ema``'s average in ``state.extra``) so the load fills it;
 - ``reads_state = False``: it does not look at the state's counters (saves materialising them);
+- ``writes_files = True``: it writes files, so ``lt.run(dry_run=...)`` leaves it out;
 - ``checkpoint_dir``: the directory of its ``step-N`` checkpoints, where ``resume="latest"``
   looks and where a preemption saves (by calling it, unless its ``saved_at`` is the step).
 
@@ -99,7 +105,7 @@ class Slot:
         self.next_step: Callable[[int], float]
         self.call: Callable[[Any, Any], Any]
         self.reads_state: bool
-        if not callable(hook) and any(hasattr(hook, m) for m in ("start", "epoch_end", "end", "close")):
+        if not callable(hook) and any(hasattr(hook, m) for m in ("start", "epoch_end", "end", "exception", "close")):
             self.call, self.next_step, self.reads_state = _nothing, _never, False  # no step calls
             return
         self.call = bind_hook(hook)
@@ -131,7 +137,7 @@ def every(n: int, fn: Hook, /) -> Callable[[Any, Any], Any]:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"every: n must be a positive int (optimizer steps), got {n!r}")
-    own = [m for m in ("next_step", "start", "epoch_end", "end", "close", "prepare") if hasattr(fn, m)]
+    own = [m for m in ("next_step", "start", "epoch_end", "end", "exception", "close", "prepare") if hasattr(fn, m)]
     if own:
         raise TypeError(
             f"lt.every: {getattr(fn, '__name__', None) or type(fn).__name__} is a hook object with its own "
@@ -149,6 +155,7 @@ def every(n: int, fn: Hook, /) -> Callable[[Any, Any], Any]:
     hook.cadence = n  # type: ignore[attr-defined]  # lt.run calls it only at multiples of n
     hook.checkpoint_dir = getattr(fn, "checkpoint_dir", None)  # type: ignore[attr-defined]  # for resume="latest"
     hook.saver = fn if hook.checkpoint_dir is not None else None  # type: ignore[attr-defined]  # for preemption
+    hook.writes_files = getattr(fn, "writes_files", None)  # type: ignore[attr-defined]  # a dry run leaves it out
     return hook
 
 

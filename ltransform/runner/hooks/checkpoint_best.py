@@ -35,6 +35,7 @@ _BEST_LEFTOVER = re.compile(r"^\.(best-step-\d+)\.(partial|old|dead)$")
 
 
 class CheckpointBest:
+    writes_files = True  # left out of a dry run
     """``lt.checkpoint_best``'s hook; see :func:`checkpoint_best`."""
 
     def __init__(self, dir: Path, monitor: Monitor, top_k: int, last: bool, sharded: bool) -> None:

@@ -13,18 +13,19 @@ class Evaluation:
     """Evaluate every ``every`` optimizer steps, or at the end of each epoch (``every=None``).
 
     The results (``val_*``) are logged at the step they are computed (``run.fresh`` tells them
-    from stale ones) and kept in ``run.evaluated``."""
+    from stale ones) and kept in ``run.evaluated``. ``limit``: at most this many batches per
+    rank each time (``lt.run(limit_eval_batches=...)``, ``lt.evaluate(limit=...)``)."""
 
     __name__ = "evaluation"
 
-    def __init__(self, eval_step: Any, data: Iterable[Any], every: int | None) -> None:
-        self.eval_step, self.data, self.every = eval_step, data, every
+    def __init__(self, eval_step: Any, data: Iterable[Any], every: int | None, *, limit: int | None = None) -> None:
+        self.eval_step, self.data, self.every, self.limit = eval_step, data, every, limit
         self.next_step = cadence_next(every)
 
     def __call__(self, state: Any, run: Any) -> None:
         run.doing = "evaluation"
         # lt.evaluate's loop: the data was split per rank and its length checked once, by lt.run
-        results = weighted_means(self.eval_step, state, self.data, average=run.distributed)
+        results = weighted_means(self.eval_step, state, self.data, limit=self.limit, average=run.distributed)
         values = {f"val_{k}": v for k, v in results.items()}
         run.evaluated, run.evaluated_at = values, run.step
         run.log(values)

@@ -29,6 +29,7 @@ class Profile:
     """``lt.profile``'s hook; see :func:`profile`."""
 
     __name__ = "profile"
+    writes_files = True  # left out of a dry run
     reads_state = False
 
     def __init__(self, dir: Path, schedule: dict[str, int], skip_first: int, options: dict[str, Any]) -> None:
@@ -108,11 +109,16 @@ def profile(dir: str | os.PathLike[str], *, wait: int = 1, warmup: int = 1, acti
 
     Args:
         dir: where the trace files go.
-        wait, warmup, active, repeat: ``torch.profiler.schedule``'s (``repeat`` >= 1: it ends).
+        wait: ``torch.profiler.schedule``'s ``wait``: steps idle.
+        warmup: ``torch.profiler.schedule``'s ``warmup``: steps traced and discarded.
+        active: ``torch.profiler.schedule``'s ``active``: steps recorded.
+        repeat: ``torch.profiler.schedule``'s ``repeat``: cycles (>= 1: it ends).
         skip_first: steps of the run before the profiler starts (they cost nothing).
         activities: ``torch.profiler.ProfilerActivity`` values; None: torch's default (the CPU,
             and CUDA where available).
-        record_shapes, profile_memory, with_stack: ``torch.profiler.profile``'s.
+        record_shapes: ``torch.profiler.profile``'s.
+        profile_memory: ``torch.profiler.profile``'s.
+        with_stack: ``torch.profiler.profile``'s.
 
     Returns:
         The hook, for ``lt.run(..., hooks=[...])``.
@@ -140,6 +146,7 @@ class MemorySnapshot:
     """``lt.memory_snapshot``'s hook; see :func:`memory_snapshot`."""
 
     __name__ = "memory_snapshot"
+    writes_files = True
     reads_state = False
 
     def __init__(self, path: Path, steps: int, max_entries: int) -> None:
