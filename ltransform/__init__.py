@@ -115,7 +115,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "accumulate": ("ltransform.steps.accumulate", "accumulate"),
     "clip_gradients": ("ltransform.steps.clip", "clip_gradients"),
     "distribute": ("ltransform.steps.distribute", "distribute"),
-    "no_backward_sync": ("ltransform.steps.distribute", "no_backward_sync"),
+    "no_backward_sync": ("ltransform.distributed.no_sync", "no_backward_sync"),
     "NonFiniteError": ("ltransform.steps.guard", "NonFiniteError"),
     "guard_nonfinite": ("ltransform.steps.guard", "guard_nonfinite"),
     "with_precision": ("ltransform.steps.precision", "with_precision"),
@@ -251,7 +251,7 @@ if TYPE_CHECKING:
     from ltransform.steps.accumulate import accumulate
     from ltransform.steps.clip import clip_gradients
     from ltransform.steps.distribute import distribute
-    from ltransform.steps.distribute import no_backward_sync
+    from ltransform.distributed.no_sync import no_backward_sync
     from ltransform.steps.guard import NonFiniteError
     from ltransform.steps.guard import guard_nonfinite
     from ltransform.steps.precision import with_precision
