@@ -135,3 +135,26 @@ def test_cli_version_and_help_without_markup():
     shown = subprocess.run([sys.executable, "-m", "ltransform", "consolidate", "--help"], capture_output=True,
                            text=True, timeout=120).stdout
     assert "sharded checkpoint" in shown and ".safetensors" in shown
+
+
+def _threaded_ops() -> None:
+    model = torch.nn.Linear(64, 256)
+    model(torch.randn(8, 64)).sum().backward()  # (its backward's sum runs on OpenMP's threads)
+
+
+def _threaded_ops_in_a_rank() -> int:
+    _threaded_ops()
+    return torch.get_num_threads()
+
+
+@pytest.mark.timeout(120)
+def test_forked_ranks_do_not_hang_after_the_parent_ran_a_threaded_op():
+    """OpenMP's thread pool does not survive a fork: before the fix a notebook that had run a
+    matmul hung in its forked ranks' first one (the children now run on one thread)."""
+    threads = torch.get_num_threads()  # (1 under this suite's conftest)
+    torch.set_num_threads(2)
+    try:
+        _threaded_ops()  # the parent's pool exists
+        assert lt.launch(_threaded_ops_in_a_rank, devices=2, start_method="fork", timeout=60) == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -54,7 +54,7 @@ def launch(
     Args:
         fn: the function each process runs; defined in a module or a script (spawn), or in a
             notebook cell (fork is then used, because cell functions cannot be pickled).
-        *args, **kwargs: passed to ``fn``; with spawn they must be picklable.
+        *args: passed to ``fn``; with spawn they must be picklable.
         devices: processes per node (one per GPU; on CPU, any number).
         num_nodes: nodes taking part; every node calls ``launch`` with its ``node_rank``.
         node_rank: this node's index, 0 to ``num_nodes - 1``.
@@ -62,7 +62,10 @@ def launch(
         master_port: a free port on node 0 (default: any free port, single node only).
         start_method: ``"spawn"``, ``"fork"`` or ``"forkserver"``; default fork where there is
             no script file to re-import (Jupyter, ``python -c``, the interactive interpreter),
-            else spawn.
+            else spawn. Forked processes run torch on one CPU thread each
+            (``torch.set_num_threads(1)``, as torchrun's ``OMP_NUM_THREADS=1``): OpenMP's threads do
+            not survive a fork, and a forked process's first multi-threaded op would wait for
+            them forever once the notebook itself has run one.
         max_restarts: how many times the agent restarts the group after a rank fails (dies,
             raises, or is preempted); a restarted group meets anew, and an ``lt.run(...,
             resume="latest")`` in ``fn`` continues from the latest checkpoint.
@@ -75,6 +78,7 @@ def launch(
             and in the ranks. On XLA no process is started: SPMD drives all of the host's devices
             from this one, so ``fn`` runs here (``num_nodes > 1`` is an error: start the script on
             each host instead).
+        **kwargs: passed to ``fn``; with spawn they must be picklable.
 
     Returns:
         What ``fn`` returned on rank 0 (None on nodes other than node 0).
@@ -164,7 +168,7 @@ def _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, mas
     with tempfile.TemporaryDirectory(prefix="ltransform-launch-") as records:
         try:
             with failures.Exits(records) as exits, failures.quiet_agent(max_restarts):
-                results = elastic_launch(config, _Entry(fn, kwargs, records, timeout))(*args)
+                results = elastic_launch(config, _Entry(fn, kwargs, records, timeout, forked=method == "fork"))(*args)
         except ChildFailedError as error:
             raise _launch_error(failures.gather(records, error.failures, exits), node_rank) from None
         except SignalException as error:  # the agent passed it on to the ranks and waited for them
@@ -182,14 +186,20 @@ def _run_agent(fn, args, kwargs, devices, num_nodes, node_rank, master_addr, mas
 class _Entry:
     """What each rank runs: ``fn``, leaving its pid and any exception where the launcher reads them."""
 
-    def __init__(self, fn: Callable[..., Any], kwargs: dict[str, Any], records: str, timeout: float | None) -> None:
+    def __init__(self, fn: Callable[..., Any], kwargs: dict[str, Any], records: str, timeout: float | None,
+                 *, forked: bool = False) -> None:
         self.fn, self.kwargs, self.records, self.timeout = fn, kwargs, records, timeout
+        self.forked = forked
         self.__name__ = self.__qualname__ = getattr(fn, "__name__", "fn")  # the agent logs it
 
     def __call__(self, *args: Any) -> Any:
         if self.timeout is not None:  # read when the rank creates its process group
             os.environ["LTRANSFORM_COLLECTIVE_TIMEOUT"] = f"{self.timeout:g}"
         failures.started(self.records)
+        if self.forked:  # OpenMP's thread pool does not survive a fork: a forked rank's first
+            import torch  # multi-threaded op would wait forever for threads it does not have
+
+            torch.set_num_threads(1)
         try:
             result = self.fn(*args, **self.kwargs)
             _check_sendable(result)
