@@ -25,8 +25,9 @@ class MemoryEstimate:
     """Bytes one rank holds while it trains: what :func:`estimate_memory` returns.
 
     Args:
-        parameters, gradients, optimizer: this rank's share of the weights, their gradients
-            and the optimizer's state (divided by the shard count under FSDP).
+        parameters: this rank's share of the weights (divided by the shard count under FSDP).
+        gradients: this rank's share of their gradients.
+        optimizer: this rank's share of the optimizer's state.
         buffers: the model's buffers (not sharded: FSDP2 leaves them whole on every rank).
         activations: what the forward keeps for backward at its peak (the batch included;
             under activation checkpointing, the checkpointed blocks' inputs).
@@ -36,7 +37,13 @@ class MemoryEstimate:
         total: the peak, the number to compare with a device's memory.
         peak_during: ``"backward"`` or ``"optimizer step"``.
         at_peak: each category's bytes alive at the peak (they add up to ``total``).
-        strategy, world_size, shards, precision, optimizer_name, batch, checkpoint: what was assumed.
+        strategy: the strategy assumed.
+        world_size: the number of ranks assumed.
+        shards: the shard count assumed.
+        precision: the precision assumed.
+        optimizer_name: the optimizer assumed.
+        batch: the batch assumed.
+        checkpoint: the activation checkpointing assumed.
         note: what the estimate does not model, if anything (printed under the table).
     """
 
