@@ -124,7 +124,7 @@ def test_lt_run_evaluates_with_lt_evaluate():
     (lt.eval_step(mse), 3, {}, TypeError, r"lt.evaluate: data must be an iterable of batches .* got int"),
     (lt.eval_step(mse), [], {}, ValueError, r"lt.evaluate: data yielded no batches"),
     (lt.eval_step(mse), [torch.ones(1, 8)], {"limit": 0}, ValueError,
-     r"lt.evaluate: limit must be a positive int or None, got 0"),
+     r"lt.evaluate: limit must be a positive int \(batches\), a float in \(0, 1\] .* or None, got 0"),
     ("not a step", [torch.ones(1, 8)], {}, TypeError, r"lt.evaluate: expected a step function"),
 ])
 def test_evaluate_errors_are_clear(step, data, options, error, match):
@@ -215,3 +215,38 @@ def test_predict_keeps_no_binding_per_call():
     for _ in range(3):
         predict(step, state, [torch.ones(2, 2)])
     assert live() == before
+
+
+def test_evaluate_and_lt_run_keep_no_binding_of_a_step_made_per_call():
+    """lt.evaluate(lt.eval_step(fn), ...) in a loop, and lt.run's eval step in the training
+    precision (a step of its own per run), leave no binding behind on the model."""
+    import gc
+
+    from ltransform.core.binding import BoundStep
+
+    def live() -> int:
+        gc.collect()
+        return sum(isinstance(o, BoundStep) for o in gc.get_objects())
+
+    net = model()
+    state = lt.State(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+    data = [(torch.randn(4, 8), torch.randn(4, 1))] * 2
+    loss = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
+    train = lt.pipe(lt.train_step(loss), lt.with_precision("bf16-mixed"))
+    state = lt.run(train, state, data, eval_step=lt.eval_step(loss), eval_data=data, progress=False)
+    lt.evaluate(lt.eval_step(loss), state, data)
+    before = live()
+    for _ in range(3):
+        state = lt.run(train, state, data, eval_step=lt.eval_step(loss), eval_data=data, progress=False)
+        lt.evaluate(lt.eval_step(loss), state, data)
+    assert live() == before
+    kept = lt.eval_step(loss)
+    assert lt.evaluate(kept, state, data) == lt.evaluate(kept, state, data)
+
+
+def test_evaluate_takes_a_fraction_of_the_batches():
+    data = [torch.full((2, 3), float(i)) for i in range(4)]
+    step = lt.eval_step(lambda m, b: {"x": b.mean()})
+    assert lt.evaluate(step, lt.State(model=model()), data, limit=0.5) == {"x": 0.5}
+    with pytest.raises(ValueError, match=r"lt.evaluate: limit as a float is a fraction of the batches, in \(0, 1\]"):
+        lt.evaluate(step, lt.State(model=model()), data, limit=1.5)

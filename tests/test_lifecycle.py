@@ -57,7 +57,8 @@ def test_at_end_is_not_run_after_an_error():
 @pytest.mark.parametrize(("make", "error", "match"), [
     (lambda: lt.every_epoch(0, print), ValueError, "n must be a positive int"),
     (lambda: lt.every_epoch(True, print), ValueError, "n must be a positive int"),
-    (lambda: lt.at_end(3), TypeError, "a hook must be callable"),
+    (lambda: lt.at_end(3), TypeError, r"lt.at_end: fn must be a callable \(state\) or \(state, run\), got 3"),
+    (lambda: lt.on_exception(None), TypeError, "lt.on_exception: fn must be a callable"),
     (lambda: lt.on_exception(lt.early_stopping("val_loss")), TypeError, "pass it in hooks=\\[...\\] directly"),
 ])
 def test_bad_lifecycle_hooks_are_clear_errors(make, error, match):
@@ -253,3 +254,75 @@ def test_on_exception_on_2_ranks_saves_sharded_and_resumes_bitwise(tmp_path):
     assert len(results) == 2
     for result in results:
         assert result == {"raised": True, "saved": "step-00000004", "step": 6, "same": True}
+
+
+def test_log_reduce_mean_divides_each_metric_by_the_calls_that_reported_it():
+    """A metric of some steps only (here every other one), and metrics that change between a
+    tensor and a number, are averaged over the calls that reported them."""
+    def step(state, batch):
+        lt.backward(mse(state.model, batch))
+        lt.optimizer_step(state.optimizer)
+        n = state.step
+        metrics = {"n": torch.tensor(float(n)) if n % 3 else float(n)}
+        if n % 2 == 0:
+            metrics["even"] = torch.tensor([float(n), float(n) + 2])  # (a vector: its mean)
+        return state, metrics
+
+    logged = []
+    lt.run(step, state_of(), make_data(6), log_every=6, log_reduce="mean",
+           loggers=[lambda m, s: logged.append(dict(m))], progress=False)
+    assert logged[0]["n"] == pytest.approx(sum(range(6)) / 6)
+    assert logged[0]["even"] == pytest.approx(((0 + 1) + (2 + 1) + (4 + 1)) / 3)
+
+
+def test_log_reduce_mean_of_an_update_metric_under_accumulation_is_over_the_updates():
+    step = lt.pipe(lt.train_step(mse), lt.accumulate(2), lt.clip_gradients(max_norm=1e9))
+    last, mean = [], []
+    for reduce, into in (("last", last), ("mean", mean)):
+        lt.run(step, state_of(), make_data(2), log_every=1, log_reduce=reduce,
+               loggers=[lambda m, s, into=into: "grad_norm" in m and into.append(m["grad_norm"])],
+               progress=False)
+    assert len(mean) == 1 and mean == pytest.approx(last)  # one update per interval: its norm, not half of it
+
+
+def test_after_ctrl_c_mid_window_the_returned_state_is_the_same_with_or_without_an_on_exception_hook():
+    """The hooks see the last completed update; the state lt.run returns keeps its counters (and the
+    unfinished window's gradients), as without a hook."""
+    data = make_data(8)
+
+    class Interrupting:  # Ctrl-C while the 6th batch is read: 5 micro-steps done, the 3rd window open
+        def __iter__(self):
+            for i, batch in enumerate(data):
+                if i == 5:
+                    raise KeyboardInterrupt
+                yield batch
+
+        def __len__(self):
+            return len(data)
+
+    step = lt.pipe(lt.train_step(mse), lt.accumulate(2))
+    seen = []
+    plain = lt.run(step, state_of(), Interrupting(), progress=False)
+    hooked = lt.run(step, state_of(), Interrupting(), progress=False,
+                    hooks=[lt.on_exception(lambda s: seen.append((s.step, s.micro_step)))])
+    assert seen == [(2, 4)]
+    assert (hooked.step, hooked.micro_step) == (plain.step, plain.micro_step) == (2, 5)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(hooked.model.parameters(), plain.model.parameters()))
+
+
+def test_resume_latest_takes_the_newest_save_of_every_checkpoint_hook(tmp_path, capsys):
+    """Periodic saves in one directory, the exception's save in another: the newer one is resumed."""
+    data = make_data(8)
+    step = lt.train_step(mse)
+    reference = lt.run(step, state_of(), data, progress=False)
+    hooks = [lt.every(4, lt.checkpoint_sharded(dir=tmp_path / "every")),
+             lt.on_exception(lt.checkpoint_sharded(dir=tmp_path / "failed"))]
+    flaky = Flaky(data, at=6)
+    with pytest.raises(OSError):
+        lt.run(step, state_of(), flaky, progress=False, hooks=hooks)
+    assert lt.latest_checkpoint(tmp_path / "every").name == "step-00000004"
+    assert lt.latest_checkpoint(tmp_path / "failed").name == "step-00000006"
+    capsys.readouterr()
+    resumed = lt.run(step, state_of(seed=3), flaky, progress=False, hooks=hooks, resume="latest")
+    assert f"resumed from {str(tmp_path / 'failed' / 'step-00000006')!r} (step 6" in capsys.readouterr().err
+    assert_same_params(resumed.model, reference.model)

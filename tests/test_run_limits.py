@@ -257,7 +257,7 @@ def test_dry_run_writes_no_files_and_trains_n_batches(tmp_path, monkeypatch, cap
     assert (state.step, state.epoch) == (batches, 1)
     assert_same_params(state.model, hand_loop(make_model(), make_data(8)[:batches]))
     said = capsys.readouterr().err
-    assert f"dry run: {batches} batch(es) of training and of evaluation, writing no files" in said
+    assert f"dry run: {batches} step(s) of training and {batches} batch(es) of evaluation, writing no files" in said
     for name in ("logger CSVLogger", "checkpoint_sharded(dir='ckpt')", "checkpoint_best(dir='best'",
                  "_Writer", "profile", "memory_snapshot"):
         assert name in said, name
@@ -268,6 +268,15 @@ def test_dry_run_evaluates_n_batches_at_its_end():
     state = lt.run(STEP, fresh_state(), make_data(8), dry_run=2, eval_step=EVAL, eval_data=eval_data,
                    eval_every=100, progress=False, hooks=[_Evaluated()])
     assert state.extra["val"] == lt.evaluate(EVAL, state, eval_data, limit=2)["loss"]
+
+
+def test_dry_run_under_accumulation_runs_n_whole_windows():
+    """n optimizer steps: the update runs too (Lightning's fast_dev_run steps the optimizer)."""
+    step = lt.pipe(lt.train_step(mse), lt.accumulate(3))
+    state = lt.run(step, fresh_state(), make_data(8), dry_run=2, progress=False)
+    reference = lt.run(step, fresh_state(), make_data(8), max_steps=2, progress=False)
+    assert (state.step, state.micro_step) == (2, 6)
+    assert_same_params(state.model, reference.model)
 
 
 def test_dry_run_reads_resume_and_runs_n_batches_from_there(tmp_path):
@@ -300,7 +309,8 @@ def test_dry_run_reads_resume_and_runs_n_batches_from_there(tmp_path):
     ("limit_batches", 0.0, ValueError, r"\(0, 1\]"),
     ("limit_batches", "all", TypeError, "limit_batches must be an int"),
     ("limit_eval_batches", 2.0, ValueError, "limit_eval_batches as a float is a fraction"),
-    ("dry_run", 0, ValueError, r"dry_run must be True \(1 batch\), a positive int \(batches\) or False"),
+    ("limit_eval_batches", 2, ValueError, "limit_eval_batches given without eval_step; pass eval_step="),
+    ("dry_run", 0, ValueError, r"dry_run must be True \(1 step\), a positive int \(optimizer steps\) or False"),
     ("dry_run", -1, ValueError, "dry_run must be True"),
     ("dry_run", "yes", TypeError, "dry_run must be True"),
 ])
@@ -312,7 +322,7 @@ def test_bad_limits_name_what_is_valid(option, value, error, message):
 @pytest.mark.parametrize("other", [{"max_steps": 3}, {"max_epochs": 2}, {"limit_batches": 2},
                                    {"limit_eval_batches": 1}])
 def test_dry_run_with_what_it_replaces_is_an_error(other):
-    with pytest.raises(ValueError, match=f"dry_run runs 1 batch.*in place of {next(iter(other))}; pass one"):
+    with pytest.raises(ValueError, match=f"dry_run runs 1 step.*in place of {next(iter(other))}; pass one"):
         lt.run(STEP, fresh_state(), make_data(2), progress=False, dry_run=True, **other)
 
 

@@ -116,26 +116,26 @@ class Limited:
         return f"Limited({self.data!r}, {self.n})"
 
 
-def batch_limit(limit: int | float | None, data: Iterable[Any], option: str) -> int | None:
+def batch_limit(limit: int | float | None, data: Iterable[Any], option: str, call: str = "lt.run") -> int | None:
     """``limit`` (a number of batches, or a fraction in (0, 1] of ``data``'s length, rounded down,
     at least 1) as a number of batches; None: no limit."""
     if limit is None:
         return None
     if isinstance(limit, int) and not isinstance(limit, bool):
         if limit < 1:
-            raise ValueError(f"lt.run: {option} must be a positive int (batches), a float in (0, 1] "
+            raise ValueError(f"{call}: {option} must be a positive int (batches), a float in (0, 1] "
                              f"(a fraction of the batches) or None, got {limit!r}")
         return limit
     if not isinstance(limit, float):
-        raise TypeError(f"lt.run: {option} must be an int (batches), a float in (0, 1] (a fraction of "
+        raise TypeError(f"{call}: {option} must be an int (batches), a float in (0, 1] (a fraction of "
                         f"the batches) or None, got {type(limit).__name__}")
     if not 0 < limit <= 1:  # (also NaN)
-        raise ValueError(f"lt.run: {option} as a float is a fraction of the batches, in (0, 1], got "
+        raise ValueError(f"{call}: {option} as a float is a fraction of the batches, in (0, 1], got "
                          f"{limit!r}; for a number of batches give an int")
     try:
         length = len(data)  # type: ignore[arg-type]
     except TypeError:
-        raise ValueError(f"lt.run: {option}={limit!r} is a fraction of the batches, but the data has no "
+        raise ValueError(f"{call}: {option}={limit!r} is a fraction of the batches, but the data has no "
                          f"length ({type(data).__name__}); give a number of batches (an int)") from None
     return max(1, int(length * limit))
 

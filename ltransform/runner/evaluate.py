@@ -10,15 +10,15 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ltransform.core.binding import bound_to
+from ltransform.core.binding import bound_to, forget, lookup
 from ltransform.core.inventory import inventory
 from ltransform.core.step import TransformedStep, as_step
 from ltransform.distributed import env
-from ltransform.runner.data import check_same_length, data_parallel, per_rank
+from ltransform.runner.data import batch_limit, check_same_length, data_parallel, per_rank
 from ltransform.runner.metrics import to_floats
 
 
-def evaluate(eval_step: Any, state: Any, data: Iterable[Any], *, limit: int | None = None) -> dict[str, float]:
+def evaluate(eval_step: Any, state: Any, data: Iterable[Any], *, limit: int | float | None = None) -> dict[str, float]:
     """``eval_step``'s metrics over ``data``, every model in eval mode: ``Trainer.validate``/``test``.
 
     Each batch's metrics count with its batch size (dim 0 of its first tensor; 1 if it has none).
@@ -33,14 +33,16 @@ def evaluate(eval_step: Any, state: Any, data: Iterable[Any], *, limit: int | No
             or a function ``(state, batch) -> (state, metrics)``; the state it returns is dropped.
         state: the state holding the model(s); their train/eval modes are restored afterwards.
         data: an iterable of batches (a list, or a ``DataLoader``, split over the ranks).
-        limit: evaluate at most this many batches per rank (``limit_val_batches``); None: all.
+        limit: evaluate at most this many batches per rank (``limit_val_batches``), or that
+            fraction of each rank's batches (a float in (0, 1], at least 1); None: all.
 
     Returns:
         ``{name: mean}`` as Python floats, the same on every rank.
 
     Raises:
         TypeError: ``eval_step`` is a training step or not callable, or ``data`` is not iterable.
-        ValueError: ``limit`` is not a positive int, or ``data`` holds no batch or no sample.
+        ValueError: ``limit`` is neither a positive int nor a fraction in (0, 1], or ``data``
+            holds no batch or no sample.
 
     Example:
         >>> import torch, ltransform as lt
@@ -51,8 +53,14 @@ def evaluate(eval_step: Any, state: Any, data: Iterable[Any], *, limit: int | No
     """
     step = _check_eval_step(eval_step, "lt.evaluate")
     data = rank_data(data, state, "lt.evaluate")
+    limit = batch_limit(limit, data, "limit", "lt.evaluate")
+    bound_before = lookup(step, state) is not None
     state, _ = bound_to(step, state)  # prepared outside no_grad (a lt.distribute wrapper is built here)
-    return weighted_means(step, state, data, limit=limit, what="lt.evaluate: data")
+    try:
+        return weighted_means(step, state, data, limit=limit, what="lt.evaluate: data")
+    finally:
+        if not bound_before:  # a step made for this call (lt.evaluate(lt.eval_step(fn), ...)) goes with it
+            forget(step, state)
 
 
 def _check_eval_step(eval_step: Any, call: str) -> TransformedStep:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ltransform.core.binding import bound_to
+from ltransform.core.binding import bound_to, forget
 from ltransform.core.inventory import inventory
 from ltransform.core.state import read_counters, read_epoch
 from ltransform.core.step import TransformedStep, as_step
@@ -74,11 +74,13 @@ def run(
         log_every: log every this many optimizer steps (and at the end); None disables.
         loggers: callables ``(metrics: dict[str, float], step: int)``, e.g. ``lt.CSVLogger``.
         log_reduce: what a log point logs of each training metric: ``"last"``, the last step's
-            value; ``"mean"``, its mean over the step calls since the last log point (every
-            micro-batch counts once), plus at each epoch's end the epoch's mean as
-            ``<name>_epoch`` (Lightning's ``self.log(..., on_epoch=True)``). The sums run on the
-            metrics' device: no host sync beyond the log points' one, but one small add per
-            metric per step call.
+            value; ``"mean"``, its mean over the step calls since the last log point that
+            reported it (every micro-batch counts once; ``grad_norm`` under accumulation is over
+            the updates), plus at each epoch's end the epoch's mean as ``<name>_epoch``
+            (Lightning's ``self.log(..., on_epoch=True)``). The sums run on the metrics' device:
+            no host sync beyond the log points' one, but one small add per metric per step call.
+            On several ranks, as for ``"last"``, every rank must report the same metric names
+            (the means are averaged in one collective).
         eval_step: a step (e.g. ``lt.eval_step(fn)``) run over ``eval_data``, models in eval mode,
             in the training step's precision unless it has its own (``lt.with_precision``).
         eval_data: batches for evaluation, evaluated as ``lt.evaluate`` does (its loop, after the
@@ -104,8 +106,9 @@ def run(
             with an extra batch would wait forever for the others. The ranks of one tensor-parallel
             group (``lt.parallelize``) get the same part: with the mesh over every rank, the whole data.
         resume: continue from a checkpoint: a path (file, sharded directory, or a directory
-            of ``step-N`` ones), or ``"latest"``: the newest in the directory of the run's
-            ``lt.checkpoint_sharded`` hook (none there yet: start from the beginning). The
+            of ``step-N`` ones), or ``"latest"``: the newest in the directories of the run's
+            checkpoint hooks (``lt.checkpoint_sharded``, also in ``lt.every``, ``lt.every_epoch``,
+            ``lt.on_exception``; none there yet: start from the beginning). The
             state is loaded after the step is prepared, and the data continues where it was
             (a shuffled ``DataLoader`` replays the same order and skips the batches done), so
             N steps, a stop and a resume give the same parameters as 2N uninterrupted.
@@ -135,9 +138,10 @@ def run(
             checkpoint (a mid-epoch resume) all see the limited length.
         limit_eval_batches: the same for each evaluation over ``eval_data`` (``lt.evaluate``'s
             ``limit``).
-        dry_run: run ``n`` batches of training (True: 1) and ``n`` of evaluation (at the end,
-            whatever ``eval_every``), then return the state, as Lightning's ``fast_dev_run``: a
-            check that everything runs. It writes no files: the loggers are not called, and the
+        dry_run: run ``n`` optimizer steps of training (True: 1; under ``lt.accumulate(k)``,
+            ``n * k`` batches, so the update runs too) and ``n`` batches of evaluation (at the
+            end, whatever ``eval_every``), then return the state, as Lightning's
+            ``fast_dev_run``: a check that everything runs. It writes no files: the loggers are not called, and the
             hooks that write (``writes_files = True``, or built in: ``lt.checkpoint_sharded``,
             ``lt.checkpoint_best``, ``lt.profile``, ``lt.memory_snapshot``) are left out, so no
             checkpoint either (rank 0 says what was left out). ``resume=`` is still read (reading
@@ -176,9 +180,13 @@ def run(
     dry = _dry_batches(dry_run, max_steps=max_steps, max_epochs=max_epochs, limit_batches=limit_batches,
                        limit_eval_batches=limit_eval_batches)
     if dry:
-        max_epochs, limit_batches, limit_eval_batches, eval_every = 1, dry, dry, None
+        # n updates: n windows of batches under accumulation (the longest, under a schedule)
+        max_epochs, limit_batches, limit_eval_batches, eval_every = 1, dry * step.every, dry, None
     for option, limit in (("limit_batches", limit_batches), ("limit_eval_batches", limit_eval_batches)):
         batch_limit(limit, (), option)  # checked now; a fraction is resolved once the data is split per rank
+    if limit_eval_batches is not None and eval_step is None and not dry:
+        raise ValueError("lt.run: limit_eval_batches given without eval_step; pass eval_step=lt.eval_step(fn) "
+                         "and eval_data=..., or leave limit_eval_batches out")
     if max_steps is None and max_epochs is None:
         max_epochs = 1
     loggers = _check_loggers(loggers)
@@ -204,10 +212,13 @@ def run(
         if me != 0:
             loggers, progress = [], False
     state, bound = bound_to(step, state)  # a state bound before (an earlier run) keeps its binding
+    made_here = False
     if eval_step is not None:
         if eval_data is None:
             raise ValueError("lt.run: eval_step given without eval_data; pass eval_data=...")
-        eval_step = _in_training_precision(as_step(eval_step, "lt.run(eval_step=...)"), step)
+        given = as_step(eval_step, "lt.run(eval_step=...)")
+        eval_step = _in_training_precision(given, step)
+        made_here = eval_step is not given  # (a step of this run's own: its binding goes when it ends)
         state, _ = eval_step.prepare(state)
     for hook in hooks:  # what a hook adds to the state (an EMA) exists before a checkpoint loads into it
         prepare = getattr(hook, "prepare", None)
@@ -264,6 +275,8 @@ def run(
         raise wrapped from error
     finally:
         errors = _close(slots, context, loggers)
+        if made_here:
+            forget(eval_step, context.state if context.state is not None else state)
         if errors and sys.exc_info()[0] is None:  # (an error already on its way is not replaced)
             raise errors[0]
     return state
@@ -325,11 +338,12 @@ def _resume(resume: Any, hooks: Iterable[Any], state: Any) -> tuple[Any, Any]:
                 "there is none; add hooks=[lt.every(n, lt.checkpoint_sharded(dir=...))] or give "
                 "resume a path"
             )
-        path = latest(dirs[0])
-        if path is None:
-            say(f"lt.run: no checkpoint in {str(dirs[0])!r} yet: starting from step {read_counters(state)[0]}")
+        found = [p for p in (latest(d) for d in dict.fromkeys(map(str, dirs))) if p is not None]
+        if not found:
+            where = " or ".join(repr(str(d)) for d in dict.fromkeys(map(str, dirs)))
+            say(f"lt.run: no checkpoint in {where} yet: starting from step {read_counters(state)[0]}")
             return state, None  # nothing saved yet: a first start
-        resume = path
+        resume = max(found, key=_saved_step)  # the newest of every checkpoint hook's (e.g. an on_exception save)
     state, position = load_with_position(resume, state)
     step, _ = read_counters(state)
     say(f"lt.run: resumed from {str(resume)!r} (step {step}, epoch {read_epoch(state)})")
@@ -338,6 +352,12 @@ def _resume(resume: Any, hooks: Iterable[Any], state: Any) -> tuple[Any, Any]:
              f"did not pass run=: lt.save(path, state, run=run)); the data starts epoch "
              f"{read_epoch(state)} from its beginning")
     return state, position
+
+
+def _saved_step(path: Path) -> int:
+    """The step a ``step-N`` checkpoint (or the ``.step-N.old`` standing for it) holds."""
+    digits = "".join(c for c in path.name.rsplit("-", 1)[-1] if c.isdigit())
+    return int(digits) if digits else -1
 
 
 def _save_at_stop(saver: Any, run: Run, start: int) -> Path:
@@ -460,15 +480,15 @@ def _dry_batches(dry_run: Any, **replaced: Any) -> int:
         n = 1
     elif isinstance(dry_run, int) and not isinstance(dry_run, bool):
         if dry_run < 1:
-            raise ValueError(f"lt.run: dry_run must be True (1 batch), a positive int (batches) or False, "
+            raise ValueError(f"lt.run: dry_run must be True (1 step), a positive int (optimizer steps) or False, "
                              f"got {dry_run!r}")
         n = dry_run
     else:
-        raise TypeError(f"lt.run: dry_run must be True (1 batch), a positive int (batches) or False, "
+        raise TypeError(f"lt.run: dry_run must be True (1 step), a positive int (optimizer steps) or False, "
                         f"got {type(dry_run).__name__}")
     given = [name for name, value in replaced.items() if value is not None]
     if given:
-        raise ValueError(f"lt.run: dry_run runs {n} batch(es) of training and of evaluation, in place of "
+        raise ValueError(f"lt.run: dry_run runs {n} step(s) of training and {n} batch(es) of evaluation, in place of "
                          f"{' and '.join(given)}; pass one or the other")
     return n
 
@@ -488,8 +508,9 @@ def _dry_run(n: int, hooks: list[Any], loggers: list[Any], *, evaluates: bool) -
     kept = [h for h in hooks if not writes_files(h)]
     left = [f"logger {getattr(x, '__name__', None) or type(x).__name__}" for x in loggers]
     left += [f"hook {getattr(h, '__name__', None) or type(h).__name__}" for h in hooks if writes_files(h)]
-    say(f"lt.run: dry run: {n} batch(es) of training{' and of evaluation' if evaluates else ''}, writing no "
-        f"files; left out: {', '.join(left) or 'nothing (no logger or hook writes files)'}")
+    evaluation = f" and {n} batch(es) of evaluation" if evaluates else ""
+    say(f"lt.run: dry run: {n} step(s) of training{evaluation}, writing no files; left out: "
+        f"{', '.join(left) or 'nothing (no logger or hook writes files)'}")
     return kept, []
 
 

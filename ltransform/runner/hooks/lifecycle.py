@@ -18,6 +18,8 @@ class _Point:
     """A hook called at one of the run's points, not after steps (no ``__call__``)."""
 
     def __init__(self, fn: Hook, what: str, label: str = "") -> None:
+        if not callable(fn):
+            raise TypeError(f"lt.{what}: fn must be a callable (state) or (state, run), got {fn!r}")
         own = [m for m in ("next_step", "start", "epoch_end", "end", "exception", "close", "prepare") if hasattr(fn, m)]
         if own:
             raise TypeError(
@@ -126,8 +128,9 @@ def on_exception(fn: Hook, /) -> Any:
     is the one after the last completed optimizer step: when the error comes in the middle of an
     accumulation window, the window's micro-batches are given back to the data position (its
     gradients are not kept), so ``resume=`` from that save continues bitwise as if the error had
-    not happened. ``run.error`` is the exception. A preemption is not an error: it saves through
-    the same saver (the hook's ``checkpoint_dir``) by itself.
+    not happened (only what the hooks see is rewound: after Ctrl-C ``lt.run`` returns the state
+    with its counters as they were). ``run.error`` is the exception. A preemption is not an
+    error: it saves through the same saver (the hook's ``checkpoint_dir``) by itself.
 
     If ``fn`` itself fails, the original error is still the one raised; ``fn``'s error is
     printed and added to it as a note (Python 3.11+). On several ranks ``fn`` runs on each rank the error reached:
@@ -166,12 +169,15 @@ def on_exception(fn: Hook, /) -> Any:
 
 
 def call_on_exception(slots: list[Any], run: Any, error: BaseException) -> Any:
-    """Run every ``on_exception`` hook with the state so far (rewound to the last completed update);
-    a hook's own error is added to ``error`` as a note and printed, never raised. The state."""
+    """Run every ``on_exception`` hook with the state so far, its counters and data position
+    rewound to the last completed update; a hook's own error is added to ``error`` as a note and
+    printed, never raised. The state so far (counters as they were: after Ctrl-C ``lt.run``
+    returns it, the unfinished window's gradients with it), as the last hook left it."""
     hooks = [s.hook for s in slots if callable(getattr(s.hook, "exception", None))]
     if not hooks:
         return run.current()
     run.error = error
+    micro, batches = run.micro, run.position.batches
     _rewind_to_update(run)
     state = run.current()
     for hook in hooks:
@@ -184,7 +190,8 @@ def call_on_exception(slots: list[Any], run: Any, error: BaseException) -> Any:
                 error.add_note(note)
             print(note, file=sys.stderr, flush=True)
     run.doing = None
-    return state
+    run.state, run.micro, run.position.batches = state, micro, batches  # the run itself is where it was
+    return run.current()
 
 
 def _rewind_to_update(run: Any) -> None:

@@ -79,36 +79,43 @@ class Logging:
 class _Means:
     """Running sums of the step's metrics, kept where the metrics are: one in-place add per
     tensor metric per step call, no host sync; the sums become means at log points (the
-    interval's) and at epoch ends (the epoch's)."""
+    interval's) and at epoch ends (the epoch's). Each metric is divided by the number of step
+    calls that reported it (a metric of the updates alone, such as ``grad_norm`` under
+    accumulation, is the mean over the updates)."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, Any] = {}  # since the last flush: what each step call adds to
-        self.count = 0
-        self.since_log: dict[str, Any] = {}  # flushed, not yet logged / not yet in an epoch's mean
-        self.logs_count = 0
-        self.since_epoch: dict[str, Any] = {}
-        self.epoch_count = 0
+        self.sums: dict[str, list[Any]] = {}  # name -> [sum, calls], since the last flush
+        self.since_log: dict[str, list[Any]] = {}  # flushed, not yet logged
+        self.since_epoch: dict[str, list[Any]] = {}  # flushed, not yet in an epoch's mean
 
     @property
     def pending(self) -> bool:
-        return bool(self.count or self.logs_count)
+        return bool(self.sums or self.since_log)
 
     def around(self, call: Callable[..., Any]) -> Callable[..., Any]:
         sums = self.sums
 
         def step(state: Any, batch: Any, micro: int) -> Any:
             result = call(state, batch, micro)
-            metrics = result[1]
-            for name, value in metrics.items():
-                total = sums.get(name)
-                if total is None:
-                    sums[name] = (value.detach().float().mean().clone() if isinstance(value, torch.Tensor)
-                                  else float(value))
-                elif isinstance(total, torch.Tensor):
-                    total.add_(value.detach().float().mean() if value.dim() else value.detach())
+            for name, value in result[1].items():
+                if isinstance(value, torch.Tensor):
+                    value = value.detach()
+                    if value.dim():
+                        value = value.float().mean()
                 else:
-                    sums[name] = total + float(value)
-            self.count += 1
+                    value = float(value)
+                entry = sums.get(name)
+                if entry is None:
+                    sums[name] = [value.float().clone() if isinstance(value, torch.Tensor) else value, 1]
+                    continue
+                total = entry[0]
+                if isinstance(total, torch.Tensor):
+                    total.add_(value)  # (a number too: no host sync)
+                elif isinstance(value, torch.Tensor):  # a number so far, a tensor now: the sum moves there
+                    entry[0] = value.float() + total
+                else:
+                    entry[0] = total + value
+                entry[1] += 1
             return result
 
         return step
@@ -116,25 +123,23 @@ class _Means:
     def _flush(self) -> None:
         """Move the running sums into the interval's and the epoch's (at events only)."""
         for into in (self.since_log, self.since_epoch):
-            for name, total in self.sums.items():
-                into[name] = total if name not in into else into[name] + total
-        self.logs_count += self.count
-        self.epoch_count += self.count
+            for name, (total, calls) in self.sums.items():
+                entry = into.get(name)
+                into[name] = [total, calls] if entry is None else [entry[0] + total, entry[1] + calls]
         self.sums.clear()
-        self.count = 0
 
     def interval(self) -> dict[str, Any]:
         self._flush()
-        means = _divided(self.since_log, self.logs_count)
-        self.since_log, self.logs_count = {}, 0
+        means = _divided(self.since_log)
+        self.since_log = {}
         return means
 
     def epoch(self) -> dict[str, Any]:
         self._flush()
-        means = _divided(self.since_epoch, self.epoch_count)
-        self.since_epoch, self.epoch_count = {}, 0
+        means = _divided(self.since_epoch)
+        self.since_epoch = {}
         return means
 
 
-def _divided(sums: Mapping[str, Any], count: int) -> dict[str, Any]:
-    return {name: total / count for name, total in sums.items()} if count else {}
+def _divided(sums: Mapping[str, list[Any]]) -> dict[str, Any]:
+    return {name: total / calls for name, (total, calls) in sums.items()}
