@@ -162,11 +162,27 @@ def collective_error(error: BaseException, operation: str) -> CollectiveError | 
     me, first = rank(), text.strip().splitlines()[0] if text.strip() else type(error).__name__
     limit = collective_timeout()
     if timed_out:
-        seconds = f"{limit.total_seconds():g} s" if limit is not None else "the process group's timeout"
+        import re
+
+        from ltransform.distributed.strategies import gradient_group_timeouts
+
+        # which group timed out: gloo says "Timed out waiting 3000ms", NCCL "Timeout(ms)=3000"
+        waited = re.search(r"waiting (\d+) ?ms|Timeout\(ms\)=(\d+)", text)
+        ms = int(waited.group(1) or waited.group(2)) if waited else None
+        strategy = "lt.Strategy(name='ddp', timeout=SECONDS)"
+        default_ms = round(limit.total_seconds() * 1000) if limit is not None else None
+        if ms is not None and ms != default_ms and ms in {round(t.total_seconds() * 1000)
+                                                          for t in gradient_group_timeouts()}:
+            seconds = f"{ms / 1000:g} s (the gradient all-reduce's timeout, lt.Strategy(timeout=))"
+            fix = f"raise that limit: {strategy}"
+        else:
+            seconds = f"{limit.total_seconds():g} s" if limit is not None else "the process group's timeout"
+            fix = ("raise the limit: lt.launch(..., timeout=SECONDS), ltransform run --timeout SECONDS or "
+                   "LTRANSFORM_COLLECTIVE_TIMEOUT=SECONDS"
+                   + (f" (the gradient all-reduce's group: {strategy})" if gradient_group_timeouts() else ""))
         why = (f"did not complete within {seconds}: another rank is stuck or gone. Look for the first "
                f"failure in the other ranks' output; if a rank legitimately takes longer (a long "
-               f"evaluation or save on one rank), raise the limit: lt.launch(..., timeout=SECONDS), "
-               f"ltransform run --timeout SECONDS or LTRANSFORM_COLLECTIVE_TIMEOUT=SECONDS")
+               f"evaluation or save on one rank), {fix}")
     else:
         why = ("failed: another rank closed its connection (it died or exited); its own error, in its "
                "output, is the cause")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 
 import attrs
 
@@ -15,10 +16,35 @@ def _as_timeout(value: object) -> datetime.timedelta | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, datetime.timedelta)):
         raise TypeError(f"Strategy(timeout={value!r}): expected seconds (a number) or a datetime.timedelta")
-    timeout = value if isinstance(value, datetime.timedelta) else datetime.timedelta(seconds=value)
+    if isinstance(value, datetime.timedelta):
+        timeout = value
+    elif not math.isfinite(value) or value >= _MAX_SECONDS:  # (timedelta would raise OverflowError or ValueError)
+        raise ValueError(f"Strategy(timeout={value!r}): expected a positive finite number of seconds (at most "
+                         f"{_MAX_SECONDS:g}), or a datetime.timedelta, e.g. timeout=600")
+    else:
+        timeout = datetime.timedelta(seconds=value)
     if timeout <= datetime.timedelta(0):
         raise ValueError(f"Strategy(timeout={value!r}): expected a positive number of seconds, e.g. timeout=600")
     return timeout
+
+
+def _boolean(instance: object, attribute: attrs.Attribute, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"Strategy({attribute.name}={value!r}): expected True or False")
+
+
+_MAX_SECONDS = datetime.timedelta.max.total_seconds()
+_GRADIENT_TIMEOUTS: set[datetime.timedelta] = set()  # of the gradient groups made in this process (for messages)
+
+
+def note_gradient_group(timeout: datetime.timedelta) -> None:
+    """Record that a gradient group with this timeout was made, for ``env.collective_error``'s message."""
+    _GRADIENT_TIMEOUTS.add(timeout)
+
+
+def gradient_group_timeouts() -> frozenset[datetime.timedelta]:
+    """The timeouts of the gradient groups ``lt.Strategy(timeout=)`` made in this process."""
+    return frozenset(_GRADIENT_TIMEOUTS)
 
 
 @attrs.frozen(kw_only=True)
@@ -57,10 +83,16 @@ class Strategy:
     nothing is wrapped and they have no effect). FSDP2 has neither option, and its process
     group is the device mesh given to ``lt.shard``.
 
+    With ``static_graph`` and ``lt.accumulate``, the first micro-step synchronises its gradients
+    even when ``sync_micro_steps`` is off: DDP records the graph on its first iteration and cannot
+    record it without the reduction (the result is the same: the average is linear).
+
     Raises:
-        ValueError: an unknown name, a non-positive timeout, an option of another strategy
-            (``find_unused_parameters``, ``static_graph``, ``timeout`` on ``"fsdp"``; ``graph_per_update``
-            off XLA). TypeError: a timeout that is neither seconds nor a ``timedelta``.
+        ValueError: an unknown name, a timeout that is not a positive finite number of seconds, an
+            option of another strategy (``find_unused_parameters``, ``static_graph``, ``timeout`` on
+            ``"fsdp"``; ``graph_per_update`` off XLA).
+        TypeError: a timeout that is neither seconds nor a ``timedelta``; a flag that is not
+            ``True`` or ``False``.
 
     Example:
         >>> import ltransform as lt
@@ -71,10 +103,10 @@ class Strategy:
     """
 
     name: str = attrs.field(validator=attrs.validators.in_(_NAMES))
-    sync_micro_steps: bool = False
-    graph_per_update: bool = attrs.field(default=False)
-    find_unused_parameters: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-    static_graph: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    sync_micro_steps: bool = attrs.field(default=False, validator=_boolean)
+    graph_per_update: bool = attrs.field(default=False, validator=_boolean)
+    find_unused_parameters: bool = attrs.field(default=False, validator=_boolean)
+    static_graph: bool = attrs.field(default=False, validator=_boolean)
     timeout: datetime.timedelta | None = attrs.field(default=None, converter=_as_timeout)
 
     @graph_per_update.validator

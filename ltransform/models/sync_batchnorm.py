@@ -21,11 +21,12 @@ def sync_batchnorm(model: Any = MISSING, /) -> Any:
     batch N·B. The statistics are shared in training mode only; in eval mode each rank uses the
     running statistics, as plain BatchNorm.
 
-    On one process (no process group, or a group of one rank) the layers compute exactly what
-    plain BatchNorm does, so a model converted once runs both ways. torch's ``SyncBatchNorm``
+    On one process (no process group, or a group of one rank) the layers run plain BatchNorm's
+    forward, bit for bit, so a model converted once runs both ways. torch's ``SyncBatchNorm``
     synchronises only GPU (CUDA, XPU, HPU) tensors, and refuses CPU ones; on the CPU (gloo) the
     layers share the same sums with ``torch.distributed.all_reduce`` inside an autograd function
-    instead (two all-reduces per layer forward, two in backward), the same math.
+    instead (two all-reduces per layer forward, two in backward), the same math, with the
+    statistics in float32 for float16 and bfloat16 inputs (as torch's GPU kernels).
 
     Args:
         model: the model to convert in place; omit it for the partial form.
@@ -70,6 +71,9 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.device.type != "cpu" or not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(input)
+        if dist.get_world_size(self.process_group or dist.group.WORLD) == 1:
+            # one rank: plain BatchNorm's forward (torch's SyncBatchNorm would refuse the CPU tensor)
+            return super(torch.nn.SyncBatchNorm, self).forward(input)
         return _synchronised(self, input)
 
 
@@ -77,23 +81,28 @@ def _synchronised(layer: torch.nn.SyncBatchNorm, x: torch.Tensor) -> torch.Tenso
     """Batch norm in training mode over every rank's ``x``: the mean, then the (biased) variance around
     it, each summed over the ranks with a differentiable all-reduce (its backward sums the gradients
     of every rank's loss, as torch's ``SyncBatchNorm`` does); the running statistics as F.batch_norm
-    updates them (the unbiased variance), from the same numbers on every rank."""
+    updates them (the unbiased variance), from the same numbers on every rank.
+
+    Computed in float32 (float64 stays float64), as torch's GPU kernels do: a float16 count or sum would
+    overflow (above 65504), a bfloat16 one round; the output is cast back to the input's dtype."""
     layer._check_input_dim(x)
     layer._check_non_zero_input_channels(x)
     group = layer.process_group or dist.group.WORLD
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
-    count = torch.full((1,), x.numel() // x.size(1), dtype=x.dtype, device=x.device)
-    sums = _AllReduceSum.apply(torch.cat([x.sum(dims), count]), group)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    wide = x.to(dtype)
+    count = torch.full((1,), x.numel() // x.size(1), dtype=dtype, device=x.device)
+    sums = _AllReduceSum.apply(torch.cat([wide.sum(dims), count]), group)
     n = sums[-1]
     mean = sums[:-1] / n
-    centred = x - mean.view(shape)
+    centred = wide - mean.view(shape)
     var = _AllReduceSum.apply((centred * centred).sum(dims), group) / n
     y = centred * torch.rsqrt(var + layer.eps).view(shape)
     if layer.weight is not None:
-        y = y * layer.weight.view(shape)
+        y = y * layer.weight.to(dtype).view(shape)
     if layer.bias is not None:
-        y = y + layer.bias.view(shape)
+        y = y + layer.bias.to(dtype).view(shape)
     if layer.track_running_stats and layer.running_mean is not None and layer.running_var is not None:
         with torch.no_grad():
             factor: float | torch.Tensor = layer.momentum if layer.momentum is not None else 0.0
@@ -102,9 +111,10 @@ def _synchronised(layer: torch.nn.SyncBatchNorm, x: torch.Tensor) -> torch.Tenso
                 tracked.add_(1)
                 if layer.momentum is None:  # a cumulative average (a tensor factor: no host sync)
                     factor = 1.0 / tracked.double()
-            layer.running_mean.mul_(1 - factor).add_(mean * factor)
-            layer.running_var.mul_(1 - factor).add_(var * (n / (n - 1)) * factor)
-    return y
+            running_mean, running_var = layer.running_mean, layer.running_var
+            running_mean.copy_(running_mean.to(dtype) * (1 - factor) + mean * factor)
+            running_var.copy_(running_var.to(dtype) * (1 - factor) + var * (n / (n - 1)) * factor)
+    return y.to(x.dtype)
 
 
 class _AllReduceSum(torch.autograd.Function):

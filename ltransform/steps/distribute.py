@@ -14,7 +14,7 @@ from ltransform.core.inventory import inventory
 from ltransform.core.step import StepTransform, apply_step_transform
 from ltransform.distributed import env, wrappers, xla
 from ltransform.distributed.no_sync import without_gradient_sync
-from ltransform.distributed.strategies import Strategy, resolve_strategy
+from ltransform.distributed.strategies import Strategy, note_gradient_group, resolve_strategy
 from ltransform.models.order import check_compiled_before_shard
 from ltransform.models.parallelize import tensor_parallel
 
@@ -39,7 +39,8 @@ def distribute(step: Any = MISSING, /, strategy: Any = "auto") -> Any:
     optimizer was built. Gradients are averaged by torch's own collectives in backward. With
     ``accumulate``, non-boundary micro-steps do not synchronise gradients (forward and
     backward run with ``set_requires_gradient_sync(False)``, restored afterwards) unless the
-    strategy has ``sync_micro_steps=True``. In a single process every strategy trains as one.
+    strategy has ``sync_micro_steps=True`` (with ``static_graph=True``, the very first micro-step
+    synchronises: DDP records the graph on it). In a single process every strategy trains as one.
     (On GPUs every prepared step, distributed or not, puts the models and batches on
     ``lt.device()``.)
 
@@ -190,6 +191,7 @@ def _ddp_options(strategy: Strategy) -> dict[str, Any]:
         import torch.distributed as dist
 
         options["process_group"] = dist.new_group(timeout=strategy.timeout)
+        note_gradient_group(strategy.timeout)
     return options
 
 
@@ -215,6 +217,14 @@ def _replicate(module: torch.nn.Module, options: dict[str, Any]) -> None:
         replicate(module, device_ids=[device.index], **options)
     else:
         replicate(module, **options)
+    if options.get("static_graph"):
+        _UNRECORDED.add(module)
+
+
+# Modules replicated with static_graph=True whose first iteration has not run: DDP records the graph on it, and
+# a first iteration without gradient sync fails in backward (torch's "expect_autograd_hooks_ INTERNAL ASSERT",
+# plain DDP's no_sync too); their first micro-step therefore synchronises.
+_UNRECORDED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 def _check_sharded(module: torch.nn.Module, name: str) -> None:
@@ -236,8 +246,13 @@ def _check_sharded(module: torch.nn.Module, name: str) -> None:
 
 def _no_sync(ctx: _Sync, frame, value, *, proceed):
     # (alive: a binding is used only while its models are)
-    with without_gradient_sync([ref() for ref in ctx.modules]):
-        return proceed(frame, value)
+    modules: list[Any] = [ref() for ref in ctx.modules]
+    unrecorded = [m for m in modules if m in _UNRECORDED] if _UNRECORDED else []
+    with without_gradient_sync([m for m in modules if m not in unrecorded] if unrecorded else modules):
+        result = proceed(frame, value)
+    for module in unrecorded:  # (their first iteration ran, synchronised: DDP has recorded the graph)
+        _UNRECORDED.discard(module)
+    return result
 
 
 def _xla_cut(strategy: Strategy) -> Handler:
