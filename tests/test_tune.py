@@ -10,6 +10,7 @@ import copy
 import random
 import time
 
+import attrs
 import pytest
 import torch
 import torch.nn.functional as F
@@ -187,15 +188,102 @@ def test_find_lr_restores_the_state_when_the_step_raises():
     assert_same_snapshot(snapshot(state), before)
 
 
+def one_cycle_state(kind: str = "State"):
+    """AdamW under OneCycleLR (which also cycles the betas) for 30 steps, the scheduler held as
+    ``kind`` says: an lt.State's scheduler, an entry of its extra, or a dict state's key."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=30)
+    if kind == "dict":
+        return {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "micro_step": 0}
+    if kind == "extra":
+        return lt.State(model=model, optimizer=optimizer, extra={"schedule": scheduler})
+    return lt.State(model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def scheduler_of(state):
+    if isinstance(state, dict):
+        return state["scheduler"]
+    return state.scheduler if state.scheduler is not None else state.extra["schedule"]
+
+
+def without_scheduler(state):
+    if isinstance(state, dict):
+        return {**state, "scheduler": None}
+    return attrs.evolve(state, scheduler=None, extra={})
+
+
+@pytest.mark.parametrize("kind", ["State", "extra", "dict"])
+def test_find_lr_sweeps_with_the_schedulers_taken_out_and_puts_them_back(kind):
+    step = lt.train_step(mse)
+    state = lt.run(step, one_cycle_state(kind), data(5), max_epochs=1, progress=False)  # bound, 5 steps in
+    scheduler = scheduler_of(state)
+    assert scheduler.last_epoch == 5
+    model, optimizer = (state["model"], state["optimizer"]) if kind == "dict" else (state.model, state.optimizer)
+    before = {"params": [p.detach().clone() for p in model.parameters()],
+              "optimizer": copy.deepcopy(optimizer.state_dict()),
+              "scheduler": copy.deepcopy(scheduler.state_dict()),
+              "groups": [(g["lr"], g["betas"]) for g in optimizer.param_groups]}
+    # 40 updates, past the 30 OneCycleLR allows: no scheduler steps during the sweep
+    found = lt.find_lr(step, state, data(), min_lr=1e-5, max_lr=1.0, steps=40, diverge=None)
+    assert len(found.lrs) == 40 and found.suggestion is not None
+    assert all(torch.equal(p, q) for p, q in zip(before["params"], model.parameters()))
+    assert str(optimizer.state_dict()) == str(before["optimizer"])
+    assert scheduler.state_dict() == before["scheduler"] and scheduler.last_epoch == 5
+    assert [(g["lr"], g["betas"]) for g in optimizer.param_groups] == before["groups"]  # bitwise: == on floats
+    # the same sweep as on the same state with no scheduler at all (a new step: bound to it afresh)
+    twin = lt.run(step, one_cycle_state(kind), data(5), max_epochs=1, progress=False)
+    assert lt.find_lr(lt.train_step(mse), without_scheduler(twin), data(), min_lr=1e-5, max_lr=1.0, steps=40,
+                      diverge=None) == found
+    # and training on (the scheduler steps again) gives what training an untouched twin gives
+    after = lt.run(step, state, data(), max_epochs=2, progress=False)
+    untouched = lt.run(step, twin, data(), max_epochs=2, progress=False)
+    model_of = (lambda s: s["model"]) if kind == "dict" else (lambda s: s.model)
+    assert_same_params(model_of(after), model_of(untouched), exact=True)
+    assert scheduler.last_epoch == scheduler_of(untouched).last_epoch == 10  # (epoch 2 of 2)
+
+
+def test_find_lr_trains_in_train_mode_and_puts_each_module_s_mode_back():
+    state = dropout_state()
+    state.model.eval()  # as from_pretrained leaves a model
+    state.model[0].train()  # and one part in its own mode
+    modes = [m.training for m in state.model.modules()]
+    twin = dropout_state()
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    found = lt.find_lr(lt.train_step(mse), state, data(), min_lr=1e-3, max_lr=1e-1, steps=5, smoothing=0.0,
+                       diverge=None)
+    assert [m.training for m in state.model.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    def by_hand(model, optimizer, train):
+        model.train(train)
+        losses = []
+        for lr, batch in zip(found.lrs, data()):
+            optimizer.param_groups[0]["lr"] = lr
+            loss = mse(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses
+
+    torch.set_rng_state(rng)
+    assert list(found.losses) == by_hand(twin.model, twin.optimizer, train=True)  # dropout on, bitwise
+    evaluated = dropout_state()
+    assert list(found.losses) != by_hand(evaluated.model, evaluated.optimizer, train=False)
+
+
 @pytest.mark.parametrize(("options", "match"), [
-    ({"mode": "cosine"}, r"find_lr: unknown mode 'cosine'; expected one of: 'exponential', 'linear'"),
-    ({"min_lr": 0}, r"find_lr: min_lr must be a positive finite number, got 0"),
-    ({"max_lr": float("inf")}, r"find_lr: max_lr must be a positive finite number, got inf"),
-    ({"min_lr": 1.0, "max_lr": 0.1}, r"max_lr must be greater than min_lr, got min_lr=1.0, max_lr=0.1"),
-    ({"steps": 1}, r"find_lr: steps must be an int >= 2 \(updates to try\), got 1"),
-    ({"smoothing": 1.0}, r"find_lr: smoothing must be a number in \[0, 1\), got 1.0"),
-    ({"diverge": 0.5}, r"find_lr: diverge must be a number > 1 .* or None, got 0.5"),
-    ({"skip_begin": -1}, r"find_lr: skip_begin must be an int >= 0, got -1"),
+    ({"mode": "cosine"}, r"lt\.find_lr: unknown mode 'cosine'; expected one of: 'exponential', 'linear'"),
+    ({"min_lr": 0}, r"lt\.find_lr: min_lr must be a positive finite number, got 0"),
+    ({"max_lr": float("inf")}, r"lt\.find_lr: max_lr must be a positive finite number, got inf"),
+    ({"min_lr": 1.0, "max_lr": 0.1}, r"lt\.find_lr: max_lr must be greater than min_lr, got min_lr=1.0, max_lr=0.1"),
+    ({"steps": 1}, r"lt\.find_lr: steps must be an int >= 2 \(updates to try\), got 1"),
+    ({"smoothing": 1.0}, r"lt\.find_lr: smoothing must be a number in \[0, 1\), got 1.0"),
+    ({"diverge": 0.5}, r"lt\.find_lr: diverge must be a number > 1 .* or None, got 0.5"),
+    ({"skip_begin": -1}, r"lt\.find_lr: skip_begin must be an int >= 0, got -1"),
 ])
 def test_find_lr_bad_options_are_clear_errors(options, match):
     with pytest.raises(ValueError, match=match):
@@ -204,15 +292,15 @@ def test_find_lr_bad_options_are_clear_errors(options, match):
 
 def test_find_lr_needs_an_optimizer_a_loss_and_batches():
     model = torch.nn.Linear(4, 1)
-    with pytest.raises(ValueError, match=r"find_lr: the state has no optimizer; give it one"):
+    with pytest.raises(ValueError, match=r"lt\.find_lr: the state has no optimizer; give it one"):
         lt.find_lr(lt.train_step(mse), lt.State(model=model), data())
 
     def no_loss(state, batch):
         return state, {"accuracy": torch.tensor(1.0)}
 
-    with pytest.raises(KeyError, match=r"find_lr: the step's metrics have no 'loss' \(got \['accuracy'\]\)"):
+    with pytest.raises(KeyError, match=r"lt\.find_lr: the step's metrics have no 'loss' \(got \['accuracy'\]\)"):
         lt.find_lr(no_loss, dropout_state(), data())
-    with pytest.raises(ValueError, match=r"find_lr: data yielded no batches"):
+    with pytest.raises(ValueError, match=r"lt\.find_lr: data yielded no batches"):
         lt.find_lr(lt.train_step(mse), dropout_state(), iter(data()), steps=10)
 
 
@@ -237,6 +325,13 @@ def test_a_real_cpu_allocator_failure_is_out_of_memory_and_comes_at_once():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(MemoryError())
     assert is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.00G."))
+    # torch's own messages (AT_CUDNN_CHECK, TORCH_CUDABLAS_CHECK): cuDNN's answer to too large an input,
+    # cuBLAS out of memory for its handle; Lightning's and Accelerate's checks count both
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you "
+                                         "passed in a non-contiguous input."))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert not is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_INVALID_VALUE when calling `cublasSgemm( "
+                                             "handle, opa, opb, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc)`"))
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_out_of_memory(ValueError("out of memory"))  # a ValueError is not an allocator's
 
@@ -253,6 +348,15 @@ def test_find_batch_size_finds_the_largest_size_that_fits(mode, limit, expected)
     assert doubling[:len(doubling)] == [2**k for k in range(len(doubling))]
     if mode == "power":
         assert tried == [2**k for k in range(len(tried))] and tried[-1] == 2 * expected
+
+
+def test_a_cudnn_refusal_counts_as_running_out_of_memory():
+    def fn(batch_size):
+        if batch_size > 8:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+                               "non-contiguous input.")
+
+    assert lt.find_batch_size(fn, mode="binsearch") == 8
 
 
 def test_find_batch_size_starts_at_start_and_stops_at_max_size():
@@ -276,21 +380,22 @@ def test_a_non_oom_error_propagates_unchanged():
 
 
 def test_even_start_running_out_of_memory_is_an_error():
-    with pytest.raises(RuntimeError, match=r"find_batch_size: batch_size=2 already runs out of memory; try a "
+    with pytest.raises(RuntimeError, match=r"lt\.find_batch_size: batch_size=2 already runs out of memory; try a "
                                            r"smaller start"):
         lt.find_batch_size(fits_up_to(1), start=2)
 
 
 @pytest.mark.parametrize(("options", "error", "match"), [
-    ({"start": 0}, ValueError, r"find_batch_size: start must be a positive int, got 0"),
-    ({"start": 2.0}, ValueError, r"start must be a positive int, got 2.0"),
-    ({"max_size": 0}, ValueError, r"find_batch_size: max_size must be an int >= start \(1\) or None, got 0"),
-    ({"mode": "linear"}, ValueError, r"find_batch_size: unknown mode 'linear'; expected one of: 'power', 'binsearch'"),
+    ({"start": 0}, ValueError, r"lt\.find_batch_size: start must be a positive int, got 0"),
+    ({"start": 2.0}, ValueError, r"lt\.find_batch_size: start must be a positive int, got 2.0"),
+    ({"max_size": 0}, ValueError, r"lt\.find_batch_size: max_size must be an int >= start \(1\) or None, got 0"),
+    ({"mode": "linear"}, ValueError,
+     r"lt\.find_batch_size: unknown mode 'linear'; expected one of: 'power', 'binsearch'"),
 ])
 def test_find_batch_size_bad_options_are_clear_errors(options, error, match):
     with pytest.raises(error, match=match):
         lt.find_batch_size(fits_up_to(8), **options)
-    with pytest.raises(TypeError, match=r"find_batch_size: fn must be callable as fn\(batch_size\), got int"):
+    with pytest.raises(TypeError, match=r"lt\.find_batch_size: fn must be callable as fn\(batch_size\), got int"):
         lt.find_batch_size(3)
 
 
@@ -309,6 +414,25 @@ def _find_lr_on(shard: int | None) -> tuple:
     found = lt.find_lr(step, state, [batch], min_lr=1e-5, max_lr=10.0)
     same = all(torch.equal(a, b) for a, b in zip(before, state.model.parameters()))
     return found, stable, same
+
+
+def _find_lr_scheduled_on(shard: int | None) -> tuple:
+    """find_lr past the end of a OneCycleLR, on a state two steps into it (bound by lt.run: under
+    DDP the sweep prepares the state again, without the scheduler); ``shard`` as above."""
+    x, y, _ = regression(0)
+    batch = (x, y) if shard is None else (x.chunk(2)[shard], y.chunk(2)[shard])
+    step = lt.train_step(squared_error) if shard is None else lt.pipe(lt.train_step(squared_error),
+                                                                     lt.distribute("ddp"))
+    state = linear_state()
+    state = attrs.evolve(state, scheduler=torch.optim.lr_scheduler.OneCycleLR(
+        state.optimizer, max_lr=0.05, total_steps=10, cycle_momentum=False))
+    state = lt.run(step, state, [batch], max_steps=2, progress=False)
+    before = ([p.detach().clone() for p in state.model.parameters()], copy.deepcopy(state.scheduler.state_dict()),
+              copy.deepcopy(state.optimizer.state_dict()))
+    found = lt.find_lr(step, state, [batch], min_lr=1e-5, max_lr=10.0, steps=30)
+    same = (all(torch.equal(a, b) for a, b in zip(before[0], state.model.parameters()))
+            and before[1] == state.scheduler.state_dict() and str(before[2]) == str(state.optimizer.state_dict()))
+    return found, same
 
 
 def _sizes() -> dict:
@@ -330,7 +454,9 @@ def _sizes() -> dict:
 
 def _scenarios() -> dict:
     found, stable, same = _find_lr_on(lt.rank())
-    mine = {"found": found, "stable": stable, "restored": same, **_sizes()}
+    scheduled, scheduled_same = _find_lr_scheduled_on(lt.rank())
+    mine = {"found": found, "stable": stable, "restored": same, "scheduled": scheduled,
+            "scheduled restored": scheduled_same, **_sizes()}
     return dict(zip(range(lt.world_size()), env.all_gather_objects(mine)))
 
 
@@ -350,6 +476,15 @@ def test_find_lr_on_2_ranks_agrees_and_equals_one_process_with_the_whole_batch(t
     assert two_ranks[0]["restored"] and two_ranks[1]["restored"]
 
 
+def test_find_lr_on_2_ranks_takes_the_scheduler_out_as_on_one_process(two_ranks):
+    one, one_same = _find_lr_scheduled_on(None)
+    a, b = two_ranks[0]["scheduled"], two_ranks[1]["scheduled"]
+    assert a == b and len(a.lrs) > 10  # past the scheduler's 10 steps (8 left)
+    assert a.lrs == one.lrs and a.suggestion == one.suggestion
+    assert a.losses == pytest.approx(one.losses, rel=1e-6)
+    assert one_same and two_ranks[0]["scheduled restored"] and two_ranks[1]["scheduled restored"]
+
+
 def test_find_batch_size_on_2_ranks_returns_what_fits_on_every_rank(two_ranks):
     for rank in (0, 1):
         assert two_ranks[rank]["power"] == 8 and two_ranks[rank]["binsearch"] == 12
@@ -357,5 +492,5 @@ def test_find_batch_size_on_2_ranks_returns_what_fits_on_every_rank(two_ranks):
 
 def test_a_non_oom_error_on_one_rank_raises_on_every_rank_instead_of_hanging(two_ranks):
     assert two_ranks[1]["error"] == "ValueError: rank 1's own error"
-    assert two_ranks[0]["error"].startswith("RuntimeError: find_batch_size: fn(4) raised an error other than "
+    assert two_ranks[0]["error"].startswith("RuntimeError: lt.find_batch_size: fn(4) raised an error other than "
                                             "running out of memory on another rank")

@@ -17,6 +17,8 @@ _OOM_MESSAGES = (
     "not enough memory",  # the same on Windows
     "resource_exhausted",  # XLA ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate ...")
     "resource exhausted",
+    "cudnn_status_not_supported",  # cuDNN's answer to too large an input (Lightning's and Accelerate's checks)
+    "cublas_status_alloc_failed",  # cuBLAS could not allocate (Accelerate's: "... `cublasCreate(handle)`")
 )
 _FINDER_MODES = ("power", "binsearch")
 
@@ -25,7 +27,8 @@ def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` says that memory ran out: ``torch.OutOfMemoryError`` (CUDA and other
     accelerators), Python's ``MemoryError``, or a ``RuntimeError`` from torch's CPU allocator
     ("DefaultCPUAllocator: can't allocate memory" / "not enough memory"), MPS or XLA
-    ("RESOURCE_EXHAUSTED").
+    ("RESOURCE_EXHAUSTED"), cuDNN ("CUDNN_STATUS_NOT_SUPPORTED", its answer to too large an
+    input) or cuBLAS ("CUBLAS_STATUS_ALLOC_FAILED"), as Lightning's and Accelerate's checks.
 
     Example:
         >>> from ltransform.runner.batch_size import is_out_of_memory
@@ -71,6 +74,16 @@ def find_batch_size(fn: Callable[[int], Any], *, start: int = 1, max_size: int |
         TypeError: ``fn`` is not callable.
         RuntimeError: even ``start`` runs out of memory; or another rank's ``fn`` raised.
 
+    Warning:
+        On several ranks the ranks agree only after ``fn`` returns. If ``fn`` trains with DDP
+        (or FSDP) and only some ranks run out of memory in the middle of a forward or backward,
+        the others wait in the gradient all-reduce until the process group's collective
+        timeout (Accelerate's ``find_executable_batch_size`` has the same limit) instead of
+        agreeing on a smaller size. Probe with no collective inside ``fn`` (a forward, or a
+        forward and backward of the bare model rather than the DDP-wrapped one, leaving a
+        margin for DDP's gradient buckets, about one more copy of the gradients), or give the
+        collectives a short timeout while probing (``lt.launch(..., timeout=60)``).
+
     Example:
         >>> import torch, ltransform as lt
         >>> def fn(batch_size):  # more than 24 samples do not fit
@@ -79,13 +92,13 @@ def find_batch_size(fn: Callable[[int], Any], *, start: int = 1, max_size: int |
         (16, 24)
     """
     if not callable(fn):
-        raise TypeError(f"find_batch_size: fn must be callable as fn(batch_size), got {type(fn).__name__}")
+        raise TypeError(f"lt.find_batch_size: fn must be callable as fn(batch_size), got {type(fn).__name__}")
     if isinstance(start, bool) or not isinstance(start, int) or start < 1:
-        raise ValueError(f"find_batch_size: start must be a positive int, got {start!r}")
+        raise ValueError(f"lt.find_batch_size: start must be a positive int, got {start!r}")
     if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < start):
-        raise ValueError(f"find_batch_size: max_size must be an int >= start ({start}) or None, got {max_size!r}")
+        raise ValueError(f"lt.find_batch_size: max_size must be an int >= start ({start}) or None, got {max_size!r}")
     if mode not in _FINDER_MODES:
-        raise ValueError(f"find_batch_size: unknown mode {mode!r}; expected one of: "
+        raise ValueError(f"lt.find_batch_size: unknown mode {mode!r}; expected one of: "
                          f"{', '.join(map(repr, _FINDER_MODES))}")
     distributed = env.ensure_process_group() and env.process_count() > 1
     good, size = None, start
@@ -97,7 +110,7 @@ def find_batch_size(fn: Callable[[int], Any], *, start: int = 1, max_size: int |
             return size
         size = size * 2 if max_size is None else min(size * 2, max_size)
     if good is None:
-        raise RuntimeError(f"find_batch_size: batch_size={start} already runs out of memory; try a smaller "
+        raise RuntimeError(f"lt.find_batch_size: batch_size={start} already runs out of memory; try a smaller "
                            f"start, or lower the memory fn needs (precision, activation checkpointing)")
     if mode == "binsearch":
         bad = size
@@ -127,7 +140,7 @@ def _fits(fn: Callable[[int], Any], size: int, distributed: bool) -> bool:
     if outcome == 2:
         if error is not None:
             raise error
-        raise RuntimeError(f"find_batch_size: fn({size}) raised an error other than running out of memory "
+        raise RuntimeError(f"lt.find_batch_size: fn({size}) raised an error other than running out of memory "
                            f"on another rank (its traceback is in that rank's output)")
     return outcome == 0
 

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import random
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -16,8 +17,9 @@ import torch
 
 from ltransform.core import binding
 from ltransform.core.binding import bound_to, lookup, sees_counters
-from ltransform.core.inventory import inventory
+from ltransform.core.inventory import anchor, inventory
 from ltransform.core.state import read_counters, with_counters
+from ltransform.core.state import _replace as replace_fields
 from ltransform.core.step import as_step
 from ltransform.distributed import env
 
@@ -88,19 +90,25 @@ def find_lr(
     ``min_lr`` to ``max_lr``, then put the state back as it was.
 
     Every update (one accumulation window of the step) runs at the next learning rate, set in
-    every param group of every optimizer in the state. After each update the loss (the mean
-    over the window's micro-steps, averaged across ranks) is smoothed as Lightning does (an
-    exponential moving average with bias correction); the sweep stops early once the smoothed
-    loss exceeds ``diverge`` times the best so far, or is not finite. The suggestion is the
-    learning rate of the steepest descent of the smoothed loss (its most negative gradient
-    against ``log(lr)``, or ``lr`` when linear), leaving out the first ``skip_begin`` and the
-    last ``skip_end`` points, as Lightning's ``suggestion()``.
+    every param group of every optimizer in the state. The sweep runs on the state with its
+    schedulers taken out (as Lightning swaps them out): an ``lt.State`` with ``scheduler=None``,
+    a dict, attrs class or dataclass state with None where each sat, so no scheduler steps,
+    runs past its ``total_steps`` or changes momentum; a hand-written step sees that state. The
+    models train in train mode (as ``lt.run`` puts them; ``from_pretrained`` leaves a model in
+    eval mode, dropout off), and each module's mode is put back afterwards.
+
+    After each update the loss (the mean over the window's micro-steps, averaged across ranks)
+    is smoothed as Lightning does (an exponential moving average with bias correction); the
+    sweep stops early once the smoothed loss exceeds ``diverge`` times the best so far, or is
+    not finite. The suggestion is the learning rate of the steepest descent of the smoothed
+    loss (its most negative gradient against ``log(lr)``, or ``lr`` when linear), leaving out
+    the first ``skip_begin`` and the last ``skip_end`` points, as Lightning's ``suggestion()``.
 
     Afterwards the models' parameters, buffers and gradients, the optimizers' state and param
-    groups, the schedulers, ``state.extra`` objects (a grad scaler), and the RNG states (torch,
-    CUDA, ``random``, numpy) are restored bitwise; the state record and its counters are never
-    changed, so training from ``state`` starts where it would have without ``find_lr``. On
-    several ranks every rank gets the same result (call it on every rank).
+    groups, the schedulers' state, ``state.extra`` objects (a grad scaler), and the RNG states
+    (torch, CUDA, ``random``, numpy) are restored bitwise; the state record and its counters
+    are never changed, so training from ``state`` starts where it would have without
+    ``find_lr``. On several ranks every rank gets the same result (call it on every rank).
 
     Args:
         step: a training step (``lt.train_step(loss_fn)``, transformed or not) whose metrics
@@ -141,17 +149,19 @@ def find_lr(
         Each update costs one host sync (the loss is read to decide whether to stop), which a
         tuner can afford. The copy of the models and optimizer state is kept on their devices
         while it runs (twice their memory). Step transforms that count across calls
-        (``lt.guard_nonfinite``) see the sweep's updates unless the step was first bound here.
+        (``lt.guard_nonfinite``) see the sweep's updates when ``lt.run`` had already bound the
+        step to a state without schedulers; otherwise the sweep prepares the step afresh (the
+        transforms' ``prepare`` runs again, on the state without its schedulers).
     """
     lrs = _sweep_values(min_lr, max_lr, steps, mode)
     _check_fraction("smoothing", smoothing)
     if diverge is not None and (isinstance(diverge, bool) or not isinstance(diverge, (int, float)) or diverge <= 1):
-        raise ValueError(f"find_lr: diverge must be a number > 1 (a multiple of the best loss) or None, "
+        raise ValueError(f"lt.find_lr: diverge must be a number > 1 (a multiple of the best loss) or None, "
                          f"got {diverge!r}")
     for name, value in (("skip_begin", skip_begin), ("skip_end", skip_end)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"find_lr: {name} must be an int >= 0, got {value!r}")
-    step = as_step(step, "find_lr")
+            raise ValueError(f"lt.find_lr: {name} must be an int >= 0, got {value!r}")
+    step = as_step(step, "lt.find_lr")
     distributed = env.ensure_process_group() and env.process_count() > 1
     if distributed and distributed_sampler:
         from ltransform.runner.data import data_parallel, per_rank
@@ -160,16 +170,26 @@ def find_lr(
                                     rank=env.process_index())
         data = per_rank(data, world=parts, rank=part)
     if not inventory(state).optimizers:
-        raise ValueError("find_lr: the state has no optimizer; give it one: lt.State(model=..., optimizer=...)")
-    bound_before = lookup(step, state) is not None
-    prepared, bound = bound_to(step, state)
-    saved = _snapshot(prepared)
+        raise ValueError("lt.find_lr: the state has no optimizer; give it one: lt.State(model=..., optimizer=...)")
+    schedulers = list(inventory(state).schedulers.values())
+    bare = _without(state, {id(s) for s in schedulers}) if schedulers else state
+    kept = lookup(step, state)  # (binding the bare state replaces it: it is put back after)
+    # bound afresh without schedulers (a binding's signature does not see one kept in extra)
+    prepared, bound = binding.bind(step, bare) if schedulers else bound_to(step, state)
+    saved = _snapshot(prepared, schedulers)
+    modes = [(m, m.training) for model in inventory(prepared).models.values() for m in model.modules()]
     try:
+        for model in inventory(prepared).models.values():
+            model.train()  # as lt.run trains (a model from from_pretrained comes in eval mode)
         tried, losses, diverged = _sweep(bound, prepared, data, lrs, smoothing, diverge, distributed)
     finally:
+        for module, was in modes:
+            module.training = was  # each module's own flag (a frozen part may be in eval mode)
         _restore(prepared, saved)
-        if not bound_before:  # the next lt.run prepares the state afresh, as it would have
-            binding.forget(step, state)
+        for done in (bare, prepared):  # the next lt.run prepares the state afresh, as it would have,
+            binding.forget(step, done)
+        if kept is not None:  # or finds the binding it had (a private helper of our own core)
+            binding._remember(anchor(state), step, kept)
     return LRFinding(lrs=tuple(tried), losses=tuple(losses), diverged=diverged, mode=mode,
                      suggestion=suggest(tried, losses, log=mode == "exponential", skip_begin=skip_begin,
                                         skip_end=skip_end))
@@ -177,14 +197,14 @@ def find_lr(
 
 def _sweep_values(min_lr: Any, max_lr: Any, steps: Any, mode: Any) -> list[float]:
     if mode not in _MODES:
-        raise ValueError(f"find_lr: unknown mode {mode!r}; expected one of: {', '.join(map(repr, _MODES))}")
+        raise ValueError(f"lt.find_lr: unknown mode {mode!r}; expected one of: {', '.join(map(repr, _MODES))}")
     for name, value in (("min_lr", min_lr), ("max_lr", max_lr)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ValueError(f"find_lr: {name} must be a positive finite number, got {value!r}")
+            raise ValueError(f"lt.find_lr: {name} must be a positive finite number, got {value!r}")
     if max_lr <= min_lr:
-        raise ValueError(f"find_lr: max_lr must be greater than min_lr, got min_lr={min_lr!r}, max_lr={max_lr!r}")
+        raise ValueError(f"lt.find_lr: max_lr must be greater than min_lr, got min_lr={min_lr!r}, max_lr={max_lr!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"find_lr: steps must be an int >= 2 (updates to try), got {steps!r}")
+        raise ValueError(f"lt.find_lr: steps must be an int >= 2 (updates to try), got {steps!r}")
     if mode == "exponential":
         return [min_lr * (max_lr / min_lr) ** (i / (steps - 1)) for i in range(steps)]
     return [min_lr + (max_lr - min_lr) * i / (steps - 1) for i in range(steps)]
@@ -192,7 +212,7 @@ def _sweep_values(min_lr: Any, max_lr: Any, steps: Any, mode: Any) -> list[float
 
 def _check_fraction(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"find_lr: {name} must be a number in [0, 1), got {value!r}")
+        raise ValueError(f"lt.find_lr: {name} must be a number in [0, 1), got {value!r}")
 
 
 def _batches(data: Iterable[Any]) -> Iterator[Any]:
@@ -203,7 +223,7 @@ def _batches(data: Iterable[Any]) -> Iterator[Any]:
             empty = False
             yield batch
         if empty:
-            raise ValueError("find_lr: data yielded no batches; pass a re-iterable (a list or DataLoader)")
+            raise ValueError("lt.find_lr: data yielded no batches; pass a re-iterable (a list or DataLoader)")
 
 
 def _sweep(bound: Any, state: Any, data: Iterable[Any], lrs: list[float], smoothing: float,
@@ -231,7 +251,7 @@ def _sweep(bound: Any, state: Any, data: Iterable[Any], lrs: list[float], smooth
             else:
                 count += applied
             if "loss" not in metrics:
-                raise KeyError(f"find_lr: the step's metrics have no 'loss' (got {sorted(metrics)}); return "
+                raise KeyError(f"lt.find_lr: the step's metrics have no 'loss' (got {sorted(metrics)}); return "
                                f"(state, {{'loss': loss, ...}}) from the step")
             loss = torch.as_tensor(metrics["loss"]).detach()
             if loss.element_size() < 4 or not loss.is_floating_point():  # (sums of half-precision losses)
@@ -276,9 +296,37 @@ def suggest(lrs: Iterable[float], losses: Iterable[float], *, log: bool = True, 
 # --- putting the state back --------------------------------------------------------------------
 
 
-def _snapshot(state: Any) -> dict[str, Any]:
+def _without(node: Any, schedulers: set[int]) -> Any:
+    """``node`` with each of ``schedulers`` (ids) replaced by None: an ``lt.State`` with
+    ``scheduler=None``, a dict, attrs class, dataclass, list or tuple rebuilt where one sits
+    (the walk of ``core/inventory.py``); the torch objects themselves are not copied."""
+    if id(node) in schedulers:
+        return None
+    if isinstance(node, (torch.Tensor, torch.nn.Module, torch.optim.Optimizer, str, bytes)):
+        return node
+    if isinstance(node, Mapping):
+        items = {k: _without(v, schedulers) for k, v in node.items()}
+        return items if any(items[k] is not v for k, v in node.items()) else node
+    if isinstance(node, (list, tuple)):
+        values = [_without(v, schedulers) for v in node]
+        if all(a is b for a, b in zip(values, node)):
+            return node
+        return type(node)(*values) if hasattr(node, "_fields") else type(node)(values)  # (a namedtuple)
+    if attrs.has(type(node)):
+        names = [a.name for a in attrs.fields(type(node))]
+    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        names = [f.name for f in dataclasses.fields(node)]
+    else:
+        return node
+    changes = {name: _without(getattr(node, name), schedulers) for name in names}
+    changes = {name: new for name, new in changes.items() if new is not getattr(node, name)}
+    return replace_fields(node, **changes) if changes else node
+
+
+def _snapshot(state: Any, schedulers: Iterable[Any] = ()) -> dict[str, Any]:
     """Copies of what a sweep changes: tensors of the models (values and gradients), optimizer,
-    scheduler and extras' state dicts, and the RNG states."""
+    scheduler (``schedulers``: those taken out of ``state``) and extras' state dicts, and the
+    RNG states."""
     inv = inventory(state)
     tensors = []
     with torch.no_grad():
@@ -286,7 +334,8 @@ def _snapshot(state: Any) -> dict[str, Any]:
             for t in itertools.chain(model.parameters(), model.buffers()):
                 grad = t.grad.detach().clone() if t.grad is not None else None
                 tensors.append((t, t.detach().clone(), grad))
-    stateful = [o for group in (inv.optimizers, inv.schedulers, inv.extras) for o in group.values()
+    objects = [*inv.optimizers.values(), *inv.schedulers.values(), *schedulers, *inv.extras.values()]
+    stateful = [o for o in objects
                 if callable(getattr(o, "state_dict", None)) and callable(getattr(o, "load_state_dict", None))]
     return {"tensors": tensors, "stateful": [(o, copy.deepcopy(o.state_dict())) for o in stateful],
             "rng": _rng_states()}
