@@ -59,7 +59,9 @@ def no_backward_sync(model: torch.nn.Module, /, enabled: bool = True) -> Iterato
     Note:
         With FSDP2 the gradients inside stay unsharded on every rank (more memory, as
         ``lt.accumulate`` without ``sync_micro_steps``). Run every forward of the block inside it
-        too: DDP decides at the forward whether the backward reduces.
+        too: DDP decides at the forward whether the backward reduces. A model replicated with
+        ``lt.Strategy(static_graph=True)`` must synchronise its very first backward (torch's
+        static graph is recorded then): start the block from the second iteration.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"no_backward_sync: expected the model (a torch.nn.Module), got {type(model).__name__}")
