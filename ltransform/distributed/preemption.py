@@ -14,6 +14,15 @@ The same checks carry ``lt.run(max_time=...)``'s decision: only rank 0 reads its
 against the deadline and sends a flag, which the all-reduce (a maximum) hands to every rank, so
 rank 0's clock decides for all and every rank stops after the same step, however skewed the
 other ranks' clocks are.
+
+A process forked while the watch is installed (a ``DataLoader(num_workers>0)`` worker) forgets it
+at once (``os.register_at_fork``): it closes its copy of the wakeup socket and puts back the
+wakeup fd the watch replaced, so a signal it gets never reaches the parent's watch; and it ignores
+the preemption signals (as it did with the watch's handler it inherited, minus the message and the
+wakeup byte), so SLURM's ``--signal=USR1@N``, sent to every process of the job step, does not kill a
+worker the run still reads from while it finishes its step and saves; the run ends its workers as it
+stops. (A DataLoader worker then sets its own SIGTERM handler, in C: it exits on a SIGTERM not sent by
+its parent, as without ``lt.run``.)
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ import attrs
 _PERIOD = 0.2  # seconds between checks; a check costs one small asynchronous all-reduce
 clock = time.monotonic  # what the checks' pacing and lt.run's max_time read (a test may replace it)
 _UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+_JOIN_TIMEOUT = 10.0  # seconds uninstall waits for the watch thread (which ends at once when woken)
+# the installed watches, innermost last: what a forked child must forget (read only at a fork)
+_installed: list[Watch] = []
 
 
 def _signals(value: Any) -> tuple[signal.Signals, ...]:
@@ -173,6 +185,7 @@ class Watch:
         self._thread = threading.Thread(target=self._watch, args=(reader,), daemon=True,
                                         name="lt.run preemption stop_within")
         self._thread.start()
+        _installed.append(self)
         try:
             for sig in self.preemption.signals:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -188,12 +201,38 @@ class Watch:
         self.disarm()
         if self._thread is None or self._sockets is None:  # (install sets both)
             return
+        if self in _installed:
+            _installed.remove(self)
         signal.set_wakeup_fd(self._previous_wakeup)  # (its warn_on_full_buffer cannot be read back)
         reader, writer = self._sockets
-        writer.close()  # the thread's recv returns b"": it ends
-        self._thread.join()
+        # the thread's recv returns b"": it ends. Not by closing the writer: a forked child that
+        # skipped the at-fork forgetting (a fork from C) may still hold a copy of it open
+        try:
+            reader.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._thread.join(_JOIN_TIMEOUT)
+        writer.close()
         reader.close()
-        self._thread = None
+        self._thread, self._sockets = None, None
+
+    def _forget_in_child(self) -> None:
+        """In a child forked while installed: close the child's copy of the wakeup socket, put back
+        the wakeup fd it replaced and ignore the preemption signals (see the module's docstring)."""
+        if self._sockets is not None:
+            try:
+                signal.set_wakeup_fd(self._previous_wakeup)
+            except (ValueError, OSError):  # a fork from a thread other than the main one
+                pass
+            for end in self._sockets:
+                end.close()
+        for sig in self._previous:
+            try:
+                signal.signal(sig, _ignore)  # a Python handler, not SIG_IGN: an exec resets it
+            except (ValueError, OSError):
+                pass
+        self._previous.clear()
+        self._thread, self._sockets = None, None
 
     def disarm(self) -> None:
         """The run has reached its stop: the ``stop_within`` limit no longer applies."""
@@ -313,6 +352,20 @@ class Watch:
         """``received`` in the order of ``signals``: the first is the one the run stops on."""
         received = set(received)
         return tuple(s for s in self.preemption.signals if s in received)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """A forked child's handler of the preemption signals while the run that forked it lasts."""
+
+
+def _forget_in_child() -> None:
+    for watch in reversed(_installed):  # innermost first: the outermost's wakeup fd is the one left
+        watch._forget_in_child()
+    _installed.clear()
+
+
+if hasattr(os, "register_at_fork"):  # (POSIX)
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _cpu_group() -> Any:

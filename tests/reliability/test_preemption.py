@@ -362,3 +362,45 @@ def test_a_gloo_group_for_the_check_is_made_once_per_default_group(one_rank_grou
 
     first = _gloo_group(dist.group.WORLD)
     assert _gloo_group(dist.group.WORLD) is first and dist.get_world_size(first) == 1
+
+
+def _in_a_forked_child(results) -> None:
+    """What a child forked mid-run (as a DataLoader worker is) inherited: its wakeup fd and handler."""
+    wakeup = signal.set_wakeup_fd(-1)
+    results.put((wakeup, getattr(signal.getsignal(signal.SIGTERM), "__name__", None)))
+
+
+@pytest.mark.timeout(60)  # it hung for ever before the fix
+def test_a_child_forked_mid_run_forgets_the_watch_and_the_run_ends_at_once_on_an_error():
+    """A forked child closes its copy of the watch's socket, gets back the wakeup fd the watch replaced
+    and ignores the preemption signals; an error then ends the run at once although the child lives on
+    (ending the watch's thread once waited for every copy of its socket to be closed)."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    results, release = fork.Queue(), fork.Event()
+    children = []
+    previous = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(previous)
+
+    def hook(state):
+        if state.step == 2:
+            child = fork.Process(target=lambda: (_in_a_forked_child(results), release.wait(60)), daemon=True)
+            child.start()
+            children.append(child)
+            raise ValueError("boom at step 2")
+
+    step, state, data = _setup(5)
+    threads = set(threading.enumerate())
+    try:
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="boom at step 2"):
+            lt.run(step, state, data, progress=False, log_every=None, hooks=[hook])
+        assert time.monotonic() - started < 10
+        wakeup, handler = results.get(timeout=30)
+        assert wakeup == previous and handler == "_ignore"
+        assert set(threading.enumerate()) == threads
+    finally:
+        release.set()
+        for child in children:
+            child.join(30)
