@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -138,6 +140,64 @@ def batch_limit(limit: int | float | None, data: Iterable[Any], option: str, cal
         raise ValueError(f"{call}: {option}={limit!r} is a fraction of the batches, but the data has no "
                          f"length ({type(data).__name__}); give a number of batches (an int)") from None
     return max(1, int(length * limit))
+
+
+class _WhileTheRunRuns:
+    """A ``DataLoader``'s ``worker_init_fn`` under ``lt.run``: the worker ignores the preemption
+    signals while the run is in progress, then runs the loader's own ``worker_init_fn``.
+
+    A job's end (SLURM's ``scancel``, a preemption) signals every process of it, and torch's
+    workers die of a SIGTERM their parent did not send: the loader then raised "worker killed"
+    at any point of the run's stop and save. The run handles the signal (it stops after a step and
+    saves), and the workers are shut down by their loader as always. Once ``lt.run`` has
+    returned or raised (``running`` set to 0), the signal ends a worker as before: the
+    ``terminate()`` multiprocessing sends its daemonic workers at exit must still work."""
+
+    def __init__(self, inner: Callable[[int], Any] | None, signals: tuple[int, ...], running: Any) -> None:
+        self.inner, self.signals, self.running = inner, signals, running
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in self.signals:
+            signal.signal(sig, self._on_signal)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self.running.value:  # the run is over: die of it, as the worker did
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
+def workers_survive(sources: Iterable[Any], signals: Iterable[Any]) -> Callable[[], None]:
+    """Keep the workers that the forking ``DataLoader``s among ``sources`` start from now on alive
+    through ``signals`` while the run is in progress (see :class:`_WhileTheRunRuns`); the function
+    that ends that and puts their ``worker_init_fn`` back."""
+    import multiprocessing
+
+    numbers = tuple(int(s) for s in signals)
+    loaders: list[DataLoader] = []
+    for source in sources:
+        while isinstance(source, Limited):
+            source = source.data
+        context = getattr(source, "multiprocessing_context", None)
+        forks = context is None and multiprocessing.get_start_method() == "fork" or (
+            context is not None and getattr(context, "get_start_method", lambda: None)() == "fork")
+        if (isinstance(source, DataLoader) and source.num_workers > 0 and forks and numbers
+                and all(source is not loader for loader in loaders)):
+            loaders.append(source)
+    if not loaders:
+        return lambda: None
+    running = multiprocessing.RawValue("b", 1)  # shared with the forked workers: read in their handler
+    previous = [loader.worker_init_fn for loader in loaders]
+    for loader, inner in zip(loaders, previous):
+        loader.worker_init_fn = _WhileTheRunRuns(inner, numbers, running)
+
+    def restore() -> None:
+        running.value = 0
+        for loader, inner in zip(loaders, previous):
+            loader.worker_init_fn = inner
+
+    return restore
 
 
 def set_epoch(data: Iterable[Any], epoch: int) -> None:

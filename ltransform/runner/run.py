@@ -18,7 +18,8 @@ from ltransform.core.step import TransformedStep, as_step
 from ltransform.distributed import env
 from ltransform.distributed.preemption import Preempted, Preemption, Watch, now
 from ltransform.runner.context import Run
-from ltransform.runner.data import Limited, batch_limit, check_same_length, data_parallel, per_rank
+from ltransform.runner.data import (Limited, batch_limit, check_same_length, data_parallel, per_rank,
+                                    workers_survive)
 from ltransform.runner.hooks import Slot, bind_hook, say
 from ltransform.runner.hooks.evaluation import Evaluation
 from ltransform.runner.hooks.lifecycle import call_on_exception
@@ -247,6 +248,7 @@ def run(
         raise TypeError(f"lt.run: preemption must be an lt.Preemption(...) or None, got {preemption!r}")
     slots = [Slot(h) for h in features]  # (checks every hook before anything is installed)
     watching: Preempting | None = None
+    survive = workers_survive([data, eval_data], preemption.signals if preemption is not None else ())
     try:  # the bar redirects stdout and the watch installs signal handlers: undone in finally
         if progress:
             slots.append(Slot(Progress(context.total, start)))
@@ -274,6 +276,7 @@ def run(
             raise
         raise wrapped from error
     finally:
+        survive()  # (before the error goes on: at exit multiprocessing terminates the workers)
         errors = _close(slots, context, loggers)
         if made_here:
             forget(eval_step, context.state if context.state is not None else state)

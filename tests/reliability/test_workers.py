@@ -138,3 +138,40 @@ def test_a_signal_to_a_worker_alone_does_not_reach_the_runs_watch(tmp_path):
     assert code == 0, err[-3000:]
     assert int((tmp_path / "finished").read_text()) == 300
     assert "received SIGUSR1" not in err and "did not reach the end of its step" not in err, err[-3000:]
+
+
+@pytest.mark.timeout(2 * HARD_TIMEOUT)
+def test_sigterm_to_the_workers_and_the_run_saves_and_exits_143(tmp_path):
+    """A job's end signals every process of it (SLURM's scancel, a preemption): torch's workers died
+    of a SIGTERM their parent did not send, and the run then failed with "worker killed" instead of
+    stopping and saving. While lt.run runs, its workers outlive the run's preemption signals."""
+    proc = start(tmp_path, "signal")
+    wait_for_step(tmp_path, 5, proc)
+    for pid in workers(tmp_path):
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(1.0)  # a worker killed by it would have made the loader raise by now
+    assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+    os.kill(proc.pid, signal.SIGTERM)
+    code, err = finish(proc, tmp_path)
+    assert code == 143, err[-3000:]
+    step = stopped_at(err)
+    assert lt.latest_checkpoint(tmp_path / "ckpt").name == f"step-{step:08d}"
+    assert_workers_end(tmp_path)
+
+
+def _mark(worker_id: int) -> None:
+    import torch
+
+    info = torch.utils.data.get_worker_info()
+    assert info is not None and info.id == worker_id
+
+
+def test_the_loaders_own_worker_init_fn_still_runs_and_is_put_back():
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(torch.randn(8, 4), batch_size=4, num_workers=1, worker_init_fn=_mark)
+    model = torch.nn.Linear(4, 1)
+    state = lt.State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    state = lt.run(lt.train_step(lambda m, b: m(b).pow(2).mean()), state, loader, progress=False)
+    assert state.step == 2 and loader.worker_init_fn is _mark
