@@ -125,6 +125,18 @@ def _never(step: int) -> float:
     return NEVER
 
 
+def check_plain(fn: Any, what: str, hint: str = "") -> None:
+    """Refuse a hook object with its own cadence or lifecycle where ``lt.{what}`` wraps a hook
+    function: the wrapper would drop them."""
+    own = [m for m in ("next_step", "start", "epoch_end", "end", "exception", "close", "prepare") if hasattr(fn, m)]
+    if own:
+        raise TypeError(
+            f"lt.{what}: {getattr(fn, '__name__', None) or type(fn).__name__} is a hook object with its own "
+            f"cadence and lifecycle ({', '.join(own)}), which lt.{what} would drop; pass it in hooks=[...] "
+            f"directly{hint}"
+        )
+
+
 def every(n: int, fn: Hook, /) -> Callable[[Any, Any], Any]:
     """A hook running ``fn`` every ``n`` optimizer steps (when ``state.step % n == 0``).
 
@@ -137,13 +149,7 @@ def every(n: int, fn: Hook, /) -> Callable[[Any, Any], Any]:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"every: n must be a positive int (optimizer steps), got {n!r}")
-    own = [m for m in ("next_step", "start", "epoch_end", "end", "exception", "close", "prepare") if hasattr(fn, m)]
-    if own:
-        raise TypeError(
-            f"lt.every: {getattr(fn, '__name__', None) or type(fn).__name__} is a hook object with its own "
-            f"cadence and lifecycle ({', '.join(own)}), which lt.every would drop; pass it in hooks=[...] "
-            f"directly (most take every=)"
-        )
+    check_plain(fn, "every", " (most take every=)")
     inner = bind_hook(fn)
 
     def hook(state: Any, run: Any) -> Any:
@@ -194,4 +200,5 @@ def cadence_next(n: int | None) -> Callable[[int], float]:
     return lambda step: (step // n + 1) * n
 
 
-__all__ = ["NEVER", "Hook", "Slot", "Stop", "apply_hook", "bind_hook", "cadence_next", "every", "say", "stop"]
+__all__ = ["NEVER", "Hook", "Slot", "Stop", "apply_hook", "bind_hook", "cadence_next", "check_plain", "every", "say",
+           "stop"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ltransform.runner.hooks import Hook, apply_hook, bind_hook
+from ltransform.runner.hooks import Hook, apply_hook, bind_hook, check_plain
 
 
 class _Point:
@@ -20,12 +20,7 @@ class _Point:
     def __init__(self, fn: Hook, what: str, label: str = "") -> None:
         if not callable(fn):
             raise TypeError(f"lt.{what}: fn must be a callable (state) or (state, run), got {fn!r}")
-        own = [m for m in ("next_step", "start", "epoch_end", "end", "exception", "close", "prepare") if hasattr(fn, m)]
-        if own:
-            raise TypeError(
-                f"lt.{what}: {getattr(fn, '__name__', None) or type(fn).__name__} is a hook object with its own "
-                f"cadence and lifecycle ({', '.join(own)}), which lt.{what} would drop; pass it in hooks=[...] directly"
-            )
+        check_plain(fn, what)
         self.fn = bind_hook(fn)
         self.__name__ = f"{what}({label}{getattr(fn, '__name__', None) or type(fn).__name__})"
         self.checkpoint_dir = getattr(fn, "checkpoint_dir", None)  # resume="latest" and preemption find a saver
